@@ -1,0 +1,1 @@
+"""fsad: few-shot anomaly detection on OpenCLIP with Lightning."""
