@@ -1,0 +1,37 @@
+"""Shared fixtures: the real data beside the checkout, and quiet offline defaults for every test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _offline_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test may reach the network or write W&B files outside its temporary folder."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "disabled"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real test images in ``../shared/data``; the test skips when the folder is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def mvtec_root(shared_data: Path) -> Path:
+    """Root of the real MVTec-AD subset (category ``bottle``)."""
+    root = shared_data / "mvtec_ad"
+    if not (root / "bottle").is_dir():
+        pytest.skip("mvtec_ad/bottle not in the shared data")
+    return root
