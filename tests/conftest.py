@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# huggingface_hub reads this at import time, so it must be set before any test module imports open_clip.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 

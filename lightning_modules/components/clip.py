@@ -88,7 +88,8 @@ class BackboneOutput:
 
 def _weights_help(arch: str, tag: str | None) -> str:
     cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
-    source = cfg.get("hf_hub") or cfg.get("url") or "the open_clip model zoo"
+    hub = cfg.get("hf_hub")
+    source = f"https://huggingface.co/{hub.rstrip('/')}" if hub else cfg.get("url") or "the open_clip model zoo"
     return (
         f"Download the open_clip weights for {arch!r}" + (f" (tag {tag!r})" if tag else "") + f" from {source} "
         "(file open_clip_pytorch_model.bin or open_clip_model.safetensors) on a machine with internet, "

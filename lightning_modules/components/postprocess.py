@@ -1,0 +1,53 @@
+"""Turn patch-grid maps into evaluation-size anomaly maps: bilinear upsampling, then Gaussian smoothing."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """Normalised 1-D Gaussian with radius ``round(truncate·σ)``, as scipy.ndimage.gaussian_filter builds it."""
+    radius = int(truncate * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return (kernel / kernel.sum()).float()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of [B,H,W] maps with mirrored borders (scipy's ``mode="mirror"``)."""
+    if sigma <= 0:
+        return maps
+    kernel = gaussian_kernel1d(sigma).to(maps)
+    radius = kernel.numel() // 2
+    if radius >= min(maps.shape[-2:]):
+        raise ValueError(f"gaussian_sigma={sigma} is too large for maps of size {tuple(maps.shape[-2:])}")
+    x = maps.unsqueeze(1)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return x.squeeze(1)
+
+
+def upsample_and_smooth(maps: torch.Tensor, size: int | tuple[int, int], sigma: float) -> torch.Tensor:
+    """Bilinearly upsample [B,h,w] grid maps to ``size`` and blur them with σ in output pixels.
+
+    PromptAD/FineGrainedAD use σ = 4 at 400 px (methods.md §1, "Inference"); KAG-prompt uses no smoothing (σ = 0).
+    The result is clamped to [0,1], the range the batch contract promises.
+    """
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    up = F.interpolate(maps.unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False).squeeze(1)
+    return gaussian_blur(up, sigma).clamp_(0.0, 1.0)
+
+
+def harmonic_fusion(first: torch.Tensor, second: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``1/(1/a + 1/b)``: PromptAD's fusion of textual and visual maps (half the harmonic mean, same ranking)."""
+    return 1.0 / (1.0 / first.clamp_min(eps) + 1.0 / second.clamp_min(eps))
+
+
+def top_k_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mean of the highest ``fraction`` of each map's pixels (at least one pixel), per sample."""
+    flat = maps.flatten(1)
+    k = max(1, math.ceil(fraction * flat.shape[1]))
+    return flat.topk(k, dim=1).values.mean(dim=1)

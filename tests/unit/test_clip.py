@@ -1,0 +1,116 @@
+"""The OpenCLIP wrapper: V-V tokens, taps, CLS, exact truncated text encoding, weight-loading rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_modules.components.clip import BackboneSpec, BackboneWeightsError, ClipBackbone
+
+TINY = BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[1, 3])
+
+
+@pytest.fixture(scope="module")
+def tiny() -> ClipBackbone:
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        return ClipBackbone(TINY)
+
+
+def test_cls_equals_open_clip_encode_image(tiny: ClipBackbone) -> None:
+    images = torch.randn(2, 3, 96, 96)
+    out = tiny(images)
+    torch.testing.assert_close(out.cls, tiny.clip.encode_image(images), rtol=1e-5, atol=1e-5)
+    assert out.grid == (12, 12) and out.vv_tokens.shape == (2, 144, 48)
+
+
+def test_taps_are_raw_block_outputs(tiny: ClipBackbone) -> None:
+    images = torch.randn(2, 3, 96, 96)
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [
+        tiny.clip.visual.transformer.resblocks[n - 1].register_forward_hook(
+            lambda _m, _i, out, n=n: captured.__setitem__(n, out[:, 1:])
+        )
+        for n in (1, 3)
+    ]
+    out = tiny(images)
+    for hook in hooks:
+        hook.remove()
+    for n in (1, 3):
+        torch.testing.assert_close(out.taps[n], captured[n])
+
+
+def test_vv_tokens_equal_direct_computation(tiny: ClipBackbone) -> None:
+    """V-V stream = embeddings + Σ_blocks out_proj(softmax(v·vᵀ·scale)·v) of each block's input; then ln_post, proj."""
+    images = torch.randn(2, 3, 96, 96)
+    visual = tiny.clip.visual
+    block_inputs: list[torch.Tensor] = []
+    hooks = [b.register_forward_pre_hook(lambda _m, args: block_inputs.append(args[0])) for b in visual.transformer.resblocks]
+    out = tiny(images)
+    for hook in hooks:
+        hook.remove()
+    stream = block_inputs[0].clone()
+    for block, x in zip(visual.transformer.resblocks, block_inputs, strict=True):
+        attn = block.attn
+        width, heads = attn.embed_dim, attn.num_heads
+        head_dim = width // heads
+        y = block.ln_1(x)
+        v = y @ attn.in_proj_weight[2 * width :].T + attn.in_proj_bias[2 * width :]
+        per_head = []
+        for h in range(heads):
+            vh = v[..., h * head_dim : (h + 1) * head_dim]
+            weights = torch.softmax(vh @ vh.transpose(1, 2) / head_dim**0.5, dim=-1)
+            per_head.append(weights @ vh)
+        stream = stream + attn.out_proj(torch.cat(per_head, dim=-1))
+    expected = visual.ln_post(stream[:, 1:]) @ visual.proj
+    torch.testing.assert_close(out.vv_tokens, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_truncated_text_encoding_is_exact(tiny: ClipBackbone) -> None:
+    """Causal mask + end-of-text pooling: cutting the context after the longest prompt changes nothing."""
+    tokens = tiny.tokenize(["a photo of a flawless bottle.", "damaged", "a bottle with a small crack on its neck."])
+    eot = tokens.argmax(dim=-1)
+    embeddings = tiny.token_embedding(tokens)
+    embeddings = embeddings + 0.1 * torch.randn_like(embeddings)  # learnable-context prompts are arbitrary vectors
+    full = tiny.encode_text_embeddings(embeddings, eot, truncate=False)
+    short = tiny.encode_text_embeddings(embeddings, eot, truncate=True)
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tiny.encode_text_embeddings(tiny.token_embedding(tokens), eot), tiny.encode_text(tokens))
+
+
+def test_backbone_is_frozen_and_stays_in_eval(tiny: ClipBackbone) -> None:
+    assert not any(p.requires_grad for p in tiny.parameters())
+    tiny.train()
+    assert not tiny.clip.training
+
+
+def test_offline_without_weights_names_the_key_to_set(tmp_path: Path) -> None:
+    spec = BackboneSpec(arch="ViT-B-16-plus-240", pretrained="laion400m_e32", cache_dir=str(tmp_path))
+    with pytest.raises(BackboneWeightsError, match=r"backbone\.checkpoint") as err:
+        ClipBackbone(spec)
+    assert "huggingface.co" in str(err.value) and "open_clip_pytorch_model.bin" in str(err.value)
+
+
+def test_missing_checkpoint_file_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(BackboneWeightsError, match=r"backbone\.checkpoint: file not found"):
+        ClipBackbone(BackboneSpec(arch="fsad-tiny", checkpoint=str(tmp_path / "absent.bin")))
+
+
+def test_unknown_tag_lists_known_tags() -> None:
+    with pytest.raises(ValueError, match="known tags"):
+        ClipBackbone(BackboneSpec(arch="ViT-B-16-plus-240", pretrained="no_such_tag"))
+
+
+def test_checkpoint_file_takes_precedence_and_loads_exactly(tiny: ClipBackbone, tmp_path: Path) -> None:
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(tiny.clip.state_dict(), path)
+    loaded = ClipBackbone(BackboneSpec(arch="fsad-tiny", pretrained="no_such_tag", checkpoint=str(path), taps=[1, 3]))
+    images = torch.randn(1, 3, 96, 96)
+    torch.testing.assert_close(loaded(images).vv_tokens, tiny(images).vv_tokens)
+
+
+def test_taps_outside_the_model_are_rejected() -> None:
+    with pytest.raises(ValueError, match=r"backbone\.taps"):
+        ClipBackbone(BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[5]))
