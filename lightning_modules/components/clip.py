@@ -56,6 +56,14 @@ class BackboneSpec:
     precision: str = "fp32"
     cache_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        # jsonargparse turns a command-line `null` inside subclass init_args into the string "None".
+        for name in ("pretrained", "checkpoint", "cache_dir"):
+            if isinstance(getattr(self, name), str) and getattr(self, name).strip().lower() in ("none", "null", ""):
+                setattr(self, name, None)
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"backbone.precision: {self.precision!r} is not one of {sorted(_PRECISIONS)}")
+
 
 @dataclass
 class BackboneOutput:

@@ -114,3 +114,10 @@ def test_checkpoint_file_takes_precedence_and_loads_exactly(tiny: ClipBackbone, 
 def test_taps_outside_the_model_are_rejected() -> None:
     with pytest.raises(ValueError, match=r"backbone\.taps"):
         ClipBackbone(BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[5]))
+
+
+def test_null_spellings_from_the_command_line_mean_none() -> None:
+    spec = BackboneSpec(arch="fsad-tiny", pretrained="None", checkpoint="null")
+    assert spec.pretrained is None and spec.checkpoint is None
+    with pytest.raises(ValueError, match=r"backbone\.precision"):
+        BackboneSpec(precision="fp8")
