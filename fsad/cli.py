@@ -15,9 +15,13 @@ directory. Other subcommands (``benchmark``, ``captions``, ``data``) are plain f
 from __future__ import annotations
 
 import importlib
+import os
+import socket
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -36,6 +40,17 @@ def run_directory(run_root: str | Path, method: str, dataset: str, category: str
     return Path(run_root) / method / dataset / category / f"k{k_shot}_s{seed}"
 
 
+def wandb_reachable(timeout: float = 3.0) -> bool:
+    """Whether the W&B server (``WANDB_BASE_URL``, default api.wandb.ai) accepts a TCP connection."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _import_class(class_path: str) -> type:
     module_name, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module_name), name)
@@ -51,7 +66,7 @@ class RunConfigSaver(SaveConfigCallback):
             run_dir = Path(trainer.default_root_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             self.parser.save(
-                self.config, str(run_dir / self.config_filename), skip_none=False, overwrite=True, multifile=False
+                self.config, str(run_dir / self.config_filename), skip_unset=False, overwrite=True, multifile=False
             )
         self.already_saved = trainer.strategy.broadcast(True)
 
@@ -115,6 +130,21 @@ class FsadCLI(LightningCLI):
                 for key, value in vars(logger.init_args).items():
                     if isinstance(value, str) and RUN_DIR_PLACEHOLDER in value:
                         logger.init_args[key] = value.replace(RUN_DIR_PLACEHOLDER, str(run_dir))
+                if logger.class_path.endswith("WandbLogger"):
+                    self._fall_back_to_offline_wandb(logger.init_args)
+
+    @staticmethod
+    def _fall_back_to_offline_wandb(init_args: Namespace) -> None:
+        """An online W&B logger whose server cannot be reached logs offline instead of failing the run."""
+        if init_args.get("offline") or os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+            return
+        if not wandb_reachable():
+            warnings.warn(
+                "W&B server unreachable: logging offline instead (sync later with `wandb sync <run_dir>/wandb`)",
+                UserWarning,
+                stacklevel=2,
+            )
+            init_args.offline = True
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

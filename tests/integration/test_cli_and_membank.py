@@ -121,3 +121,29 @@ def test_linked_image_size_cannot_disagree(tmp_path: Path) -> None:
     """data.image_size drives the model; setting the model's copy by hand is refused by the parser."""
     with pytest.raises(SystemExit):
         FsadCLI(args=["test", "-c", DEMO, "--model.init_args.image_size", "64"], run=False)
+
+
+@pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
+def test_real_bottle_four_shot_end_to_end_matches_sklearn(tmp_path: Path, mvtec_root: Path) -> None:
+    """Real MVTec bottle, 4-shot, fsad-tiny: support.txt written, AUROCs equal sklearn's on the same maps."""
+    from callbacks.metrics import AnomalyMetrics
+    from callbacks.results import ResultsWriter
+    from datamodules.mvtec import MVTecDataModule
+
+    seed_everything(0)
+    data = MVTecDataModule(root=str(mvtec_root), category="bottle", k_shot=4, seed=0, image_size=96, eval_size=128)
+    model = MemoryBankAD(BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[2, 4]), 96, 128, gaussian_sigma=2.0)
+    collector, metrics = CollectOutputs(), AnomalyMetrics(aupro=False)
+    trainer = Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
+        callbacks=[metrics, ResultsWriter(print_table=False), collector],
+    )  # fmt: skip
+    trainer.test(model, datamodule=data)
+    labels = torch.cat(collector.labels).numpy()
+    masks = torch.cat(collector.masks).numpy()
+    assert len(labels) == 83 and labels.sum() == 63
+    assert abs(metrics.results["image_AUROC"] - roc_auc_score(labels, torch.cat(collector.scores).numpy())) < 1e-9
+    assert abs(metrics.results["pixel_AUROC"] - roc_auc_score(masks, torch.cat(collector.maps).numpy())) < 1e-9
+    support = (tmp_path / "support.txt").read_text().splitlines()
+    assert len(support) == 4 and all("bottle/train/good/" in p for p in support)
+    assert f"{metrics.results['pixel_AUROC']}"[:6] in (tmp_path / "results.csv").read_text()

@@ -1,0 +1,116 @@
+"""Heatmaps on disk and in W&B (offline, failing, unreachable), and on the real MVTec bottle images."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.loggers import WandbLogger
+from scipy import ndimage
+
+from callbacks.heatmaps import CONTOUR_RGB, HeatmapLogger
+from callbacks.metrics import AnomalyMetrics
+from callbacks.results import ResultsWriter
+from datamodules.mvtec import MVTecDataModule
+from datamodules.synthetic import SyntheticDataModule
+from datamodules.transforms import load_mask
+from fsad.cli import main
+from lightning_modules.components.clip import BackboneSpec
+from lightning_modules.membank.module import MemoryBankAD
+
+pytestmark = pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_model(eval_size: int = 64) -> MemoryBankAD:
+    seed_everything(0)
+    return MemoryBankAD(BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[2, 4]), 96, eval_size, 1.0)
+
+
+def test_offline_wandb_receives_heatmap_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    data = SyntheticDataModule(root=str(tmp_path / "syn"), category="tile", image_size=96, eval_size=64)
+    logger = WandbLogger(project="fsad-test", save_dir=str(tmp_path), offline=True)
+    heatmaps = HeatmapLogger(num_images=4, seed=1)
+    trainer = Trainer(
+        accelerator="cpu", logger=logger, enable_progress_bar=False, default_root_dir=str(tmp_path / "run"),
+        callbacks=[AnomalyMetrics(), heatmaps, ResultsWriter(print_table=False)],
+    )  # fmt: skip
+    trainer.test(tiny_model(), datamodule=data)
+    logger.experiment.finish()
+    media = list(tmp_path.glob("wandb/offline-run-*/files/media/images/*.png"))
+    assert len(media) == 4
+    assert len(list((tmp_path / "run" / "heatmaps").glob("*.png"))) == 4
+    summary = (tmp_path / "run" / "results.csv").read_text()
+    assert "image_AUROC" in summary and "tile" in summary
+
+
+def test_failing_wandb_only_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args, **kwargs):
+        raise ConnectionError("wandb.ai unreachable")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(WandbLogger, "log_image", broken)
+    data = SyntheticDataModule(root=str(tmp_path / "syn"), category="disc", image_size=96, eval_size=64)
+    logger = WandbLogger(project="fsad-test", save_dir=str(tmp_path), offline=True)
+    trainer = Trainer(
+        accelerator="cpu", logger=logger, enable_progress_bar=False, default_root_dir=str(tmp_path / "run"),
+        callbacks=[AnomalyMetrics(), HeatmapLogger(num_images=2)],
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="could not log heatmaps to W&B"):
+        results = trainer.test(tiny_model(), datamodule=data)
+    logger.experiment.finish()
+    assert results[0]["pixel_AUROC"] > 0.9
+    assert len(list((tmp_path / "run" / "heatmaps").glob("*.png"))) == 2
+
+
+def test_unreachable_wandb_server_falls_back_to_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as probe:  # a local port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("FSAD_CACHE_DIR", str(tmp_path / "cache"))
+    args = [
+        "test", "-c", str(REPO / "configs/demo.yaml"), "-c", str(REPO / "configs/logger/wandb.yaml"),
+        "--run_root", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    with pytest.warns(UserWarning, match="W&B server unreachable"):
+        assert main(args) == 0
+    run_dir = tmp_path / "runs" / "membank" / "synthetic" / "disc" / "k4_s0"
+    assert (run_dir / "results.csv").is_file()
+    assert list(run_dir.glob("wandb/offline-run-*"))
+
+
+def test_bottle_heatmap_contours_follow_the_real_masks(tmp_path: Path, mvtec_root: Path) -> None:
+    data = MVTecDataModule(root=str(mvtec_root), category="bottle", k_shot=4, image_size=96, eval_size=128)
+    heatmaps = HeatmapLogger(num_images=6, seed=0)
+    trainer = Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
+        callbacks=[heatmaps],
+    )  # fmt: skip
+    trainer.test(tiny_model(eval_size=128), datamodule=data)
+    assert len(heatmaps.written) == len(heatmaps.watchlist) == 6
+    samples = data.test_samples
+    for index, png in zip(heatmaps.watchlist, sorted(heatmaps.written), strict=True):
+        assert png.name.startswith(f"{index:05d}_")
+        panel = cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2RGB)
+        contour_panel = panel[:, 128 + 4 : 2 * 128 + 4]
+        drawn = np.all(contour_panel == CONTOUR_RGB, axis=2)
+        if samples[index].mask_path is None:
+            assert not drawn.any()
+            continue
+        mask = cv2.resize(load_mask(samples[index].mask_path), (128, 128), interpolation=cv2.INTER_NEAREST)
+        filled = ndimage.binary_fill_holes(mask)  # the drawing traces outer contours only
+        inner_8 = ndimage.binary_erosion(filled, structure=np.ones((3, 3)), border_value=0)
+        inner_4 = ndimage.binary_erosion(filled, border_value=0)  # 4-neighbour (cross) erosion
+        assert drawn.any()
+        assert not (drawn & ~(filled & ~inner_8)).any()  # every drawn pixel is a mask pixel on its boundary
+        outer_boundary = filled & ~inner_4
+        assert (drawn & outer_boundary).sum() >= 0.95 * outer_boundary.sum()
