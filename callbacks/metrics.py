@@ -21,8 +21,13 @@ from fsad.batch import Batch
 
 # --------------------------------------------------------------------------- pure functions
 def _binary_inputs(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat float32 scores and boolean labels, without copies where the inputs already are float32 and bool/uint8."""
     scores = np.asarray(scores, dtype=np.float32).ravel()
-    labels = np.asarray(labels).ravel().astype(bool)
+    labels = np.asarray(labels).ravel()
+    if labels.dtype == np.uint8 and labels.max(initial=0) <= 1:
+        labels = labels.view(bool)
+    elif labels.dtype != np.bool_:
+        labels = labels != 0
     if scores.shape != labels.shape:
         raise ValueError(f"scores and labels differ in size: {scores.shape} vs {labels.shape}")
     return scores, labels
@@ -36,8 +41,9 @@ def exact_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     No argsort indices over all elements are ever held.
     """
     scores, labels = _binary_inputs(scores, labels)
-    negatives = np.sort(scores[~labels], kind="stable")
     positives = scores[labels]
+    negatives = scores[~labels]
+    negatives.sort()  # in place: the only large allocation is this one float32 copy of the negatives
     if positives.size == 0 or negatives.size == 0:
         return float("nan")
     below = np.searchsorted(negatives, positives, side="left").astype(np.float64)
