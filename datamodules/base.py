@@ -123,6 +123,13 @@ class FewShotDataModule(LightningDataModule, ABC):
         self.normal_pool: list[Sample] = []
         self.support_samples: list[Sample] = []
         self.test_samples: list[Sample] = []
+        self.problems: list[str] | None = None
+
+    def problem(self, message: str) -> None:
+        """Raise one clear :class:`DataError`, or record it when a data check collects every problem."""
+        if self.problems is None:
+            raise DataError(message)
+        self.problems.append(message)
 
     # ----------------------------------------------------------------- dataset-specific parts
     @abstractmethod
@@ -131,7 +138,10 @@ class FewShotDataModule(LightningDataModule, ABC):
 
     @abstractmethod
     def collect_samples(self, split: str) -> list[Sample]:
-        """All samples of ``split`` (``train``: normal images only; ``test``: normal and anomalous)."""
+        """All samples of ``split`` (``train``: normal images only; ``test``: normal and anomalous).
+
+        The support set is already chosen when ``test`` is collected. Report bad data through :meth:`problem`.
+        """
 
     # ----------------------------------------------------------------- setup
     @property
@@ -167,15 +177,15 @@ class FewShotDataModule(LightningDataModule, ABC):
             return
         self.check_root()
         self.normal_pool = self._readable(self.collect_samples("train"))
-        self.test_samples = self._readable(self.collect_samples("test"))
-        if not self.test_samples:
-            raise DataError(f"no test images found for category {self.category!r} under {self.root}")
         by_path = {s.image_path: s for s in self.normal_pool}
         if self.support_files:
             chosen = resolve_support_files(list(by_path), self.support_files)
         else:
             chosen = sample_support(list(by_path), self.k_shot, self.seed)
         self.support_samples = [by_path[p] for p in chosen]
+        self.test_samples = self._readable(self.collect_samples("test"))
+        if not self.test_samples:
+            raise DataError(f"no test images found for category {self.category!r} under {self.root}")
         self.record_support()
 
     @rank_zero_only
