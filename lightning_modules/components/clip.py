@@ -167,6 +167,7 @@ class ClipBackbone(nn.Module):
         self.image_size: tuple[int, int] = tuple(visual.image_size)
         self.embed_dim: int = int(visual.output_dim)
         self.width: int = int(visual.transformer.width)
+        self.text_width: int = int(self.clip.token_embedding.embedding_dim)
         self.image_mean = tuple(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
         self.image_std = tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
         self.tokenizer = open_clip.get_tokenizer(spec.arch)

@@ -1,0 +1,110 @@
+"""Lightning wrapper of PromptAD: prompt training on the k shots, then one-pass evaluation."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from fsad.batch import Batch
+from lightning_modules.base import FewShotAnomalyModule
+from lightning_modules.components.clip import BackboneOutput, BackboneSpec
+from lightning_modules.promptad.model import PromptADModel
+
+
+def swap_rgb_bgr(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Turn normalised RGB images into what the authors' test loop feeds: BGR pixels normalised with RGB statistics."""
+    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return ((images * s + m).flip(1) - m) / s
+
+
+class PromptAD(FewShotAnomalyModule):
+    """PromptAD baseline (methods.md §1).
+
+    Args:
+        n_ctx: learnable normal context vectors shared by all prompts (4).
+        n_ctx_ab: learnable abnormal context vectors per ALP set (1).
+        n_pro_ab: ALP sets (4).
+        eam_margin: margin m of L_EAM (0 in PromptAD).
+        mean_loss_weight: λ of L_mean (0.001).
+        lr, momentum, weight_decay, eta_min: SGD with a cosine schedule over ``trainer.max_epochs`` (100).
+        mode: ``honest`` (exp temperature, RGB everywhere) or ``paper`` (the authors' quirks on).
+        temperature_quirk: use ``logit_scale`` without ``.exp()``; default from ``mode``.
+        bgr_test_quirk: feed test images as BGR; default from ``mode``.
+        eam_token_axis_quirk: sum L_EAM's squared differences over tokens (the authors' TripletLoss); default off.
+    """
+
+    method_name = "promptad"
+
+    def __init__(
+        self,
+        backbone: BackboneSpec | None = None,
+        image_size: int = 240,
+        eval_size: int = 256,
+        gaussian_sigma: float = 4.0,
+        n_ctx: int = 4,
+        n_ctx_ab: int = 1,
+        n_pro_ab: int = 4,
+        eam_margin: float = 0.0,
+        mean_loss_weight: float = 0.001,
+        lr: float = 2e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        eta_min: float = 1e-5,
+        mode: Literal["honest", "paper"] = "honest",
+        temperature_quirk: bool | None = None,
+        bgr_test_quirk: bool | None = None,
+        eam_token_axis_quirk: bool = False,
+    ) -> None:
+        super().__init__(backbone=backbone, image_size=image_size, eval_size=eval_size, gaussian_sigma=gaussian_sigma)
+        paper = mode == "paper"
+        self.bgr_test_quirk = paper if bgr_test_quirk is None else bgr_test_quirk
+        self.model = PromptADModel(
+            self.backbone.text_width, n_ctx, n_ctx_ab, n_pro_ab, eam_margin, mean_loss_weight,
+            temperature_quirk=paper if temperature_quirk is None else temperature_quirk,
+            eam_token_axis_quirk=eam_token_axis_quirk,
+        )  # fmt: skip
+
+    def setup(self, stage: str) -> None:
+        category = getattr(self.trainer.datamodule, "category", None)
+        if category is None:
+            raise RuntimeError("PromptAD needs a datamodule with a `category` to build its prompts")
+        self.model.build(self.backbone, category)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        features = self.backbone(batch.image)
+        losses = self.model.losses(features, self.backbone)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(batch), prog_bar=False)
+        self.log("train_loss", losses["total"], batch_size=len(batch), prog_bar=True)
+        return losses["total"]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.SGD(
+            self.model.prompts.parameters(),
+            lr=self.hparams.lr,
+            momentum=self.hparams.momentum,
+            weight_decay=self.hparams.weight_decay,
+        )
+        epochs = max(1, int(self.trainer.max_epochs or 1))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=self.hparams.eta_min)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def on_test_start(self) -> None:
+        self.model.cache_text(self.backbone)
+        super().on_test_start()
+
+    def on_predict_start(self) -> None:
+        self.model.cache_text(self.backbone)
+        super().on_predict_start()
+
+    def fit_support(self, support: BackboneOutput) -> None:
+        self.model.fit_support(support)
+
+    def score(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(features, self.backbone)
+
+    def predict_batch(self, batch: Batch) -> Batch:
+        if self.bgr_test_quirk:
+            batch.image = swap_rgb_bgr(batch.image, self.backbone.image_mean, self.backbone.image_std)
+        return super().predict_batch(batch)

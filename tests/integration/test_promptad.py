@@ -1,0 +1,58 @@
+"""PromptAD end to end on fsad-tiny with random weights and the synthetic data, through the fsad CLI."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsad.cli import FsadCLI, main
+from tests.integration.test_cli_and_membank import CollectOutputs
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = str(REPO / "configs/promptad/synthetic_tiny.yaml")
+pytestmark = pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
+
+
+def test_fit_lowers_the_loss_and_checkpoint_reload_gives_identical_scores(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FSAD_CACHE_DIR", str(tmp_path / "cache"))
+    common = ["-c", CONFIG, "-c", str(REPO / "configs/logger/csv.yaml"), "--run_root", str(tmp_path / "runs")]
+    assert main(["fit", *common, "--trainer.max_epochs", "8"]) == 0
+    run_dir = tmp_path / "runs/promptad/synthetic/disc/k2_s0"
+    rows = list(csv.DictReader((run_dir / "logs/version_0/metrics.csv").open()))
+    losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+
+    trained = FsadCLI(args=common, run=False)
+    checkpoint = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
+    assert set(checkpoint["state_dict"]) == {"model.prompts.normal_context", "model.prompts.abnormal_context"}
+    trained.model.load_state_dict(checkpoint["state_dict"], strict=False)
+    first = CollectOutputs()
+    trained.trainer.callbacks.append(first)
+    trained.trainer.test(trained.model, datamodule=trained.datamodule)
+
+    reloaded = FsadCLI(args=common, run=False)
+    second = CollectOutputs()
+    reloaded.trainer.callbacks.append(second)
+    reloaded.trainer.test(reloaded.model, datamodule=reloaded.datamodule, ckpt_path=run_dir / "checkpoints/last.ckpt")
+    assert torch.equal(torch.cat(first.scores), torch.cat(second.scores))
+    assert torch.equal(torch.cat(first.maps), torch.cat(second.maps))
+    assert (run_dir / "results.csv").is_file()
+
+
+def test_paper_mode_turns_on_the_quirks_and_bgr_matches_its_definition() -> None:
+    from lightning_modules.components.clip import BackboneSpec
+    from lightning_modules.promptad.module import PromptAD, swap_rgb_bgr
+
+    tiny = BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[2, 4])
+    paper, honest = PromptAD(tiny, image_size=96, mode="paper"), PromptAD(tiny, image_size=96)
+    assert paper.model.temperature_quirk and paper.bgr_test_quirk
+    assert not honest.model.temperature_quirk and not honest.bgr_test_quirk
+    assert not PromptAD(tiny, image_size=96, mode="paper", bgr_test_quirk=False).bgr_test_quirk
+    # the authors' test loop: a cv2 (BGR) uint8 image normalised with the RGB mean/std, channel by position
+    pixels = torch.randint(0, 256, (1, 3, 4, 4)).float() / 255
+    mean, std = torch.tensor((0.5, 0.4, 0.3)).view(1, 3, 1, 1), torch.tensor((0.2, 0.25, 0.3)).view(1, 3, 1, 1)
+    as_fed = (pixels[:, [2, 1, 0]] - mean) / std
+    torch.testing.assert_close(swap_rgb_bgr((pixels - mean) / std, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)), as_fed)
