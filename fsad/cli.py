@@ -32,7 +32,7 @@ RUN_DIR_PLACEHOLDER = "{run_dir}"
 
 #: Subcommands that are not Lightning trainer entry points: name -> "module:function" taking ``argv`` and
 #: returning an exit code.
-EXTENSION_COMMANDS: dict[str, str] = {"data": "fsad.data_check:main"}
+EXTENSION_COMMANDS: dict[str, str] = {"data": "fsad.data_check:main", "captions": "fsad.captions:main"}
 
 
 def run_directory(run_root: str | Path, method: str, dataset: str, category: str, k_shot: int, seed: int) -> Path:

@@ -1,0 +1,68 @@
+"""P1: test time per image of each method ÷ the bare OpenCLIP ``encode_image``, at batch 8.
+
+ViT-B-16-plus-240 with random weights on the CPU. Support and text features are computed once before timing, as in
+a test run; the timed step is the module's ``predict_batch`` (one backbone pass, scoring, upsampling to 256 and
+Gaussian smoothing). Prints one line per method; budgets: FineGrainedAD ≤ 1.35, KAG-prompt ≤ 1.5.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from fsad.batch import Batch
+from lightning_modules.components.clip import BackboneSpec
+from lightning_modules.finegrainedad.mfsc import mllp_texts, packaged_record
+
+BATCH, REPEATS = 8, 3
+
+
+def seconds_per_call(call: Callable[[], object], repeats: int = REPEATS) -> float:
+    call()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    return (time.perf_counter() - start) / repeats
+
+
+def make_batch(images: torch.Tensor, eval_size: int) -> Batch:
+    count = images.shape[0]
+    return Batch(
+        image=images, gt_mask=torch.zeros(count, eval_size, eval_size, dtype=torch.uint8),
+        gt_label=torch.zeros(count, dtype=torch.long), image_path=[""] * count, mask_path=[None] * count,
+        category=["bottle"] * count, index=torch.arange(count),
+    )  # fmt: skip
+
+
+def measure_finegrainedad(images: torch.Tensor, support: torch.Tensor) -> float:
+    """FineGrainedAD predict_batch seconds per batch, with support and text features cached first."""
+    from lightning_modules.finegrainedad.module import FineGrainedAD
+
+    module = FineGrainedAD(BackboneSpec(arch="ViT-B-16-plus-240", pretrained=None), image_size=240, eval_size=256)
+    module.model.build(module.backbone, mllp_texts(packaged_record("mvtec", "bottle")))
+    module.model.cache_text(module.backbone)
+    module.fit_support(module.backbone(support))
+    with torch.inference_mode():
+        return seconds_per_call(lambda: module.predict_batch(make_batch(images.clone(), 256)))
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore", message="backbone.pretrained is null")
+    torch.manual_seed(0)
+    images, support = torch.randn(BATCH, 3, 240, 240), torch.randn(4, 3, 240, 240)
+    from lightning_modules.components.clip import ClipBackbone
+
+    bare = ClipBackbone(BackboneSpec(arch="ViT-B-16-plus-240", pretrained=None, vv_attention=False, taps=[]))
+    with torch.inference_mode():
+        reference = seconds_per_call(lambda: bare.clip.encode_image(images))
+    print(f"bare encode_image: {reference / BATCH * 1000:.1f} ms/image at batch {BATCH}")
+    finegrained = measure_finegrainedad(images, support)
+    print(f"finegrainedad: {finegrained / BATCH * 1000:.1f} ms/image")
+    print(f"inference_overhead finegrainedad ratio={finegrained / reference:.3f}")
+
+
+if __name__ == "__main__":
+    main()

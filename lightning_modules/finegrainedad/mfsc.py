@@ -1,0 +1,309 @@
+"""MFSC: multi-level fine-grained semantic caption records (FineGrainedAD §3.2), their schema and their prompts.
+
+One JSON record per (dataset, category) describes what a normal object looks like at three levels: the image
+(foreground, background, summary), the foreground (the logical relation of its components) and each component
+(count, location, and colour/texture/shape/direction attributes with base values from closed vocabularies plus
+``and``/``or``/``with`` extensions). :func:`mllp_texts` turns a record into the prompt bodies of every level.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lightning_modules.components.prompts import PromptGroupTexts
+
+CAPTIONS_DIR = Path(__file__).parent / "captions"
+
+COLORS = (
+    "black", "white", "grey", "silver", "gold", "brown", "dark brown", "light brown", "beige", "red", "dark red",
+    "orange", "yellow", "green", "dark green", "light green", "blue", "dark blue", "light blue", "purple", "pink",
+    "transparent", "copper", "bronze", "cream", "tan", "olive", "turquoise",
+)  # fmt: skip
+TEXTURES = (
+    "smooth", "glossy", "matte", "rough", "grainy", "woven", "fibrous", "porous", "metallic", "ribbed", "striped",
+    "granular", "wrinkled", "leathery", "wooden", "translucent", "powdery", "threaded", "knurled", "plastic",
+    "printed", "speckled", "soft",
+)  # fmt: skip
+SHAPES = (
+    "round", "circular", "oval", "rectangular", "square", "cylindrical", "hexagonal", "elongated", "curved",
+    "flat", "irregular", "tubular", "spherical", "ring", "grid", "triangular", "cross", "spiral", "u-shaped",
+    "conical", "wavy",
+)  # fmt: skip
+DIRECTIONS = ("horizontal", "vertical", "diagonal", "upright", "tilted", "radial", "parallel", "centred", "any")
+LOCATIONS = (
+    "center", "top", "bottom", "left", "right", "top-left", "top-right", "bottom-left", "bottom-right",
+    "around", "whole", "edge", "middle", "inside", "outside",
+)  # fmt: skip
+NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "several", "many")
+VOCABULARIES = {"color": COLORS, "texture": TEXTURES, "shape": SHAPES, "direction": DIRECTIONS}
+SYNONYMS = {
+    "gray": "grey", "colour": "color", "centre": "center", "clear": "transparent", "shiny": "glossy",
+    "circle": "circular", "cylinder": "cylindrical", "rectangle": "rectangular", "hexagon": "hexagonal",
+    "oblong": "elongated", "centered": "centred", "middle": "middle", "sphere": "spherical", "dull": "matte",
+}  # fmt: skip
+
+
+class CaptionRecordError(ValueError):
+    """A caption record that cannot be read or fails the schema; the message names the file and the field."""
+
+
+def normalise_value(value: str, vocabulary: tuple[str, ...]) -> str | None:
+    """Map free text (case, plural, British/American spelling, common synonyms) to a vocabulary value, or None."""
+    text = " ".join(value.strip().lower().replace("_", " ").split())
+    text = SYNONYMS.get(text, text)
+    candidates = [text, text.rstrip("s"), text[:-2] if text.endswith("es") else text]
+    return next((c for c in candidates if c in vocabulary), None)
+
+
+class Attribute(BaseModel):
+    """Base values from a closed vocabulary, joined by ``connector``, plus free extension values."""
+
+    model_config = ConfigDict(extra="forbid")
+    base: list[str] = Field(default_factory=list)
+    connector: Literal["and", "or", "with"] | None = None
+    extensions: list[str] = Field(default_factory=list)
+
+    def render(self) -> str:
+        """``transparent and black``; extensions follow the base values."""
+        values = [*self.base, *self.extensions]
+        return f" {self.connector or 'and'} ".join(values)
+
+
+class Attributes(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    color: Attribute = Field(default_factory=Attribute)
+    texture: Attribute = Field(default_factory=Attribute)
+    shape: Attribute = Field(default_factory=Attribute)
+    direction: Attribute = Field(default_factory=Attribute)
+
+    @model_validator(mode="after")
+    def _base_values_in_vocabularies(self) -> Attributes:
+        for name, vocabulary in VOCABULARIES.items():
+            for value in getattr(self, name).base:
+                if value not in vocabulary:
+                    raise ValueError(f"{name}.base: {value!r} is not a known {name} (known: {', '.join(vocabulary)})")
+        return self
+
+
+class Component(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    number: str
+    location: str
+    attributes: Attributes
+    caption: str = Field(min_length=1)
+
+    @field_validator("number")
+    @classmethod
+    def _known_number(cls, value: str) -> str:
+        if value not in NUMBERS:
+            raise ValueError(f"{value!r} is not a known number (known: {', '.join(NUMBERS)})")
+        return value
+
+    @field_validator("location")
+    @classmethod
+    def _known_location(cls, value: str) -> str:
+        if value not in LOCATIONS:
+            raise ValueError(f"{value!r} is not a known location (known: {', '.join(LOCATIONS)})")
+        return value
+
+
+class ImageLevel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    foreground: str = Field(min_length=1)
+    background: str = Field(min_length=1)
+    summary: str = Field(min_length=1)
+
+
+class ForegroundLevel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    logical_relation: str = Field(min_length=1)
+
+
+class Generator(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    prompt_id: str
+
+
+class CaptionRecord(BaseModel):
+    """One category's MFSC record."""
+
+    model_config = ConfigDict(extra="forbid")
+    dataset: str
+    category: str
+    source_image: str | None = None
+    generator: Generator
+    image_level: ImageLevel
+    foreground_level: ForegroundLevel
+    components: list[Component] = Field(min_length=1)
+    abnormal_states: list[str] = Field(min_length=1)
+
+    @field_validator("abnormal_states")
+    @classmethod
+    def _one_placeholder(cls, states: list[str]) -> list[str]:
+        for i, state in enumerate(states):
+            if state.count("{}") != 1:
+                raise ValueError(f"[{i}] {state!r} must contain exactly one '{{}}' for the object name")
+        return states
+
+
+def _field_path(location: tuple) -> str:
+    path = ""
+    for part in location:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def parse_record(data: dict, source: str) -> CaptionRecord:
+    """Validate a record dict; errors name ``source`` and every failing field."""
+    try:
+        return CaptionRecord.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(f"{_field_path(e['loc']) or '<record>'}: {e['msg']}" for e in err.errors())
+        raise CaptionRecordError(f"{source}: {problems}") from None
+
+
+def load_record(path: str | Path) -> CaptionRecord:
+    """Read and validate one record file; every failure is one :class:`CaptionRecordError` naming file and field."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CaptionRecordError(f"{path}: caption record file not found") from None
+    except json.JSONDecodeError as err:
+        raise CaptionRecordError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    return parse_record(data, str(path))
+
+
+def list_packaged() -> dict[str, list[str]]:
+    """The shipped records: dataset -> categories."""
+    return {d.name: sorted(p.stem for p in d.glob("*.json")) for d in sorted(CAPTIONS_DIR.iterdir()) if d.is_dir()}
+
+
+def packaged_record(dataset: str, category: str) -> CaptionRecord:
+    """The shipped record of a benchmark category; a clear error lists what is available otherwise."""
+    path = CAPTIONS_DIR / dataset / f"{category}.json"
+    if not path.is_file():
+        available = list_packaged().get(dataset)
+        raise CaptionRecordError(
+            f"no packaged caption record for {dataset}/{category}; "
+            + (f"{dataset} has: {', '.join(available)}. " if available else f"datasets: {sorted(list_packaged())}. ")
+            + "Write one (`fsad captions generate`) and pass it as model.init_args.captions."
+        )
+    return load_record(path)
+
+
+# ----------------------------------------------------------------------------- MLLP prompt texts
+BACKGROUND_DEFECTS = ("a stain", "a foreign object", "dust")
+COMPONENT_DEFECTS = ("a crack", "a scratch", "a stain", "a missing part", "a deformation")
+
+
+@dataclass
+class PromptTexts:
+    """Every level's prompt bodies: the image level, one group per component, the background, and the
+    Attr-MoE attribute groups (relation, color, texture, shape) mixed into the image level."""
+
+    image: PromptGroupTexts
+    components: dict[str, PromptGroupTexts]
+    background: PromptGroupTexts
+    attributes: dict[str, PromptGroupTexts]
+
+    def groups(self) -> dict[str, PromptGroupTexts]:
+        """All groups under unique names, in a fixed order (image, components, background, attributes)."""
+        named = {"image": self.image}
+        named.update({f"component:{n}": g for n, g in self.components.items()})
+        named["background"] = self.background
+        named.update({f"attribute:{n}": g for n, g in self.attributes.items()})
+        return named
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith(".") else text + "."
+
+
+def _word_pattern(word: str) -> re.Pattern[str]:
+    """``word`` as a whole word, optionally plural (``LED`` matches ``LEDs`` but not ``LEDGE``)."""
+    return re.compile(rf"\b({re.escape(word)}(?:e?s)?)\b", flags=re.IGNORECASE)
+
+
+def _replace_first(text: str, old: str, new: str) -> str:
+    """Replace the first whole-word ``old`` by ``new``; prefix ``new`` when ``old`` does not occur."""
+    pattern = _word_pattern(old)
+    return pattern.sub(lambda _: new, text, count=1) if pattern.search(text) else f"{new}: {text}"
+
+
+def _with_defect(text: str, noun: str, defect_state: str) -> str:
+    """Insert a defect after the first mention of ``noun``, keeping its plural: ``LEDs`` → ``LEDs with a crack``."""
+    pattern = _word_pattern(noun)
+    if not pattern.search(text):
+        return f"{defect_state.format(noun)}: {text}"
+    return pattern.sub(lambda m: defect_state.format(m.group(1)), text, count=1)
+
+
+def _absent_values(record: CaptionRecord, attribute: str, count: int, rng: random.Random) -> list[str]:
+    used = {v for c in record.components for v in getattr(c.attributes, attribute).base}
+    pool = [v for v in VOCABULARIES[attribute] if v not in used]
+    return rng.sample(pool, min(count, len(pool)))
+
+
+def mllp_texts(record: CaptionRecord, object_name: str | None = None, seed: int = 0) -> PromptTexts:
+    """Prompt bodies of every MLLP level (FineGrainedAD §3.3) from a record; deterministic for a given seed.
+
+    Bodies carry no context placeholders: the prompt learner prepends the learnable normal contexts (and the
+    abnormal contexts for the learnable-abnormal bodies). AHPs come from the record's abnormal states (defect
+    replacement), from attribute replacement (a vocabulary value the normal object never has) and from negation.
+    """
+    rng = random.Random(seed)
+    fg = object_name or record.image_level.foreground
+    bg = record.image_level.background
+    summary = _sentence(record.image_level.summary)
+    image_abnormal = [_sentence(_with_defect(summary, fg, state)) for state in record.abnormal_states]
+    for component in record.components:
+        for attribute in ("color", "texture"):
+            values = getattr(component.attributes, attribute)
+            for absent in _absent_values(record, attribute, 1, rng):
+                replaced = _replace_first(component.caption, values.render(), absent) if values.base else None
+                if replaced:
+                    image_abnormal.append(_sentence(replaced))
+    image_abnormal.append(f"a {fg} that does not look like this: {summary}")
+    image = PromptGroupTexts(normal=[summary], abnormal=image_abnormal, learnable_abnormal=[summary])
+
+    components = {}
+    for component in record.components:
+        caption = _sentence(component.caption)
+        others = [loc for loc in LOCATIONS if loc not in (component.location, "whole", "around")]
+        located = _word_pattern(component.location).search(caption)
+        moved = _replace_first(caption, component.location, rng.choice(others)) if located else None
+        abnormal = [_sentence(_with_defect(caption, component.name, "{} with " + d)) for d in COMPONENT_DEFECTS]
+        if moved:
+            abnormal.append(moved)
+        abnormal.append(f"{component.name} is missing from the {component.location}.")
+        components[component.name] = PromptGroupTexts(normal=[caption], abnormal=abnormal, learnable_abnormal=[caption])
+
+    background = PromptGroupTexts(
+        normal=[f"{bg} background."],
+        abnormal=[f"{bg} background with {d}." for d in BACKGROUND_DEFECTS],
+        learnable_abnormal=[f"{bg} background."],
+    )
+    relation = _sentence(record.foreground_level.logical_relation)
+    relation_abnormal = [
+        _sentence(_with_defect(relation, c.name, "{} with " + COMPONENT_DEFECTS[0])) for c in record.components
+    ]
+    attributes = {"relation": PromptGroupTexts(normal=[relation], abnormal=relation_abnormal)}
+    for attribute in ("color", "texture", "shape"):
+        present = sorted({v for c in record.components for v in getattr(c.attributes, attribute).base})
+        absent = _absent_values(record, attribute, 3, rng)
+        if present and absent:
+            attributes[attribute] = PromptGroupTexts(
+                normal=[f"{fg} that is {' and '.join(present)}."], abnormal=[f"{fg} that is {a}." for a in absent]
+            )
+    return PromptTexts(image=image, components=components, background=background, attributes=attributes)

@@ -1,0 +1,190 @@
+"""FineGrainedAD pieces: MFSC records, DPC-KNN, region aggregation, Query Former, token-wise inference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import seed_everything
+
+from lightning_modules.finegrainedad.mfsc import (
+    COLORS,
+    CaptionRecordError,
+    list_packaged,
+    load_record,
+    mllp_texts,
+    normalise_value,
+    packaged_record,
+)
+from lightning_modules.finegrainedad.model import QueryFormer, query_former_loss, token_wise_scores
+from lightning_modules.finegrainedad.regions import (
+    aggregate_regions,
+    dpc_knn,
+    region_weights,
+    slice_tiles,
+    stitch_tiles,
+)
+
+BENCHMARKS = {
+    "mvtec": ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
+              "tile", "toothbrush", "transistor", "wood", "zipper"],
+    "visa": ["candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2", "pcb3",
+             "pcb4", "pipe_fryum"],
+    "realiad": ["audiojack", "bottle_cap", "button_battery", "end_cap", "eraser", "fire_hood", "mint", "mounts", "pcb",
+                "phone_battery", "plastic_nut", "plastic_plug", "porcelain_doll", "regulator", "rolled_strip_base",
+                "sim_card_set", "switch", "tape", "terminalblock", "toothbrush", "toy", "toy_brick", "transistor1",
+                "u_block", "usb", "usb_adaptor", "vcpill", "wooden_beads", "woodstick", "zipper"],
+}  # fmt: skip
+
+
+def test_all_57_benchmark_records_validate_and_build_prompts() -> None:
+    packaged = list_packaged()
+    assert {d: packaged[d] for d in BENCHMARKS} == {d: sorted(c) for d, c in BENCHMARKS.items()}
+    assert sum(len(c) for c in BENCHMARKS.values()) == 57
+    for dataset, categories in BENCHMARKS.items():
+        for category in categories:
+            record = packaged_record(dataset, category)
+            assert record.dataset == dataset and record.category == category
+            texts = mllp_texts(record)
+            assert len(texts.components) == len(record.components)
+            assert all(g.normal and (g.abnormal or g.learnable_abnormal) for g in texts.groups().values())
+
+
+def record_dict() -> dict:
+    return json.loads(json.dumps(packaged_record("mvtec", "bottle").model_dump()))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda r: r["components"][1]["attributes"]["color"]["base"].__setitem__(0, "blu"),
+         r"components\[1\]\.attributes.*'blu' is not a known color"),
+        (lambda r: r["image_level"].pop("summary"), r"image_level\.summary: Field required"),
+        (lambda r: r["abnormal_states"].__setitem__(0, "broken"), r"abnormal_states: .*exactly one"),
+        (lambda r: r["components"][0].__setitem__("location", "upstairs"), r"components\[0\]\.location: .*upstairs"),
+        (lambda r: r.__setitem__("colour", "x"), r"colour: Extra inputs are not permitted"),
+    ],
+)  # fmt: skip
+def test_broken_record_names_file_and_field(tmp_path: Path, mutate, field: str) -> None:
+    data = record_dict()
+    mutate(data)
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(CaptionRecordError, match=rf"{path}: .*{field}"):
+        load_record(path)
+
+
+def test_invalid_json_names_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('{\n  "dataset": "x",\n  oops\n}')
+    with pytest.raises(CaptionRecordError, match=rf"{path}: invalid JSON at line 3 column 3"):
+        load_record(path)
+
+
+def test_normaliser_maps_spellings_to_the_vocabulary() -> None:
+    assert normalise_value("Gray", COLORS) == "grey"
+    assert normalise_value("  Dark   Brown ", COLORS) == "dark brown"
+    assert normalise_value("blacks", COLORS) == "black"
+    assert normalise_value("chartreuse", COLORS) is None
+
+
+def test_component_prompts_insert_defects_and_are_seed_deterministic() -> None:
+    record = packaged_record("visa", "pcb4")
+    first, again, other = mllp_texts(record, seed=1), mllp_texts(record, seed=1), mllp_texts(record, seed=2)
+    assert first.groups() == again.groups()
+    assert first.groups() != other.groups()
+    led = first.components["LED"]
+    assert led.normal == ["a ring of clear LEDs around the edge."]
+    assert "a ring of clear LEDs with a crack around the edge." in led.abnormal
+    assert first.background.abnormal == [
+        "white background with a stain.", "white background with a foreign object.", "white background with dust."
+    ]
+
+
+def test_captions_validate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fsad.cli import main
+
+    assert main(["captions", "validate", str(Path(packaged_record.__code__.co_filename).parent / "captions")]) == 0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**record_dict(), "components": []}))
+    assert main(["captions", "validate", str(bad)]) == 1
+    assert f"FAIL {bad}: components: List should have at least 1 item" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- clustering
+def test_dpc_knn_recovers_planted_clusters() -> None:
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0]])
+    points = torch.cat([c + 0.5 * torch.randn(40, 2, generator=generator) for c in centres])
+    truth = torch.arange(3).repeat_interleave(40)
+    labels, chosen = dpc_knn(points, 3, k=8)
+    for c in range(3):
+        members = labels[truth == c]
+        assert (members == members.mode().values).all()  # each planted cluster is one found cluster
+    assert len({int(labels[truth == c][0]) for c in range(3)}) == 3
+    seeded, seeded_centres = dpc_knn(points, 3, k=8, seeds=torch.tensor([5, 45, 85]))
+    assert seeded_centres.tolist() == [5, 45, 85] and torch.equal(seeded[truth == 0], seeded[truth == 0][:1].expand(40))
+
+
+def test_tiles_stitch_back_in_place() -> None:
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    tiles = slice_tiles(images, factor=2, tile=8)  # 16x16 upsampled, 4 tiles of 8 per image
+    assert tiles.shape == (8, 3, 8, 8)
+    tokens = tiles.mean(dim=1).reshape(8, 64, 1)  # one "token" per pixel, grid 8x8
+    stitched = stitch_tiles(tokens, shots=2, factor=2, grid=(8, 8))[..., 0]
+    upsampled = torch.nn.functional.interpolate(images, size=(16, 16), mode="bicubic", align_corners=False).mean(1)
+    torch.testing.assert_close(stitched, upsampled)
+
+
+@pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
+def test_region_aggregation_on_a_real_bottle(mvtec_root: Path) -> None:
+    from lightning_modules.components.clip import BackboneSpec
+    from lightning_modules.finegrainedad.module import FineGrainedAD
+
+    seed_everything(0)
+    module = FineGrainedAD(BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[2, 4]), image_size=96, slice_factor=4)
+    module.model.build(module.backbone, mllp_texts(packaged_record("mvtec", "bottle")))
+    tokens = module.support_tokens_high_res([str(mvtec_root / "bottle/train/good/000.png")])
+    assert tokens.shape == (1, 48, 48, module.backbone.embed_dim)
+    groups = module.model.prompts.encode(module.backbone)
+    components = torch.stack([groups[f"component:{c}"].normal_prototype for c in module.model.components])
+    regions = aggregate_regions(tokens, components, groups["background"].normal_prototype)
+    assert len(regions.labels.unique()) >= 2
+    background = regions.background[0]
+    border = torch.cat([background[0], background[-1], background[:, 0], background[:, -1]])
+    assert border.float().mean() > 0.95  # the black surround of the bottle
+    assert background.float().mean() < 0.95  # a real foreground (the bottle's glass) remains
+    weights = region_weights(regions, len(components) + 1, (12, 12))
+    assert weights.shape == (3, 1, 12, 12) and weights.min() >= 1.0 and weights.max() <= 2.5
+
+
+# ----------------------------------------------------------------------------- inference and Query Former
+def test_token_wise_scores_equal_a_direct_per_token_loop() -> None:
+    generator = torch.Generator().manual_seed(1)
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=generator), dim=-1)  # noqa: E731
+    tokens, queries, normal, abnormal = unit(2, 5, 8), unit(3, 8), unit(3, 8), unit(3, 8)
+    ours = token_wise_scores(tokens, queries, normal, abnormal, 10.0)
+    for b in range(2):
+        for j in range(5):
+            v = tokens[b, j]
+            best = max(range(3), key=lambda level: float(v @ queries[level]))
+            a, n = torch.exp(10.0 * (v @ abnormal[best])), torch.exp(10.0 * (v @ normal[best]))
+            assert abs(float(ours[b, j]) - float(a / (a + n))) < 1e-6
+
+
+def test_query_former_loss_falls() -> None:
+    torch.manual_seed(0)
+    normal = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
+    abnormal = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
+    former = QueryFormer(16)
+    optimiser = torch.optim.SGD(former.parameters(), lr=0.5)
+    losses = []
+    for _ in range(20):
+        loss = query_former_loss(former(normal, abnormal), normal, abnormal)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
