@@ -131,6 +131,11 @@ class FewShotDataModule(LightningDataModule, ABC):
             raise DataError(message)
         self.problems.append(message)
 
+    @classmethod
+    def run_key(cls, init_args: dict[str, Any]) -> tuple[str, str, int, int]:
+        """(dataset, category, k, seed) naming a run's directory, from the datamodule's init arguments."""
+        return cls.dataset_name, str(init_args.get("category")), int(init_args.get("k_shot", 4)), int(init_args.get("seed", 0))
+
     # ----------------------------------------------------------------- dataset-specific parts
     @abstractmethod
     def available_categories(self) -> list[str]:

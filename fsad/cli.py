@@ -110,15 +110,14 @@ class FsadCLI(LightningCLI):
             return Path(config.trainer.default_root_dir)
         model_cls = _import_class(config.model.class_path)
         data_cls = _import_class(config.data.class_path)
-        data_args = config.data.init_args
-        return run_directory(
-            config.run_root,
-            getattr(model_cls, "method_name", model_cls.__name__.lower()),
-            getattr(data_cls, "dataset_name", data_cls.__name__.lower()),
-            str(data_args.get("category", "all")),
-            int(data_args.get("k_shot", 0)),
-            int(data_args.get("seed", 0)),
-        )
+        data_args = dict(vars(config.data.init_args))
+        if hasattr(data_cls, "run_key"):
+            dataset, category, k_shot, seed = data_cls.run_key(data_args)
+        else:
+            dataset = data_cls.__name__.lower()
+            category, k_shot, seed = data_args.get("category", "all"), data_args.get("k_shot", 0), data_args.get("seed", 0)
+        method = getattr(model_cls, "method_name", model_cls.__name__.lower())
+        return run_directory(config.run_root, method, dataset, str(category), int(k_shot), int(seed))
 
     def before_instantiate_classes(self) -> None:
         config = self._active_config()
