@@ -73,11 +73,11 @@ def histogram_auroc(negative_counts: np.ndarray, positive_counts: np.ndarray) ->
     return float(wins / (positives.sum() * negatives.sum()))
 
 
-def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Best F1 over all thresholds ``score ≥ t`` (the maximum over sklearn's precision-recall curve)."""
+def f1_max_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(best F1, its threshold) over all rules ``score ≥ t``; (nan, nan) without positives."""
     scores, labels = _binary_inputs(scores, labels)
     if labels.sum() == 0:
-        return float("nan")
+        return float("nan"), float("nan")
     order = np.argsort(-scores, kind="stable")
     sorted_scores = scores[order]
     true_positives = np.cumsum(labels[order], dtype=np.float64)
@@ -86,7 +86,13 @@ def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
     tp = true_positives[last_of_run]
     predicted = (np.nonzero(last_of_run)[0] + 1).astype(np.float64)
     f1 = 2 * tp / (predicted + labels.sum())
-    return float(f1.max())
+    best = int(f1.argmax())
+    return float(f1[best]), float(sorted_scores[last_of_run][best])
+
+
+def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Best F1 over all thresholds ``score ≥ t`` (the maximum over sklearn's precision-recall curve)."""
+    return f1_max_threshold(scores, labels)[0]
 
 
 def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:

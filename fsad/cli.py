@@ -32,7 +32,11 @@ RUN_DIR_PLACEHOLDER = "{run_dir}"
 
 #: Subcommands that are not Lightning trainer entry points: name -> "module:function" taking ``argv`` and
 #: returning an exit code.
-EXTENSION_COMMANDS: dict[str, str] = {"data": "fsad.data_check:main", "captions": "fsad.captions:main"}
+EXTENSION_COMMANDS: dict[str, str] = {
+    "data": "fsad.data_check:main",
+    "captions": "fsad.captions:main",
+    "benchmark": "fsad.benchmark:main",
+}
 
 
 def run_directory(run_root: str | Path, method: str, dataset: str, category: str, k_shot: int, seed: int) -> Path:
@@ -92,6 +96,8 @@ class FsadCLI(LightningCLI):
         parser.add_argument("--run_root", type=str, default="runs", help="Folder under which run directories go.")
         parser.link_arguments("data.init_args.image_size", "model.init_args.image_size")
         parser.link_arguments("data.init_args.eval_size", "model.init_args.eval_size")
+        if any(action.dest == "weights_only" for action in parser._actions):  # fit/validate/test/predict --ckpt_path
+            parser.set_defaults(weights_only=True)
 
     def _active_config(self) -> Namespace:
         subcommand = self.config.get("subcommand")

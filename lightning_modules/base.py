@@ -42,6 +42,8 @@ class FewShotAnomalyModule(LightningModule, ABC):
         self.backbone = ClipBackbone(backbone or BackboneSpec(), image_size=image_size)
         self.eval_size = eval_size
         self.gaussian_sigma = gaussian_sigma
+        # image-score threshold fitted for prediction (callbacks/predictions.py); NaN = none, saved in checkpoints
+        self.register_buffer("image_threshold", torch.tensor(float("nan")))
 
     # ----------------------------------------------------------------- method hooks
     @abstractmethod
@@ -99,3 +101,4 @@ class FewShotAnomalyModule(LightningModule, ABC):
         state = checkpoint.setdefault("state_dict", {})
         for key, value in self.backbone.state_dict(prefix="backbone.").items():
             state.setdefault(key, value)
+        state.setdefault("image_threshold", torch.tensor(float("nan")))
