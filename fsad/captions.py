@@ -1,10 +1,12 @@
-"""``fsad captions validate|show``: check MFSC caption records and show the prompts MLLP builds from them."""
+"""``fsad captions validate|show|generate``: check, inspect and generate MFSC caption records."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
+from datamodules.mvtec import list_images
 from lightning_modules.finegrainedad.mfsc import CaptionRecordError, load_record, mllp_texts, packaged_record
 
 
@@ -57,11 +59,49 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("category", nargs="?", help="packaged record: category")
     view.add_argument("--file", help="a record file instead of a packaged one")
     view.add_argument("--seed", type=int, default=0, help="seed of the random choices in the prompts")
+    make = sub.add_parser("generate", help="describe normal images with a multimodal chat endpoint")
+    make.add_argument("--images", nargs="+", required=True, help="image files or folders of normal images")
+    make.add_argument("--category", required=True)
+    make.add_argument("--out", required=True, help="record JSON to write (use it as model.init_args.captions)")
+    make.add_argument("--dataset", default="custom")
+    make.add_argument("--base-url", help="OpenAI-compatible API base, e.g. http://localhost:8000/v1 (FSAD_LLM_BASE_URL)")
+    make.add_argument("--model", help="model name (FSAD_LLM_MODEL)")
+    make.add_argument("--api-key-env", default="FSAD_LLM_API_KEY", help="environment variable holding the API key")
+    make.add_argument("--timeout", type=float, default=60.0)
+    make.add_argument("--http-retries", type=int, default=4, help="retries on 429/5xx/timeouts, with backoff")
+    make.add_argument("--backoff", type=float, default=1.0, help="first backoff in seconds (doubles each retry)")
+    make.add_argument("--max-attempts", type=int, default=3, help="answers to request until one validates")
+    make.add_argument("--response-format", choices=["json_object", "none"], default="json_object")
+    make.add_argument("--cache-dir", help="answer cache (default $FSAD_CACHE_DIR/captions or ~/.cache/fsad/captions)")
     return parser
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    from fsad.caption_generator import CaptionGenerationError, EndpointConfig, generate
+
+    images: list[Path] = []
+    for item in map(Path, args.images):
+        images += list_images(item) if item.is_dir() else [item]
+    endpoint = EndpointConfig(
+        base_url=args.base_url, model=args.model, api_key=os.environ.get(args.api_key_env), timeout=args.timeout,
+        http_retries=args.http_retries, backoff=args.backoff, response_format=args.response_format,
+    )  # fmt: skip
+    try:
+        result = generate(images, args.category, Path(args.out), endpoint, args.dataset,
+                          Path(args.cache_dir) if args.cache_dir else None, args.max_attempts)  # fmt: skip
+    except (CaptionGenerationError, CaptionRecordError) as err:
+        print(f"error: {err}")
+        return 1
+    for conflict in result.conflicts:
+        print(f"conflict: {conflict}")
+    print(f"wrote {args.out} ({len(result.record.components)} components from {len(images)} images)")
+    return 0
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.action == "validate":
         return validate(args.targets)
+    if args.action == "generate":
+        return generate_command(args)
     return show(args.dataset, args.category, args.file, args.seed)
