@@ -66,7 +66,8 @@ class FolderDataModule(FewShotDataModule):
             normals = [Sample(str(p), 0, self.category) for p in list_images(self.normal_test_dir)]
         else:
             support = set(self.support_paths)
-            normals = [s for s in self.normal_pool if s.image_path not in support]
+            pool = self.normal_pool or self.collect_samples("train")
+            normals = [s for s in pool if s.image_path not in support]
         defects = []
         for image in list_images(self.abnormal_dir) if self.abnormal_dir else []:
             mask = find_mask(self.mask_dir, image) if self.mask_dir else None
