@@ -72,7 +72,7 @@ class FewShotDataModule(LightningDataModule, ABC):
     """Serves the k-shot normal support set, what the method trains on, and the test set of one category.
 
     Args:
-        root: dataset root folder.
+        root: dataset root folder (required unless the datamodule has a :meth:`default_root`).
         category: the one category of this run.
         k_shot: number of normal support images.
         seed: seed of the k-shot draw (a pure function of seed, sorted file names and k).
@@ -91,7 +91,7 @@ class FewShotDataModule(LightningDataModule, ABC):
 
     def __init__(
         self,
-        root: str,
+        root: str | None,
         category: str,
         k_shot: int = 4,
         seed: int = 0,
@@ -107,7 +107,9 @@ class FewShotDataModule(LightningDataModule, ABC):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.root = Path(root).expanduser()
+        if root is None and self.default_root() is None:
+            raise ValueError(f"data.root is required for {type(self).__name__}")
+        self.root = Path(root).expanduser() if root is not None else self.default_root()
         self.category = category
         self.k_shot = k_shot
         self.seed = seed
@@ -130,6 +132,11 @@ class FewShotDataModule(LightningDataModule, ABC):
         if self.problems is None:
             raise DataError(message)
         self.problems.append(message)
+
+    @classmethod
+    def default_root(cls) -> Path | None:
+        """Where the dataset lives when ``root`` is not given; ``None``: the root is required."""
+        return None
 
     @classmethod
     def run_key(cls, init_args: dict[str, Any]) -> tuple[str, str, int, int]:

@@ -13,10 +13,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from datamodules.mvtec import MVTecDataModule
-from datamodules.transforms import AugmentSpec
 
 SYNTHETIC_CATEGORIES = ("disc", "tile")
 SYNTHETIC_VERSION = "v1"
@@ -120,37 +118,9 @@ class SyntheticDataModule(MVTecDataModule):
 
     dataset_name = "synthetic"
 
-    def __init__(
-        self,
-        root: str | None = None,
-        category: str = "disc",
-        k_shot: int = 4,
-        seed: int = 0,
-        image_size: int = 240,
-        eval_size: int = 256,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        augment: AugmentSpec | None = None,
-        support_files: list[str] | None = None,
-        skip_bad_files: bool = False,
-        mean: tuple[float, float, float] = OPENAI_DATASET_MEAN,
-        std: tuple[float, float, float] = OPENAI_DATASET_STD,
-    ) -> None:
-        super().__init__(
-            root=str(root or default_synthetic_root()),
-            category=category,
-            k_shot=k_shot,
-            seed=seed,
-            image_size=image_size,
-            eval_size=eval_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            augment=augment,
-            support_files=support_files,
-            skip_bad_files=skip_bad_files,
-            mean=mean,
-            std=std,
-        )
+    @classmethod
+    def default_root(cls) -> Path:
+        return default_synthetic_root()
 
     def prepare_data(self) -> None:
         generate_synthetic_dataset(self.root)

@@ -165,5 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] in EXTENSION_COMMANDS:
         module_name, _, function = EXTENSION_COMMANDS[args[0]].partition(":")
         return int(getattr(importlib.import_module(module_name), function)(args[1:]) or 0)
-    FsadCLI(args=argv)
+    from datamodules.transforms import DataError
+    from lightning_modules.components.clip import BackboneWeightsError
+    from lightning_modules.finegrainedad.mfsc import CaptionRecordError
+
+    try:
+        FsadCLI(args=argv)
+    except (BackboneWeightsError, DataError, CaptionRecordError) as err:  # user-facing: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0

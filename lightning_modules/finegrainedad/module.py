@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
 from datamodules.transforms import PairedTransform, load_rgb
 from fsad.batch import Batch
-from lightning_modules.base import FewShotAnomalyModule
-from lightning_modules.components.clip import BackboneOutput, BackboneSpec
+from lightning_modules.components.clip import BackboneSpec
 from lightning_modules.finegrainedad.mfsc import CaptionRecord, load_record, mllp_texts, packaged_record
 from lightning_modules.finegrainedad.model import FineGrainedADModel
 from lightning_modules.finegrainedad.regions import aggregate_regions, region_weights, slice_tiles, stitch_tiles
-from lightning_modules.promptad.module import swap_rgb_bgr
+from lightning_modules.promptad.module import PromptTuningModule
 
 
-class FineGrainedAD(FewShotAnomalyModule):
+class FineGrainedAD(PromptTuningModule):
     """FineGrainedAD (methods.md §2); see this folder's README for every parameter and deviation.
 
     Args:
@@ -121,34 +120,7 @@ class FineGrainedAD(FewShotAnomalyModule):
         self.log("train_loss", losses["total"], batch_size=len(batch), prog_bar=True)
         return losses["total"]
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        trainable = [
-            *self.model.prompts.parameters(), self.model.attribute_gates, *self.model.query_former.parameters()
-        ]  # fmt: skip
-        optimizer = torch.optim.SGD(
-            trainable, lr=self.hparams.lr, momentum=self.hparams.momentum, weight_decay=self.hparams.weight_decay
-        )
-        epochs = max(1, int(self.trainer.max_epochs or 1))
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=self.hparams.eta_min)
-        return {"optimizer": optimizer, "lr_scheduler": schedule}
-
-    # ------------------------------------------------------------------ evaluation
-    def on_test_start(self) -> None:
-        self.model.cache_text(self.backbone)
-        super().on_test_start()
-
-    def on_predict_start(self) -> None:
-        self.model.cache_text(self.backbone)
-        super().on_predict_start()
-
-    def fit_support(self, support: BackboneOutput) -> None:
-        self.model.fit_support(support)
-
-    def score(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model(features, self.backbone)
-
-    def predict_batch(self, batch: Batch) -> Batch:
-        if self.bgr_test_quirk:
-            batch.image = swap_rgb_bgr(batch.image, self.backbone.image_mean, self.backbone.image_std)
-        return super().predict_batch(batch)
-
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Contexts, Attr-MoE gates and the Query Former; the backbone stays frozen."""
+        model = self.model
+        return [*model.prompts.parameters(), model.attribute_gates, *model.query_former.parameters()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any, Literal
 
 import torch
@@ -19,7 +20,53 @@ def swap_rgb_bgr(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float
     return ((images * s + m).flip(1) - m) / s
 
 
-class PromptAD(FewShotAnomalyModule):
+class PromptTuningModule(FewShotAnomalyModule):
+    """What PromptAD and FineGrainedAD share: SGD with a cosine schedule over the epochs on the learnable prompt
+    parameters, text features cached once per evaluation run, and the optional BGR test-image quirk.
+
+    Subclasses set ``self.model`` (with ``cache_text``, ``fit_support`` and ``forward(features, backbone)``),
+    ``self.bgr_test_quirk`` and the ``lr``/``momentum``/``weight_decay``/``eta_min`` hyper-parameters, and list
+    their trainable parameters in :meth:`trainable_parameters`.
+    """
+
+    bgr_test_quirk: bool = False
+
+    @abstractmethod
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the optimiser updates (the backbone is frozen)."""
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.SGD(
+            self.trainable_parameters(),
+            lr=self.hparams.lr,
+            momentum=self.hparams.momentum,
+            weight_decay=self.hparams.weight_decay,
+        )
+        epochs = max(1, int(self.trainer.max_epochs or 1))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=self.hparams.eta_min)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def on_test_start(self) -> None:
+        self.model.cache_text(self.backbone)
+        super().on_test_start()
+
+    def on_predict_start(self) -> None:
+        self.model.cache_text(self.backbone)
+        super().on_predict_start()
+
+    def fit_support(self, support: BackboneOutput) -> None:
+        self.model.fit_support(support)
+
+    def score(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(features, self.backbone)
+
+    def predict_batch(self, batch: Batch) -> Batch:
+        if self.bgr_test_quirk:
+            batch.image = swap_rgb_bgr(batch.image, self.backbone.image_mean, self.backbone.image_std)
+        return super().predict_batch(batch)
+
+
+class PromptAD(PromptTuningModule):
     """PromptAD baseline (methods.md §1).
 
     Args:
@@ -79,32 +126,5 @@ class PromptAD(FewShotAnomalyModule):
         self.log("train_loss", losses["total"], batch_size=len(batch), prog_bar=True)
         return losses["total"]
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.SGD(
-            self.model.prompts.parameters(),
-            lr=self.hparams.lr,
-            momentum=self.hparams.momentum,
-            weight_decay=self.hparams.weight_decay,
-        )
-        epochs = max(1, int(self.trainer.max_epochs or 1))
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=self.hparams.eta_min)
-        return {"optimizer": optimizer, "lr_scheduler": schedule}
-
-    def on_test_start(self) -> None:
-        self.model.cache_text(self.backbone)
-        super().on_test_start()
-
-    def on_predict_start(self) -> None:
-        self.model.cache_text(self.backbone)
-        super().on_predict_start()
-
-    def fit_support(self, support: BackboneOutput) -> None:
-        self.model.fit_support(support)
-
-    def score(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model(features, self.backbone)
-
-    def predict_batch(self, batch: Batch) -> Batch:
-        if self.bgr_test_quirk:
-            batch.image = swap_rgb_bgr(batch.image, self.backbone.image_mean, self.backbone.image_std)
-        return super().predict_batch(batch)
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.model.prompts.parameters())

@@ -147,3 +147,13 @@ def test_real_bottle_four_shot_end_to_end_matches_sklearn(tmp_path: Path, mvtec_
     support = (tmp_path / "support.txt").read_text().splitlines()
     assert len(support) == 4 and all("bottle/train/good/" in p for p in support)
     assert f"{metrics.results['pixel_AUROC']}"[:6] in (tmp_path / "results.csv").read_text()
+
+
+def test_cli_reports_bad_data_as_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "widget" / "train" / "good").mkdir(parents=True)
+    args = ["test", "-c", DEMO, "--data", "datamodules.mvtec.MVTecDataModule", "--data.init_args.root", str(tmp_path),
+            "--data.init_args.category", "bottle", "--run_root", str(tmp_path / "runs")]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: data.category: 'bottle' not found under {tmp_path}; categories found: ['widget']"
+    assert not any("Traceback" in line for line in err)
