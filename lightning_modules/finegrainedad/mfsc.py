@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from lightning_modules.components.prompts import PromptGroupTexts
 
@@ -100,18 +100,12 @@ class Component(BaseModel):
     attributes: Attributes
     caption: str = Field(min_length=1)
 
-    @field_validator("number")
+    @field_validator("number", "location")
     @classmethod
-    def _known_number(cls, value: str) -> str:
-        if value not in NUMBERS:
-            raise ValueError(f"{value!r} is not a known number (known: {', '.join(NUMBERS)})")
-        return value
-
-    @field_validator("location")
-    @classmethod
-    def _known_location(cls, value: str) -> str:
-        if value not in LOCATIONS:
-            raise ValueError(f"{value!r} is not a known location (known: {', '.join(LOCATIONS)})")
+    def _in_vocabulary(cls, value: str, info: ValidationInfo) -> str:
+        vocabulary = NUMBERS if info.field_name == "number" else LOCATIONS
+        if value not in vocabulary:
+            raise ValueError(f"{value!r} is not a known {info.field_name} (known: {', '.join(vocabulary)})")
         return value
 
 
