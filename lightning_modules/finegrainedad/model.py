@@ -69,6 +69,7 @@ class FineGrainedADModel(nn.Module):
         self.memory = MemoryBank()
         self.eam_margin, self.mean_loss_weight, self.reg_weight = eam_margin, mean_loss_weight, reg_weight
         self.temperature_quirk = temperature_quirk
+        self.last_image_parts: torch.Tensor | None = None  # [B,2] (max M_v, text score) of the last forward
         self.image_reweighting = image_reweighting
         self.train_query_former = train_query_former
         self.components: list[str] = []
@@ -179,4 +180,5 @@ class FineGrainedADModel(nn.Module):
         grid = harmonic_fusion(textual, visual).reshape(visual.shape[0], *features.grid)
         cls = F.normalize(features.cls, dim=-1)
         image_text = token_wise_scores(cls, levels["queries"], levels["normal"], levels["abnormal"], t)
+        self.last_image_parts = torch.stack([visual.amax(dim=1), image_text], dim=1)  # for the paper's fusion quirk
         return grid, harmonic_fusion(visual.amax(dim=1), image_text)

@@ -31,7 +31,8 @@ class FineGrainedAD(PromptTuningModule):
         train_query_former: train the Query Former with the paper's objective (the authors' code never trains it).
         image_reweighting: Eq. 6 image-level re-weighting of the token-wise map (inferred; not in the code).
         prompt_seed: seed of the random choices in the prompt texts (swapped locations, absent attribute values).
-        lr, momentum, weight_decay, eta_min, mode, temperature_quirk, bgr_test_quirk: as :class:`PromptAD`.
+        lr, momentum, weight_decay, eta_min, mode, temperature_quirk, bgr_test_quirk, best_epoch_on_test,
+            max_fusion_quirk: as :class:`PromptAD`.
     """
 
     method_name = "finegrainedad"
@@ -64,10 +65,14 @@ class FineGrainedAD(PromptTuningModule):
         mode: Literal["honest", "paper"] = "honest",
         temperature_quirk: bool | None = None,
         bgr_test_quirk: bool | None = None,
+        best_epoch_on_test: bool | None = None,
+        max_fusion_quirk: bool | None = None,
     ) -> None:
         super().__init__(backbone=backbone, image_size=image_size, eval_size=eval_size, gaussian_sigma=gaussian_sigma)
         paper = mode == "paper"
         self.bgr_test_quirk = paper if bgr_test_quirk is None else bgr_test_quirk
+        self.best_epoch_on_test = paper if best_epoch_on_test is None else best_epoch_on_test
+        self.max_fusion_quirk = paper if max_fusion_quirk is None else max_fusion_quirk
         self.model = FineGrainedADModel(
             self.backbone.text_width, self.backbone.embed_dim, n_ctx, n_ctx_ab, n_pro_ab, eam_margin,
             mean_loss_weight, reg_weight, temperature_quirk=paper if temperature_quirk is None else temperature_quirk,

@@ -52,6 +52,7 @@ class PromptADModel(nn.Module):
         self.eam_margin = eam_margin
         self.mean_loss_weight = mean_loss_weight
         self.temperature_quirk = temperature_quirk
+        self.last_image_parts: torch.Tensor | None = None  # [B,2] (max M_v, text score) of the last forward
         self.eam_token_axis_quirk = eam_token_axis_quirk
         self.text: GroupFeatures | None = None
 
@@ -104,5 +105,5 @@ class PromptADModel(nn.Module):
         image_text = two_way_probability(
             F.normalize(features.cls, dim=-1), text.normal_prototype, text.abnormal_prototype, t
         )
-        score = harmonic_fusion(visual.amax(dim=1), image_text)
-        return grid, score
+        self.last_image_parts = torch.stack([visual.amax(dim=1), image_text], dim=1)  # for the paper's fusion quirk
+        return grid, harmonic_fusion(visual.amax(dim=1), image_text)

@@ -5,8 +5,12 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import Any, Literal
 
+import numpy as np
 import torch
+from lightning.pytorch import Callback
 
+from callbacks.metrics import broadcast_from_rank_zero, exact_auroc, gather_to_rank_zero
+from callbacks.paper_protocol import BestEpochOnTest
 from fsad.batch import Batch
 from lightning_modules.base import FewShotAnomalyModule
 from lightning_modules.components.clip import BackboneOutput, BackboneSpec
@@ -30,6 +34,36 @@ class PromptTuningModule(FewShotAnomalyModule):
     """
 
     bgr_test_quirk: bool = False
+    best_epoch_on_test: bool = False
+    max_fusion_quirk: bool = False
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Paper mode adds the authors' best-epoch-on-test selection (it reads test labels; see its warning)."""
+        return [BestEpochOnTest()] if self.best_epoch_on_test else []
+
+    def on_test_epoch_start(self) -> None:
+        self._fusion_parts: dict[int, tuple[int, float, float]] = {}
+
+    def test_step(self, batch: Batch, batch_idx: int) -> Batch:
+        result = super().test_step(batch, batch_idx)
+        if self.max_fusion_quirk:
+            parts = self.model.last_image_parts.cpu()
+            for row, index in enumerate(result.index.tolist()):
+                self._fusion_parts[index] = (int(result.gt_label[row]), float(parts[row, 0]), float(parts[row, 1]))
+        return result
+
+    def on_test_epoch_end(self) -> None:
+        """The authors' ``max(AUROC(harmonic), AUROC(mean))`` over the two image-score fusions, logged separately."""
+        if not self.max_fusion_quirk:
+            return
+        shards = gather_to_rank_zero(self._fusion_parts)
+        value = None
+        if shards is not None:
+            merged = {k: v for shard in shards for k, v in shard.items()}
+            labels, visual, text = (np.array(column, dtype=np.float64) for column in zip(*merged.values(), strict=True))
+            harmonic = 1.0 / (1.0 / np.clip(visual, 1e-12, None) + 1.0 / np.clip(text, 1e-12, None))
+            value = max(exact_auroc(harmonic, labels), exact_auroc((visual + text) / 2, labels))
+        self.log("image_AUROC_paper_max_fusion", broadcast_from_rank_zero(value), sync_dist=False)
 
     @abstractmethod
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -79,6 +113,10 @@ class PromptAD(PromptTuningModule):
         mode: ``honest`` (exp temperature, RGB everywhere) or ``paper`` (the authors' quirks on).
         temperature_quirk: use ``logit_scale`` without ``.exp()``; default from ``mode``.
         bgr_test_quirk: feed test images as BGR; default from ``mode``.
+        best_epoch_on_test: evaluate the test set after every epoch and report the best (reads test labels);
+            default from ``mode``.
+        max_fusion_quirk: also log ``max(AUROC(harmonic), AUROC(mean))`` of the two image-score fusions as
+            ``image_AUROC_paper_max_fusion``; default from ``mode``.
         eam_token_axis_quirk: sum L_EAM's squared differences over tokens (the authors' TripletLoss); default off.
     """
 
@@ -102,11 +140,15 @@ class PromptAD(PromptTuningModule):
         mode: Literal["honest", "paper"] = "honest",
         temperature_quirk: bool | None = None,
         bgr_test_quirk: bool | None = None,
+        best_epoch_on_test: bool | None = None,
+        max_fusion_quirk: bool | None = None,
         eam_token_axis_quirk: bool = False,
     ) -> None:
         super().__init__(backbone=backbone, image_size=image_size, eval_size=eval_size, gaussian_sigma=gaussian_sigma)
         paper = mode == "paper"
         self.bgr_test_quirk = paper if bgr_test_quirk is None else bgr_test_quirk
+        self.best_epoch_on_test = paper if best_epoch_on_test is None else best_epoch_on_test
+        self.max_fusion_quirk = paper if max_fusion_quirk is None else max_fusion_quirk
         self.model = PromptADModel(
             self.backbone.text_width, n_ctx, n_ctx_ab, n_pro_ab, eam_margin, mean_loss_weight,
             temperature_quirk=paper if temperature_quirk is None else temperature_quirk,

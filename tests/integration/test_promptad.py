@@ -59,3 +59,40 @@ def test_paper_mode_turns_on_the_quirks_and_bgr_matches_its_definition() -> None
     mean, std = torch.tensor((0.5, 0.4, 0.3)).view(1, 3, 1, 1), torch.tensor((0.2, 0.25, 0.3)).view(1, 3, 1, 1)
     as_fed = (pixels[:, [2, 1, 0]] - mean) / std
     torch.testing.assert_close(swap_rgb_bgr((pixels - mean) / std, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)), as_fed)
+
+
+def test_paper_protocol_best_epoch_and_max_fusion(tmp_path: Path, monkeypatch) -> None:
+    """mode: paper records every epoch's test AUROCs and logs max(AUROC(harmonic), AUROC(mean)) like the authors."""
+    import json
+
+    import numpy as np
+    from lightning.pytorch import Callback
+    from sklearn.metrics import roc_auc_score
+
+    class Parts(Callback):
+        def __init__(self) -> None:
+            self.parts, self.labels = [], []
+
+        def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+            self.parts.append(pl_module.model.last_image_parts.clone())
+            self.labels.append(outputs.gt_label)
+
+    monkeypatch.setenv("FSAD_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["-c", str(REPO / "configs/promptad/synthetic_tiny.yaml"), "--run_root", str(tmp_path / "runs"),
+            "--model.init_args.mode", "paper", "--trainer.max_epochs", "3"]  # fmt: skip
+    cli = FsadCLI(args=args, run=False)
+    with pytest.warns(UserWarning, match="uses test labels"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    record = json.loads((tmp_path / "runs/promptad/synthetic/disc/k2_s0/paper_best_epoch.json").read_text())
+    assert [e["epoch"] for e in record["epochs"]] == [0, 1, 2]
+    assert record["best"] == max(record["epochs"], key=lambda e: e["image_AUROC"] + e["pixel_AUROC"])
+
+    parts = Parts()
+    cli.trainer.callbacks.append(parts)
+    logged = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    visual, text = torch.cat(parts.parts).double().numpy().T
+    labels = torch.cat(parts.labels).numpy()
+    harmonic = 1 / (1 / visual + 1 / text)
+    expected = max(roc_auc_score(labels, harmonic), roc_auc_score(labels, (visual + text) / 2))
+    assert abs(logged["image_AUROC_paper_max_fusion"] - expected) < 1e-6
+    assert np.isclose(logged["image_AUROC"], roc_auc_score(labels, harmonic), atol=1e-6)
