@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -45,9 +43,3 @@ def harmonic_fusion(first: torch.Tensor, second: torch.Tensor, eps: float = 1e-1
     """``1/(1/a + 1/b)``: PromptAD's fusion of textual and visual maps (half the harmonic mean, same ranking)."""
     return 1.0 / (1.0 / first.clamp_min(eps) + 1.0 / second.clamp_min(eps))
 
-
-def top_k_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Mean of the highest ``fraction`` of each map's pixels (at least one pixel), per sample."""
-    flat = maps.flatten(1)
-    k = max(1, math.ceil(fraction * flat.shape[1]))
-    return flat.topk(k, dim=1).values.mean(dim=1)

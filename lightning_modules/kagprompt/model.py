@@ -20,7 +20,6 @@ from torch import nn
 
 from lightning_modules.components.clip import BackboneOutput
 from lightning_modules.components.memory_bank import MemoryBank
-from lightning_modules.components.postprocess import top_k_mean
 
 Variant = Literal["paper", "code"]
 
@@ -135,20 +134,21 @@ class KAGPromptModel(nn.Module):
         variant: ``paper`` or ``code`` (see the module docstring).
         rounds: graph update rounds T (5).
         gamma: fusion weight γ of Eq. 14 and Eq. 16 (0.1).
-        top_k_fraction: share of map pixels averaged for the image score (30 px of 224² ≈ 0.06%).
+        top_k: pixels averaged for the image score (30, as the released code).
+        score_size: side of the bilinearly upsampled map the top-k is taken from (224, the code's resolution).
         text_scale: logit scale of the text comparisons (100, as CLIP's trained temperature).
     """
 
     def __init__(
         self, width: int, dim: int, taps: list[int], variant: Variant = "paper", rounds: int = 5,
-        gamma: float = 0.1, top_k_fraction: float = 30 / 224**2, text_scale: float = 100.0,
-        graph_dim: int | None = 256,
+        gamma: float = 0.1, top_k: int = 30, text_scale: float = 100.0,
+        graph_dim: int | None = 256, score_size: int = 224,
     ) -> None:  # fmt: skip
         super().__init__()
         if variant not in ("paper", "code"):
             raise ValueError(f"model.variant must be 'paper' or 'code', got {variant!r}")
         self.variant, self.taps, self.gamma = variant, list(taps), gamma
-        self.top_k_fraction, self.text_scale = top_k_fraction, text_scale
+        self.top_k, self.text_scale, self.score_size = top_k, text_scale, score_size
         relu = variant == "code"
         inner = graph_dim or dim
         self.projections = nn.ModuleList(
@@ -213,10 +213,14 @@ class KAGPromptModel(nn.Module):
             textual = layer_maps.mean(dim=1)
             fused = self.gamma * textual + (1 - self.gamma) * self.visual_map(features, graph_out)  # Eq. 14
             outputs["anomaly_map"] = fused
-            outputs["score"] = image_score(outputs["image_probability"], fused, self.gamma, self.top_k_fraction)
+            upsampled = F.interpolate(fused.unsqueeze(1), size=self.score_size, mode="bilinear", align_corners=False)
+            outputs["score"] = image_score(
+                outputs["image_probability"], upsampled.squeeze(1), self.gamma, self.top_k
+            )
         return outputs
 
 
-def image_score(image_probability: torch.Tensor, maps: torch.Tensor, gamma: float, fraction: float) -> torch.Tensor:
+def image_score(image_probability: torch.Tensor, maps: torch.Tensor, gamma: float, top_k: int) -> torch.Tensor:
     """Eq. 16: s = γ·s₁ + (1−γ)·mean(top-k pixels of M)."""
-    return gamma * image_probability + (1 - gamma) * top_k_mean(maps, fraction)
+    top = maps.flatten(1).topk(min(top_k, maps[0].numel()), dim=1).values
+    return gamma * image_probability + (1 - gamma) * top.mean(dim=1)

@@ -26,7 +26,7 @@ class KAGPrompt(FewShotAnomalyModule):
     Args:
         variant: ``paper`` or ``code`` (the released code's choices).
         graph_dim: width of the adapter (multi-kernel convolutions and graph); ``null`` = the joint width.
-        rounds: graph rounds T (5). gamma: γ of Eq. 14/16 (0.1). top_k_fraction: image-score top-k share.
+        rounds: graph rounds T (5). gamma: γ of Eq. 14/16 (0.1). top_k: pixels of the 224² map in the image score.
         focal_weight, dice_weight, image_loss_weight: λ weights; ``dice_weight=None`` → 1 (paper) or 0.3 (code).
         lr, betas, weight_decay, warmup_fraction: Adam with linear warm-up then cosine decay over the fit.
     """
@@ -43,7 +43,7 @@ class KAGPrompt(FewShotAnomalyModule):
         rounds: int = 5,
         graph_dim: int | None = 256,
         gamma: float = 0.1,
-        top_k_fraction: float = 30 / 224**2,
+        top_k: int = 30,
         focal_weight: float = 1.0,
         dice_weight: float | None = None,
         image_loss_weight: float = 1.0,
@@ -57,7 +57,7 @@ class KAGPrompt(FewShotAnomalyModule):
         if len(backbone.taps) != 4:
             raise ValueError(f"backbone.taps: KAG-prompt uses 4 layers, got {backbone.taps}")
         self.model = KAGPromptModel(
-            self.backbone.width, self.backbone.embed_dim, backbone.taps, variant, rounds, gamma, top_k_fraction,
+            self.backbone.width, self.backbone.embed_dim, backbone.taps, variant, rounds, gamma, top_k,
             graph_dim=graph_dim,
         )
         self.dice_weight = dice_weight if dice_weight is not None else (1.0 if variant == "paper" else 0.3)

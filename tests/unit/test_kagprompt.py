@@ -95,5 +95,5 @@ def test_variants_differ_exactly_where_specified() -> None:
 def test_image_score_is_gamma_mix_of_cls_and_top_k_mean() -> None:
     maps = torch.zeros(1, 10, 10)
     maps[0, 0, :5] = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
-    # top 3 of 100 pixels (fraction 0.03): mean(0.9, 0.8, 0.7) = 0.8; s = 0.1·0.4 + 0.9·0.8 = 0.76
-    assert abs(float(image_score(torch.tensor([0.4]), maps, 0.1, 0.03)) - 0.76) < 1e-6
+    # top 3 pixels: mean(0.9, 0.8, 0.7) = 0.8; s = 0.1·0.4 + 0.9·0.8 = 0.76
+    assert abs(float(image_score(torch.tensor([0.4]), maps, 0.1, 3)) - 0.76) < 1e-6

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from lightning_modules.components.postprocess import gaussian_blur, harmonic_fusion, top_k_mean, upsample_and_smooth
+from lightning_modules.components.postprocess import gaussian_blur, harmonic_fusion, upsample_and_smooth
 
 
 def test_gaussian_blur_equals_scipy_mirror() -> None:
@@ -25,9 +25,6 @@ def test_upsample_keeps_constant_maps_and_range() -> None:
     assert upsample_and_smooth(torch.rand(2, 5, 5) * 3, 16, 0.0).max() <= 1.0
 
 
-def test_harmonic_fusion_and_top_k_by_hand() -> None:
+def test_harmonic_fusion_by_hand() -> None:
     # 1/(1/0.5 + 1/0.25) = 1/6
     assert abs(harmonic_fusion(torch.tensor(0.5), torch.tensor(0.25)).item() - 1 / 6) < 1e-7
-    maps = torch.tensor([[[0.1, 0.9], [0.5, 0.7]]])
-    # top half of 4 pixels = {0.9, 0.7}, mean 0.8
-    assert abs(top_k_mean(maps, 0.5).item() - 0.8) < 1e-7
