@@ -114,3 +114,14 @@ def test_bottle_heatmap_contours_follow_the_real_masks(tmp_path: Path, mvtec_roo
         assert not (drawn & ~(filled & ~inner_8)).any()  # every drawn pixel is a mask pixel on its boundary
         outer_boundary = filled & ~inner_4
         assert (drawn & outer_boundary).sum() >= 0.95 * outer_boundary.sum()
+
+
+def test_histogram_mode_tracks_the_exact_pixel_auroc(tmp_path: Path) -> None:
+    data = SyntheticDataModule(root=str(tmp_path / "syn"), category="disc", image_size=96, eval_size=64)
+    exact, binned = AnomalyMetrics(), AnomalyMetrics(pixel_mode="histogram")
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
+                      callbacks=[exact, binned])  # fmt: skip
+    trainer.test(tiny_model(), datamodule=data, verbose=False)
+    # 65536 bins of [0,1]: only positive/negative pairs sharing a bin can move the value
+    assert abs(binned.results["pixel_AUROC_hist"] - exact.results["pixel_AUROC"]) < 1e-4
+    assert binned.results["image_AUROC"] == exact.results["image_AUROC"]

@@ -96,3 +96,16 @@ def test_paper_protocol_best_epoch_and_max_fusion(tmp_path: Path, monkeypatch) -
     expected = max(roc_auc_score(labels, harmonic), roc_auc_score(labels, (visual + text) / 2))
     assert abs(logged["image_AUROC_paper_max_fusion"] - expected) < 1e-6
     assert np.isclose(logged["image_AUROC"], roc_auc_score(labels, harmonic), atol=1e-6)
+
+
+def test_interrupted_fit_resumes_from_last(tmp_path: Path, monkeypatch) -> None:
+    """`fsad fit ... --ckpt_path last` continues an interrupted run from its last checkpoint."""
+    monkeypatch.setenv("FSAD_CACHE_DIR", str(tmp_path / "cache"))
+    common = ["-c", str(REPO / "configs/promptad/synthetic_tiny.yaml"), "--run_root", str(tmp_path / "runs")]
+    assert main(["fit", *common, "--trainer.max_epochs", "2"]) == 0
+    last = tmp_path / "runs/promptad/synthetic/disc/k2_s0/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    resumed = FsadCLI(args=[*common, "--trainer.max_epochs", "4"], run=False)
+    resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path="last")
+    assert resumed.trainer.current_epoch == 4 and resumed.trainer.global_step == 4  # 2 restored + 2 new steps
+    assert torch.load(last, weights_only=True)["epoch"] == 3
