@@ -28,6 +28,10 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from datamodules.transforms import DataError
+from lightning_modules.components.clip import BackboneWeightsError
+from lightning_modules.finegrainedad.mfsc import CaptionRecordError
+
 RUN_DIR_PLACEHOLDER = "{run_dir}"
 
 #: Subcommands that are not Lightning trainer entry points: name -> "module:function" taking ``argv`` and
@@ -165,10 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] in EXTENSION_COMMANDS:
         module_name, _, function = EXTENSION_COMMANDS[args[0]].partition(":")
         return int(getattr(importlib.import_module(module_name), function)(args[1:]) or 0)
-    from datamodules.transforms import DataError
-    from lightning_modules.components.clip import BackboneWeightsError
-    from lightning_modules.finegrainedad.mfsc import CaptionRecordError
-
     try:
         FsadCLI(args=argv)
     except (BackboneWeightsError, DataError, CaptionRecordError) as err:  # user-facing: one line, no traceback

@@ -45,6 +45,8 @@ def test_offline_wandb_receives_heatmap_images(tmp_path: Path, monkeypatch: pyte
     logger.experiment.finish()
     media = list(tmp_path.glob("wandb/offline-run-*/files/media/images/*.png"))
     assert len(media) == 4
+    tables = {p.name.split("_")[0] for p in tmp_path.glob("wandb/offline-run-*/files/media/table/*.table.json")}
+    assert {"support", "results"} <= tables  # the k-shot picks and the results row
     assert len(list((tmp_path / "run" / "heatmaps").glob("*.png"))) == 4
     summary = (tmp_path / "run" / "results.csv").read_text()
     assert "image_AUROC" in summary and "tile" in summary
