@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import importlib
 import os
-import socket
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -29,6 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from datamodules.transforms import DataError
+from fsad.network import host_reachable
 from lightning_modules.components.clip import BackboneWeightsError
 from lightning_modules.finegrainedad.mfsc import CaptionRecordError
 
@@ -50,13 +49,7 @@ def run_directory(run_root: str | Path, method: str, dataset: str, category: str
 
 def wandb_reachable(timeout: float = 3.0) -> bool:
     """Whether the W&B server (``WANDB_BASE_URL``, default api.wandb.ai) accepts a TCP connection."""
-    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
+    return host_reachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"), timeout)
 
 
 def _import_class(class_path: str) -> type:
@@ -171,7 +164,26 @@ def main(argv: list[str] | None = None) -> int:
         return int(getattr(importlib.import_module(module_name), function)(args[1:]) or 0)
     try:
         FsadCLI(args=argv)
-    except (BackboneWeightsError, DataError, CaptionRecordError) as err:  # user-facing: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = user_facing_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         return 1
     return 0
+
+
+def user_facing_error(err: BaseException) -> BaseException | None:
+    """The missing-weights, bad-data or bad-caption error behind ``err``, if any.
+
+    jsonargparse wraps exceptions raised while instantiating the model or data in its own ``ValueError``; the
+    original is on the ``__cause__``/``__context__`` chain. Such errors are printed as one line, no traceback.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, BackboneWeightsError | DataError | CaptionRecordError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

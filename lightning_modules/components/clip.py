@@ -8,14 +8,18 @@ tag, then random initialisation when ``pretrained`` is ``None``. Offline with no
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import huggingface_hub
 import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fsad.network import host_reachable
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,23 @@ def _weights_help(arch: str, tag: str | None) -> str:
     )
 
 
+HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def tagged_weights_available(spec: BackboneSpec) -> bool:
+    """False only when the tag's Hugging Face files are not cached and the hub cannot be reached (fails in ~3 s
+    instead of after the hub client's retries); True for tags served from plain URLs, which open_clip handles."""
+    hub = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained).get("hf_hub")
+    if not hub:
+        return True
+    repo = hub.rstrip("/")
+    cached = any(
+        isinstance(huggingface_hub.try_to_load_from_cache(repo, name, cache_dir=spec.cache_dir), str)
+        for name in HUB_FILES
+    )
+    return cached or host_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+
+
 def _create_clip(spec: BackboneSpec, image_size: int | None) -> nn.Module:
     register_model_configs()
     if spec.arch not in open_clip.list_models():
@@ -127,6 +148,11 @@ def _create_clip(spec: BackboneSpec, image_size: int | None) -> nn.Module:
             raise ValueError(
                 f"backbone.pretrained: {spec.pretrained!r} is not an open_clip tag for {spec.arch!r}; "
                 f"known tags: {known or 'none'}"
+            )
+        if not tagged_weights_available(spec):
+            raise BackboneWeightsError(
+                f"No weights available for backbone {spec.arch!r} / {spec.pretrained!r}: not in the Hugging Face "
+                "cache and huggingface.co is unreachable. " + _weights_help(spec.arch, spec.pretrained)
             )
         try:
             return open_clip.create_model(

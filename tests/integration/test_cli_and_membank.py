@@ -157,3 +157,17 @@ def test_cli_reports_bad_data_as_one_error_line(tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: data.category: 'bottle' not found under {tmp_path}; categories found: ['widget']"
     assert not any("Traceback" in line for line in err)
+
+
+def test_cli_reports_missing_weights_as_one_error_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The backbone error raised inside jsonargparse's instantiation still reaches the user as one line."""
+    import lightning_modules.components.clip as clip_module
+
+    monkeypatch.setattr(clip_module, "host_reachable", lambda url, timeout=3.0: False)
+    config = str(REPO / "configs" / "membank" / "mvtec.yaml")
+    args = ["test", "-c", config, "--data.init_args.root", str(tmp_path), "--model.init_args.backbone.cache_dir",
+            str(tmp_path / "hub"), "--run_root", str(tmp_path / "runs")]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: No weights available for backbone 'ViT-B-16-plus-240' / 'laion400m_e32'")
+    assert "model.init_args.backbone.checkpoint" in err[-1] and not any("Traceback" in line for line in err)

@@ -93,6 +93,17 @@ def test_offline_without_weights_names_the_key_to_set(tmp_path: Path) -> None:
     assert "huggingface.co" in str(err.value) and "open_clip_pytorch_model.bin" in str(err.value)
 
 
+def test_offline_without_cached_weights_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No cache and no route to the hub: one clear error at once, without starting the hub client's retries."""
+    import lightning_modules.components.clip as clip_module
+
+    monkeypatch.setattr(clip_module, "host_reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(clip_module.open_clip, "create_model", lambda *a, **k: pytest.fail("must not try to download"))
+    spec = BackboneSpec(arch="ViT-B-16-plus-240", pretrained="laion400m_e32", cache_dir=str(tmp_path))
+    with pytest.raises(BackboneWeightsError, match=r"huggingface\.co is unreachable.*backbone\.checkpoint"):
+        ClipBackbone(spec)
+
+
 def test_missing_checkpoint_file_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(BackboneWeightsError, match=r"backbone\.checkpoint: file not found"):
         ClipBackbone(BackboneSpec(arch="fsad-tiny", checkpoint=str(tmp_path / "absent.bin")))
