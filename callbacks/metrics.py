@@ -164,7 +164,9 @@ class AnomalyMetrics(Callback):
 
     Args:
         pixel_mode: ``exact`` (gather maps to rank 0, exact AUROC) or ``histogram`` (``bins`` summed across ranks,
-            cheap monitoring; its value is logged as ``pixel_AUROC_hist``).
+            cheap monitoring; its value is logged as ``pixel_AUROC_hist``). Binned counts cannot be de-duplicated
+            after summing, so under DDP each rank bins only the samples it owns under Lightning's unshuffled test
+            sampler (dataset position p → rank p mod world size; the padding repeats positions onto other ranks).
         aupro: also compute AUPRO up to FPR 0.3 (costly; exact mode only).
         f1: also compute image and pixel F1-max.
         bins: histogram bins for ``histogram`` mode.
@@ -184,6 +186,7 @@ class AnomalyMetrics(Callback):
         self.f1 = f1
         self.bins = bins
         self.results: dict[str, float] = {}
+        self._rank, self._world = 0, 1
         self._reset()
 
     def _reset(self) -> None:
@@ -197,6 +200,7 @@ class AnomalyMetrics(Callback):
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset()
+        self._rank, self._world = trainer.global_rank, trainer.world_size
 
     def on_test_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Batch, batch_idx: int,
@@ -219,7 +223,7 @@ class AnomalyMetrics(Callback):
             if self.pixel_mode == "exact":
                 self._maps[index] = maps[row].astype(np.float32, copy=False)
                 self._masks[index] = masks[row]
-            else:
+            elif index % self._world == self._rank:  # not a padding copy of another rank's sample
                 negatives, positives = histogram_counts(maps[row], masks[row], self.bins)
                 self._negative_counts += negatives
                 self._positive_counts += positives

@@ -45,15 +45,17 @@ def main(devices: int, out_dir: Path, data_root: str) -> None:
     data = OddSizedSynthetic(root=data_root, category="disc", k_shot=4, image_size=96, eval_size=64, batch_size=4)
     model = MemoryBankAD(BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[2, 4]), 96, 64, gaussian_sigma=1.0)
     metrics, recorder = AnomalyMetrics(aupro=True), RecordIndices()
+    binned = AnomalyMetrics(pixel_mode="histogram", f1=False)  # histograms summed across ranks
     heatmaps = HeatmapLogger(num_images=6, seed=0)
     trainer = Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
-        enable_progress_bar=False, callbacks=[metrics, heatmaps, recorder], default_root_dir=str(out_dir),
+        enable_progress_bar=False, callbacks=[metrics, binned, heatmaps, recorder], default_root_dir=str(out_dir),
     )  # fmt: skip
     trainer.test(model, datamodule=data)
     rank = trainer.global_rank
     (out_dir / f"rank{rank}.json").write_text(
-        json.dumps({"indices": recorder.indices, "results": metrics.results, "logged": recorder.logged})
+        json.dumps({"indices": recorder.indices, "results": metrics.results, "binned": binned.results,
+                    "logged": recorder.logged})
     )
 
 
