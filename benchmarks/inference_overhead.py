@@ -12,10 +12,10 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from fsad.lightning_modules.components.clip import BackboneSpec
+from fsad.lightning_modules.finegrainedad.mfsc import mllp_texts, packaged_record
 
 from fsad.batch import Batch
-from lightning_modules.components.clip import BackboneSpec
-from lightning_modules.finegrainedad.mfsc import mllp_texts, packaged_record
 
 BATCH, REPEATS = 8, 3
 
@@ -39,7 +39,7 @@ def make_batch(images: torch.Tensor, eval_size: int) -> Batch:
 
 def measure_finegrainedad(images: torch.Tensor, support: torch.Tensor) -> float:
     """FineGrainedAD predict_batch seconds per batch, with support and text features cached first."""
-    from lightning_modules.finegrainedad.module import FineGrainedAD
+    from fsad.lightning_modules.finegrainedad.module import FineGrainedAD
 
     module = FineGrainedAD(BackboneSpec(arch="ViT-B-16-plus-240", pretrained=None), image_size=240, eval_size=256)
     module.model.build(module.backbone, mllp_texts(packaged_record("mvtec", "bottle")))
@@ -51,7 +51,7 @@ def measure_finegrainedad(images: torch.Tensor, support: torch.Tensor) -> float:
 
 def measure_kagprompt(images: torch.Tensor, support: torch.Tensor) -> float:
     """KAG-prompt predict_batch seconds per batch (eval 224, no smoothing), support and text features cached first."""
-    from lightning_modules.kagprompt.module import KAGPrompt
+    from fsad.lightning_modules.kagprompt.module import KAGPrompt
 
     module = KAGPrompt(BackboneSpec(arch="ViT-B-16-plus-240", pretrained=None, taps=[3, 6, 9, 12], vv_attention=False))
     module.text_features("bottle")
@@ -67,7 +67,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="backbone.pretrained is null")
     torch.manual_seed(0)
     images, support = torch.randn(BATCH, 3, 240, 240), torch.randn(4, 3, 240, 240)
-    from lightning_modules.components.clip import ClipBackbone
+    from fsad.lightning_modules.components.clip import ClipBackbone
 
     bare = ClipBackbone(BackboneSpec(arch="ViT-B-16-plus-240", pretrained=None, vv_attention=False, taps=[]))
     with torch.inference_mode():

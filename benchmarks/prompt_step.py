@@ -12,10 +12,13 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-
-from lightning_modules.components.clip import BackboneSpec, ClipBackbone
-from lightning_modules.components.losses import explicit_anomaly_margin_loss, prompt_contrastive_loss, prompt_mean_loss
-from lightning_modules.components.prompts import PromptGroupTexts, PromptLearner
+from fsad.lightning_modules.components.clip import BackboneSpec, ClipBackbone
+from fsad.lightning_modules.components.losses import (
+    explicit_anomaly_margin_loss,
+    prompt_contrastive_loss,
+    prompt_mean_loss,
+)
+from fsad.lightning_modules.components.prompts import PromptGroupTexts, PromptLearner
 
 CAPTION = "a brown glass bottle seen from above with a round mouth and a dark interior on a black background."
 GROUPS = {

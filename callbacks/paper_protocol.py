@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fsad.callbacks.metrics import exact_auroc
 from lightning.pytorch import Callback, LightningModule, Trainer
-
-from callbacks.metrics import exact_auroc
 
 
 class BestEpochOnTest(Callback):

@@ -18,12 +18,12 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 import torch
+from fsad.callbacks.heatmaps import render_heatmap
+from fsad.callbacks.metrics import f1_max_threshold
+from fsad.callbacks.results import write_text_atomically
+from fsad.datamodules.transforms import load_rgb
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from callbacks.heatmaps import render_heatmap
-from callbacks.metrics import f1_max_threshold
-from callbacks.results import write_text_atomically
-from datamodules.transforms import load_rgb
 from fsad.batch import Batch
 
 

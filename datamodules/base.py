@@ -11,13 +11,20 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+from fsad.datamodules.kshot import resolve_support_files, sample_support, write_support_list
+from fsad.datamodules.transforms import (
+    AugmentSpec,
+    DataError,
+    PairedTransform,
+    load_mask,
+    load_rgb,
+    seed_worker_transforms,
+)
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_only
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.kshot import resolve_support_files, sample_support, write_support_list
-from datamodules.transforms import AugmentSpec, DataError, PairedTransform, load_mask, load_rgb, seed_worker_transforms
 from fsad.batch import collate_batch
 
 log = logging.getLogger(__name__)

@@ -6,9 +6,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from datamodules.base import FewShotDataModule, Sample
-from datamodules.mvtec import find_mask, list_images, missing_mask_message
-from datamodules.transforms import DataError
+from fsad.datamodules.base import FewShotDataModule, Sample
+from fsad.datamodules.mvtec import find_mask, list_images, missing_mask_message
+from fsad.datamodules.transforms import DataError
 
 
 class FolderDataModule(FewShotDataModule):

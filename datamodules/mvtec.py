@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datamodules.base import FewShotDataModule, Sample
-from datamodules.transforms import DataError
+from fsad.datamodules.base import FewShotDataModule, Sample
+from fsad.datamodules.transforms import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MVTEC_CATEGORIES = (

@@ -11,19 +11,18 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from fsad.datamodules.base import Sample
+from fsad.datamodules.folder import FolderDataModule
+from fsad.datamodules.mvtec import list_images
+from fsad.datamodules.transforms import DataError, load_rgb
 from torch.utils.data import DataLoader
-
-from datamodules.base import Sample
-from datamodules.folder import FolderDataModule
-from datamodules.mvtec import list_images
-from datamodules.transforms import DataError, load_rgb
 
 
 class PredictFolderDataModule(FolderDataModule):
     """Predict on ``path`` (a folder or one image) with the k-shot support set drawn from ``normal_dir``.
 
     Optional ``validation_normal_dir`` / ``validation_abnormal_dir`` hold labelled images for fitting an F1
-    threshold (see :class:`callbacks.predictions.PredictionWriter`).
+    threshold (see :class:`fsad.callbacks.predictions.PredictionWriter`).
     """
 
     dataset_name = "predict"

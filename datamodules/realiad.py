@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from datamodules.base import FewShotDataModule, Sample
-from datamodules.transforms import DataError
+from fsad.datamodules.base import FewShotDataModule, Sample
+from fsad.datamodules.transforms import DataError
 
 REALIAD_CATEGORIES = (
     "audiojack", "bottle_cap", "button_battery", "end_cap", "eraser", "fire_hood", "mint", "mounts", "pcb",

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
-from datamodules.mvtec import MVTecDataModule
+from fsad.datamodules.mvtec import MVTecDataModule
 
 SYNTHETIC_CATEGORIES = ("disc", "tile")
 SYNTHETIC_VERSION = "v1"

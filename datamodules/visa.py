@@ -10,9 +10,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from datamodules.base import FewShotDataModule, Sample
-from datamodules.mvtec import mvtec_layout_samples
-from datamodules.transforms import DataError
+from fsad.datamodules.base import FewShotDataModule, Sample
+from fsad.datamodules.mvtec import mvtec_layout_samples
+from fsad.datamodules.transforms import DataError
 
 VISA_CATEGORIES = (
     "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",

@@ -24,8 +24,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
-from callbacks.metrics import AnomalyMetrics
-from callbacks.results import markdown_table, write_text_atomically
+from fsad.callbacks.metrics import AnomalyMetrics
+from fsad.callbacks.results import markdown_table, write_text_atomically
 from fsad.cli import FsadCLI
 
 KEY_COLUMNS = ("method", "dataset", "category", "k", "seed")
@@ -118,7 +118,7 @@ class Sweep:
         cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
         metrics = next((cb.results for cb in cli.trainer.callbacks if isinstance(cb, AnomalyMetrics)), None)
         if metrics is None:
-            raise SystemExit("error: the method config has no callbacks.metrics.AnomalyMetrics callback to read from")
+            raise SystemExit("error: the method config has no fsad.callbacks.metrics.AnomalyMetrics callback to read from")
         return dict(zip(KEY_COLUMNS, self.key(cell), strict=True)) | dict(metrics)
 
     def append(self, row: dict[str, object], path: Path) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lightning_modules.finegrainedad.mfsc import (
+from fsad.lightning_modules.finegrainedad.mfsc import (
     VOCABULARIES,
     CaptionRecord,
     CaptionRecordError,

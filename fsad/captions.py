@@ -6,8 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from datamodules.mvtec import list_images
-from lightning_modules.finegrainedad.mfsc import CaptionRecordError, load_record, mllp_texts, packaged_record
+from fsad.datamodules.mvtec import list_images
+from fsad.lightning_modules.finegrainedad.mfsc import CaptionRecordError, load_record, mllp_texts, packaged_record
 
 
 def validate(targets: list[str]) -> int:

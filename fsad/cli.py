@@ -26,10 +26,19 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from datamodules.transforms import DataError
+# The methods, datamodules and callbacks are imported so that their classes are loaded subclasses of
+# LightningModule, LightningDataModule and Callback: jsonargparse resolves short class names on the command line
+# (``--model FineGrainedAD``, ``--data MVTecDataModule``) among those.
+from fsad.callbacks import heatmaps, metrics, paper_protocol, predictions, results  # noqa: F401
+from fsad.datamodules import auxiliary, folder, mvtec, predict, realiad, synthetic, visa  # noqa: F401
+from fsad.datamodules.transforms import DataError
+from fsad.lightning_modules.components.clip import BackboneWeightsError
+from fsad.lightning_modules.finegrainedad import module as finegrainedad_module  # noqa: F401
+from fsad.lightning_modules.finegrainedad.mfsc import CaptionRecordError
+from fsad.lightning_modules.kagprompt import module as kagprompt_module  # noqa: F401
+from fsad.lightning_modules.membank import module as membank_module  # noqa: F401
+from fsad.lightning_modules.promptad import module as promptad_module  # noqa: F401
 from fsad.network import host_reachable
-from lightning_modules.components.clip import BackboneWeightsError
-from lightning_modules.finegrainedad.mfsc import CaptionRecordError
 
 RUN_DIR_PLACEHOLDER = "{run_dir}"
 

@@ -7,12 +7,12 @@ import argparse
 import numpy as np
 from PIL import Image
 
-from datamodules.base import FewShotDataModule, Sample
-from datamodules.folder import FolderDataModule
-from datamodules.mvtec import MVTecDataModule
-from datamodules.realiad import RealIADDataModule
-from datamodules.transforms import DataError, load_mask, load_rgb
-from datamodules.visa import VisADataModule
+from fsad.datamodules.base import FewShotDataModule, Sample
+from fsad.datamodules.folder import FolderDataModule
+from fsad.datamodules.mvtec import MVTecDataModule
+from fsad.datamodules.realiad import RealIADDataModule
+from fsad.datamodules.transforms import DataError, load_mask, load_rgb
+from fsad.datamodules.visa import VisADataModule
 
 DATASETS: dict[str, type[FewShotDataModule]] = {
     "mvtec": MVTecDataModule,

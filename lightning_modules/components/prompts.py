@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from fsad.lightning_modules.components.clip import ClipBackbone
 from torch import nn
-
-from lightning_modules.components.clip import ClipBackbone
 
 
 @dataclass

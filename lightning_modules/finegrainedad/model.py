@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from lightning_modules.components.clip import BackboneOutput, ClipBackbone
-from lightning_modules.components.losses import (
+from fsad.lightning_modules.components.clip import BackboneOutput, ClipBackbone
+from fsad.lightning_modules.components.losses import (
     explicit_anomaly_margin_loss,
     level_regulariser,
     prompt_contrastive_loss,
     prompt_mean_loss,
 )
-from lightning_modules.components.memory_bank import MemoryBank
-from lightning_modules.components.postprocess import harmonic_fusion
-from lightning_modules.components.prompts import GroupFeatures, PromptLearner
-from lightning_modules.finegrainedad.mfsc import PromptTexts
-from lightning_modules.promptad.model import two_way_probability
+from fsad.lightning_modules.components.memory_bank import MemoryBank
+from fsad.lightning_modules.components.postprocess import harmonic_fusion
+from fsad.lightning_modules.components.prompts import GroupFeatures, PromptLearner
+from fsad.lightning_modules.finegrainedad.mfsc import PromptTexts
+from fsad.lightning_modules.promptad.model import two_way_probability
+from torch import nn
 
 
 class QueryFormer(nn.Module):

@@ -16,10 +16,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from fsad.lightning_modules.components.clip import BackboneOutput
+from fsad.lightning_modules.components.memory_bank import MemoryBank
 from torch import nn
-
-from lightning_modules.components.clip import BackboneOutput
-from lightning_modules.components.memory_bank import MemoryBank
 
 Variant = Literal["paper", "code"]
 

@@ -7,10 +7,9 @@ Image score = ``max`` of that map, the visual term PromptAD/FineGrainedAD feed i
 from __future__ import annotations
 
 import torch
+from fsad.lightning_modules.components.clip import BackboneOutput
+from fsad.lightning_modules.components.memory_bank import MemoryBank
 from torch import nn
-
-from lightning_modules.components.clip import BackboneOutput
-from lightning_modules.components.memory_bank import MemoryBank
 
 
 class MemoryBankModel(nn.Module):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-
-from lightning_modules.base import FewShotAnomalyModule
-from lightning_modules.components.clip import BackboneOutput, BackboneSpec
-from lightning_modules.membank.model import MemoryBankModel
+from fsad.lightning_modules.base import FewShotAnomalyModule
+from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec
+from fsad.lightning_modules.membank.model import MemoryBankModel
 
 
 class MemoryBankAD(FewShotAnomalyModule):

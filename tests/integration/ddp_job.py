@@ -11,13 +11,12 @@ import json
 import sys
 from pathlib import Path
 
+from fsad.callbacks.heatmaps import HeatmapLogger
+from fsad.callbacks.metrics import AnomalyMetrics
+from fsad.datamodules.synthetic import SyntheticDataModule
+from fsad.lightning_modules.components.clip import BackboneSpec
+from fsad.lightning_modules.membank.module import MemoryBankAD
 from lightning.pytorch import Callback, Trainer, seed_everything
-
-from callbacks.heatmaps import HeatmapLogger
-from callbacks.metrics import AnomalyMetrics
-from datamodules.synthetic import SyntheticDataModule
-from lightning_modules.components.clip import BackboneSpec
-from lightning_modules.membank.module import MemoryBankAD
 
 
 class OddSizedSynthetic(SyntheticDataModule):

@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fsad.lightning_modules.finegrainedad.mfsc import load_record, packaged_record
 
 from fsad.caption_generator import CaptionGenerationError, EndpointConfig, generate, merge_records
-from lightning_modules.finegrainedad.mfsc import load_record, packaged_record
 
 API_KEY = "sk-test-7c1f9e2b4d6a8f0e3b5c7d9e1f2a4b6c"
 REPO = Path(__file__).resolve().parents[2]
@@ -144,7 +144,7 @@ def test_rerun_hits_the_cache_and_sends_nothing(tmp_path: Path, nut_images) -> N
 
 
 def test_merge_takes_majority_counts_and_reports_conflicts() -> None:
-    from lightning_modules.finegrainedad.mfsc import parse_record
+    from fsad.lightning_modules.finegrainedad.mfsc import parse_record
 
     def record(number: str, colour: str, extra: bool) -> object:
         data = json.loads(answer(colour, number, extra))
@@ -173,7 +173,7 @@ def test_cli_generate_then_finegrainedad_fit_on_the_record(tmp_path: Path, share
     assert packaged_record("mvtec", "hazelnut").category == "hazelnut"  # shipped records untouched
     fit = ["fit", "-c", str(REPO / "configs/finegrainedad/synthetic_tiny.yaml"), "--run_root", str(tmp_path / "runs"),
            "--model.init_args.captions", str(tmp_path / "hazelnut.json"), "--trainer.max_epochs", "2",
-           "--data", "datamodules.folder.FolderDataModule", "--data.init_args.normal_dir", str(hazelnut / "train/good"),
+           "--data", "fsad.datamodules.folder.FolderDataModule", "--data.init_args.normal_dir", str(hazelnut / "train/good"),
            "--data.init_args.abnormal_dir", str(hazelnut / "test/colour"),
            "--data.init_args.mask_dir", str(hazelnut / "ground_truth/colour"),
            "--data.init_args.category", "hazelnut_toy", "--data.init_args.k_shot", "2",

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fsad.datamodules.synthetic import SyntheticDataModule
+from fsad.lightning_modules.components.clip import BackboneSpec
+from fsad.lightning_modules.membank.module import MemoryBankAD
 from lightning.pytorch import Callback, Trainer, seed_everything
 from sklearn.metrics import roc_auc_score
 
-from datamodules.synthetic import SyntheticDataModule
 from fsad.cli import FsadCLI, main
-from lightning_modules.components.clip import BackboneSpec
-from lightning_modules.membank.module import MemoryBankAD
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -66,7 +66,7 @@ def test_membank_on_synthetic_data_reaches_pixel_auroc(tmp_path: Path) -> None:
 
 @pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
 def test_one_backbone_pass_per_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightning_modules.components.clip import ClipBackbone
+    from fsad.lightning_modules.components.clip import ClipBackbone
 
     images_seen = []
     original = ClipBackbone.forward
@@ -126,9 +126,9 @@ def test_linked_image_size_cannot_disagree(tmp_path: Path) -> None:
 @pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
 def test_real_bottle_four_shot_end_to_end_matches_sklearn(tmp_path: Path, mvtec_root: Path) -> None:
     """Real MVTec bottle, 4-shot, fsad-tiny: support.txt written, AUROCs equal sklearn's on the same maps."""
-    from callbacks.metrics import AnomalyMetrics
-    from callbacks.results import ResultsWriter
-    from datamodules.mvtec import MVTecDataModule
+    from fsad.callbacks.metrics import AnomalyMetrics
+    from fsad.callbacks.results import ResultsWriter
+    from fsad.datamodules.mvtec import MVTecDataModule
 
     seed_everything(0)
     data = MVTecDataModule(root=str(mvtec_root), category="bottle", k_shot=4, seed=0, image_size=96, eval_size=128)
@@ -151,7 +151,7 @@ def test_real_bottle_four_shot_end_to_end_matches_sklearn(tmp_path: Path, mvtec_
 
 def test_cli_reports_bad_data_as_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "widget" / "train" / "good").mkdir(parents=True)
-    args = ["test", "-c", DEMO, "--data", "datamodules.mvtec.MVTecDataModule", "--data.init_args.root", str(tmp_path),
+    args = ["test", "-c", DEMO, "--model", "MemoryBankAD", "--data", "MVTecDataModule", "--data.init_args.root", str(tmp_path),
             "--data.init_args.category", "bottle", "--run_root", str(tmp_path / "runs")]  # fmt: skip
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -161,7 +161,7 @@ def test_cli_reports_bad_data_as_one_error_line(tmp_path: Path, capsys: pytest.C
 
 def test_cli_reports_missing_weights_as_one_error_line(tmp_path: Path, monkeypatch, capsys) -> None:
     """The backbone error raised inside jsonargparse's instantiation still reaches the user as one line."""
-    import lightning_modules.components.clip as clip_module
+    import fsad.lightning_modules.components.clip as clip_module
 
     monkeypatch.setattr(clip_module, "host_reachable", lambda url, timeout=3.0: False)
     config = str(REPO / "configs" / "membank" / "mvtec.yaml")

@@ -46,8 +46,8 @@ def test_fit_lowers_the_loss_and_checkpoint_reload_gives_identical_scores(tmp_pa
 
 
 def test_paper_mode_turns_on_the_quirks_and_bgr_matches_its_definition() -> None:
-    from lightning_modules.components.clip import BackboneSpec
-    from lightning_modules.promptad.module import PromptAD, swap_rgb_bgr
+    from fsad.lightning_modules.components.clip import BackboneSpec
+    from fsad.lightning_modules.promptad.module import PromptAD, swap_rgb_bgr
 
     tiny = BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[2, 4])
     paper, honest = PromptAD(tiny, image_size=96, mode="paper"), PromptAD(tiny, image_size=96)

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from lightning_modules.components.clip import BackboneSpec, BackboneWeightsError, ClipBackbone
+from fsad.lightning_modules.components.clip import BackboneSpec, BackboneWeightsError, ClipBackbone
 
 TINY = BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[1, 3])
 
@@ -95,7 +94,7 @@ def test_offline_without_weights_names_the_key_to_set(tmp_path: Path) -> None:
 
 def test_offline_without_cached_weights_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No cache and no route to the hub: one clear error at once, without starting the hub client's retries."""
-    import lightning_modules.components.clip as clip_module
+    import fsad.lightning_modules.components.clip as clip_module
 
     monkeypatch.setattr(clip_module, "host_reachable", lambda url, timeout=3.0: False)
     monkeypatch.setattr(clip_module.open_clip, "create_model", lambda *a, **k: pytest.fail("must not try to download"))

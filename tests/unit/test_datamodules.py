@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fsad.datamodules.folder import FolderDataModule
+from fsad.datamodules.mvtec import MVTecDataModule
+from fsad.datamodules.realiad import RealIADDataModule, camera_view
+from fsad.datamodules.transforms import AugmentSpec, DataError, load_mask, load_rgb
+from fsad.datamodules.visa import VisADataModule
 from PIL import Image
 
-from datamodules.folder import FolderDataModule
-from datamodules.mvtec import MVTecDataModule
-from datamodules.realiad import RealIADDataModule, camera_view
-from datamodules.transforms import AugmentSpec, DataError, load_mask, load_rgb
-from datamodules.visa import VisADataModule
 from tests.fixtures.trees import make_realiad, make_visa_raw, write_image, write_mask
 
 REPO = Path(__file__).resolve().parents[2]
@@ -163,7 +163,7 @@ def test_same_seed_same_support_in_two_processes(tmp_path: Path) -> None:
     """Each process lists the files in a different order; the picks depend only on (seed, sorted names, k)."""
     root = make_mvtec(tmp_path / "m", "widget", n_train=12)
     code = (
-        "import sys, os; from datamodules.kshot import sample_support;"
+        "import sys, os; from fsad.datamodules.kshot import sample_support;"
         f"names = os.listdir({str(root / 'widget/train/good')!r});"
         "names = names[::-1] if sys.argv[2] == 'reverse' else names;"
         "print(sample_support(names, 3, int(sys.argv[1])))"

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import seed_everything
-
-from lightning_modules.finegrainedad.mfsc import (
+from fsad.lightning_modules.finegrainedad.mfsc import (
     COLORS,
     CaptionRecordError,
     list_packaged,
@@ -18,14 +16,15 @@ from lightning_modules.finegrainedad.mfsc import (
     normalise_value,
     packaged_record,
 )
-from lightning_modules.finegrainedad.model import QueryFormer, query_former_loss, token_wise_scores
-from lightning_modules.finegrainedad.regions import (
+from fsad.lightning_modules.finegrainedad.model import QueryFormer, query_former_loss, token_wise_scores
+from fsad.lightning_modules.finegrainedad.regions import (
     aggregate_regions,
     dpc_knn,
     region_weights,
     slice_tiles,
     stitch_tiles,
 )
+from lightning.pytorch import seed_everything
 
 BENCHMARKS = {
     "mvtec": ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
@@ -140,8 +139,8 @@ def test_tiles_stitch_back_in_place() -> None:
 
 @pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
 def test_region_aggregation_on_a_real_bottle(mvtec_root: Path) -> None:
-    from lightning_modules.components.clip import BackboneSpec
-    from lightning_modules.finegrainedad.module import FineGrainedAD
+    from fsad.lightning_modules.components.clip import BackboneSpec
+    from fsad.lightning_modules.finegrainedad.module import FineGrainedAD
 
     seed_everything(0)
     module = FineGrainedAD(BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[2, 4]), image_size=96, slice_factor=4)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from datamodules.synthesis import nsa_synthesize
-from lightning_modules.components.clip import BackboneOutput
-from lightning_modules.kagprompt.model import (
+from fsad.datamodules.synthesis import nsa_synthesize
+from fsad.lightning_modules.components.clip import BackboneOutput
+from fsad.lightning_modules.kagprompt.model import (
     ConvGRUCell,
     KAGPromptModel,
     KernelAwareGraph,

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from lightning_modules.components.memory_bank import MemoryBank
+from fsad.lightning_modules.components.memory_bank import MemoryBank
 
 
 def test_min_cosine_distance_matches_brute_force() -> None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from lightning_modules.components.clip import BackboneSpec, ClipBackbone
-from lightning_modules.components.prompts import PromptGroupTexts, PromptLearner
+from fsad.lightning_modules.components.clip import BackboneSpec, ClipBackbone
+from fsad.lightning_modules.components.prompts import PromptGroupTexts, PromptLearner
 
 
 @pytest.fixture(scope="module")
