@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from fsad.errors import FsadError
 
-class DataError(ValueError):
+
+class DataError(FsadError, ValueError):
     """A data file or dataset field is missing, unreadable or inconsistent."""
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from fsad.errors import FsadError
 from fsad.lightning_modules.finegrainedad.mfsc import (
     VOCABULARIES,
     CaptionRecord,
@@ -58,7 +59,7 @@ JSON shape: {{"image_level": {{"foreground": str, "background": str, "summary": 
 "caption": str}}], "abnormal_states": [str]}}"""
 
 
-class CaptionGenerationError(RuntimeError):
+class CaptionGenerationError(FsadError, RuntimeError):
     """The endpoint failed or never produced a valid record; the message lists the errors."""
 
 

@@ -31,10 +31,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 # (``--model FineGrainedAD``, ``--data MVTecDataModule``) among those.
 from fsad.callbacks import heatmaps, metrics, paper_protocol, predictions, results  # noqa: F401
 from fsad.datamodules import auxiliary, folder, mvtec, predict, realiad, synthetic, visa  # noqa: F401
-from fsad.datamodules.transforms import DataError
-from fsad.lightning_modules.components.clip import BackboneWeightsError
+from fsad.errors import FsadError
 from fsad.lightning_modules.finegrainedad import module as finegrainedad_module  # noqa: F401
-from fsad.lightning_modules.finegrainedad.mfsc import CaptionRecordError
 from fsad.lightning_modules.kagprompt import module as kagprompt_module  # noqa: F401
 from fsad.lightning_modules.membank import module as membank_module  # noqa: F401
 from fsad.lightning_modules.promptad import module as promptad_module  # noqa: F401
@@ -183,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def user_facing_error(err: BaseException) -> BaseException | None:
-    """The missing-weights, bad-data or bad-caption error behind ``err``, if any.
+    """The :class:`FsadError` (missing weights, bad data, bad captions, ...) behind ``err``, if any.
 
     jsonargparse wraps exceptions raised while instantiating the model or data in its own ``ValueError``; the
     original is on the ``__cause__``/``__context__`` chain. Such errors are printed as one line, no traceback.
@@ -191,7 +189,7 @@ def user_facing_error(err: BaseException) -> BaseException | None:
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
-        if isinstance(current, BackboneWeightsError | DataError | CaptionRecordError):
+        if isinstance(current, FsadError):
             return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__

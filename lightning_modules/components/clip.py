@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsad.errors import FsadError
 from fsad.network import host_reachable
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class BackboneWeightsError(RuntimeError):
+class BackboneWeightsError(FsadError, RuntimeError):
     """No usable weights for the requested backbone."""
 
 

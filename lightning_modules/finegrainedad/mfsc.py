@@ -18,6 +18,8 @@ from typing import Literal
 from fsad.lightning_modules.components.prompts import PromptGroupTexts
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from fsad.errors import FsadError
+
 CAPTIONS_DIR = Path(__file__).parent / "captions"
 
 COLORS = (
@@ -49,7 +51,7 @@ SYNONYMS = {
 }  # fmt: skip
 
 
-class CaptionRecordError(ValueError):
+class CaptionRecordError(FsadError, ValueError):
     """A caption record that cannot be read or fails the schema; the message names the file and the field."""
 
 
