@@ -12,10 +12,10 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from fsad.lightning_modules.components.clip import BackboneSpec
-from fsad.lightning_modules.finegrainedad.mfsc import mllp_texts, packaged_record
 
 from fsad.batch import Batch
+from fsad.lightning_modules.components.clip import BackboneSpec
+from fsad.lightning_modules.finegrainedad.mfsc import mllp_texts, packaged_record
 
 BATCH, REPEATS = 8, 3
 

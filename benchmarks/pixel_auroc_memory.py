@@ -69,8 +69,9 @@ def main() -> None:
     print(f"ours:         +{ours_mb:.0f} MB, {ours['seconds']:.2f} s, AUROC {ours['value']:.12f}")
     print(f"torchmetrics: +{reference_mb:.0f} MB, {reference['seconds']:.2f} s, AUROC {reference['value']:.12f}")
 
-    from fsad.callbacks.metrics import exact_auroc
     from sklearn.metrics import roc_auc_score
+
+    from fsad.callbacks.metrics import exact_auroc
 
     maps, masks = build_data()
     pick = np.random.default_rng(1).choice(N_MAPS, 60, replace=False)

@@ -12,6 +12,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
 from fsad.lightning_modules.components.clip import BackboneSpec, ClipBackbone
 from fsad.lightning_modules.components.losses import (
     explicit_anomaly_margin_loss,

@@ -12,12 +12,12 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
-from fsad.callbacks.metrics import gather_to_rank_zero
-from fsad.datamodules.transforms import DataError, load_rgb
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 
 from fsad.batch import Batch
+from fsad.callbacks.metrics import gather_to_rank_zero
+from fsad.datamodules.transforms import DataError, load_rgb
 
 CONTOUR_RGB = (255, 255, 0)
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fsad.callbacks.metrics import exact_auroc
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+from fsad.callbacks.metrics import exact_auroc
 
 
 class BestEpochOnTest(Callback):

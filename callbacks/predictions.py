@@ -18,13 +18,13 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from fsad.batch import Batch
 from fsad.callbacks.heatmaps import render_heatmap
 from fsad.callbacks.metrics import f1_max_threshold
 from fsad.callbacks.results import write_text_atomically
 from fsad.datamodules.transforms import load_rgb
-from lightning.pytorch import Callback, LightningModule, Trainer
-
-from fsad.batch import Batch
 
 
 class PredictionWriter(Callback):
@@ -113,7 +113,7 @@ class PredictionWriter(Callback):
                 keep = np.r_[0:width, 2 * width + 8 : 3 * width + 8]  # image | overlay (drop the contour panel)
                 cv2.imwrite(str(out_dir / f"{name}.png"), cv2.cvtColor(panel[:, keep], cv2.COLOR_RGB2BGR))
             label = "" if math.isnan(threshold) else int(score >= threshold)
-            self.rows.append({"path": path, "score": f"{score:.6f}", "label": label, "error": ""})
+            self.rows.append({"path": path, "score": repr(score), "label": label, "error": ""})
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         buffer = io.StringIO()

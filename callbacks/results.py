@@ -11,10 +11,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fsad.callbacks.metrics import AnomalyMetrics
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+from fsad.callbacks.metrics import AnomalyMetrics
 
 METRIC_PREFIXES = ("image_", "pixel_")
 

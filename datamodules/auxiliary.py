@@ -10,17 +10,17 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
+from lightning.pytorch import LightningDataModule
+from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch.utils.data import DataLoader, Dataset
+
+from fsad.batch import collate_batch
 from fsad.datamodules.base import FewShotDataModule, Sample
 from fsad.datamodules.mvtec import MVTecDataModule
 from fsad.datamodules.synthesis import nsa_synthesize
 from fsad.datamodules.synthetic import SyntheticDataModule
 from fsad.datamodules.transforms import DataError, PairedTransform, load_rgb, seed_worker_transforms
 from fsad.datamodules.visa import VisADataModule
-from lightning.pytorch import LightningDataModule
-from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from torch.utils.data import DataLoader, Dataset
-
-from fsad.batch import collate_batch
 
 SOURCES: dict[str, type[FewShotDataModule]] = {
     "mvtec": MVTecDataModule,

@@ -11,21 +11,22 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from fsad.datamodules.kshot import resolve_support_files, sample_support, write_support_list
-from fsad.datamodules.transforms import (
-    AugmentSpec,
-    DataError,
-    PairedTransform,
-    load_mask,
-    load_rgb,
-    seed_worker_transforms,
-)
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_only
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import DataLoader, Dataset
 
 from fsad.batch import collate_batch
+from fsad.datamodules.kshot import resolve_support_files, sample_support, write_support_list
+from fsad.datamodules.transforms import (
+    AugmentSpec,
+    DataError,
+    PairedTransform,
+    ResizeName,
+    load_mask,
+    load_rgb,
+    seed_worker_transforms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class FewShotDataModule(LightningDataModule, ABC):
         augment: training augmentations (off by default).
         support_files: explicit support picks (file names or paths) for paper parity; overrides the draw.
         skip_bad_files: drop unreadable images with a warning instead of failing.
+        resize: image resize, ``antialias`` (default) or ``authors`` (the PromptAD/FineGrainedAD chain, for
+            ``variant: code``); see :mod:`fsad.datamodules.transforms`.
         mean: normalisation mean (the backbone's; CLIP's by default).
         std: normalisation std (the backbone's; CLIP's by default).
     """
@@ -109,6 +112,7 @@ class FewShotDataModule(LightningDataModule, ABC):
         augment: AugmentSpec | None = None,
         support_files: list[str] | None = None,
         skip_bad_files: bool = False,
+        resize: ResizeName = "antialias",
         mean: tuple[float, float, float] = OPENAI_DATASET_MEAN,
         std: tuple[float, float, float] = OPENAI_DATASET_STD,
     ) -> None:
@@ -127,6 +131,7 @@ class FewShotDataModule(LightningDataModule, ABC):
         self.augment = augment
         self.support_files = support_files
         self.skip_bad_files = skip_bad_files
+        self.resize = resize
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.normal_pool: list[Sample] = []
@@ -225,7 +230,7 @@ class FewShotDataModule(LightningDataModule, ABC):
 
     # ----------------------------------------------------------------- loaders
     def make_transform(self, augment: AugmentSpec | None = None) -> PairedTransform:
-        return PairedTransform(self.image_size, self.eval_size, self.mean, self.std, augment)
+        return PairedTransform(self.image_size, self.eval_size, self.mean, self.std, augment, self.resize)
 
     def _loader(self, samples: list[Sample], augment: AugmentSpec | None, shuffle: bool, batch_size: int) -> DataLoader:
         return DataLoader(

@@ -11,11 +11,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import DataLoader
+
 from fsad.datamodules.base import Sample
 from fsad.datamodules.folder import FolderDataModule
 from fsad.datamodules.mvtec import list_images
 from fsad.datamodules.transforms import DataError, load_rgb
-from torch.utils.data import DataLoader
 
 
 class PredictFolderDataModule(FolderDataModule):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from fsad.datamodules.mvtec import MVTecDataModule
 
 SYNTHETIC_CATEGORIES = ("disc", "tile")

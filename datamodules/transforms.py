@@ -4,12 +4,21 @@ Albumentations objects do not parse from LightningCLI YAML (ecosystem.md §3), s
 :class:`AugmentSpec` and :class:`PairedTransform` builds the ``Compose`` here. Spatial augmentations move image and
 mask together (mask interpolation nearest); then the image is resized to ``image_size`` without cropping and the mask
 to ``eval_size`` with nearest-neighbour.
+
+Two image resizes exist (``resize``):
+
+* ``antialias`` (default): one bicubic resize with an anti-aliasing filter (:func:`antialiased_resize`). Downscaling
+  a 900 px MVTec image to 240 px without a low-pass filter would alias fine texture arbitrarily. The same torch
+  operation runs inside exported models, so exports reproduce the datamodule exactly.
+* ``authors``: the released PromptAD/FineGrainedAD chain (``datasets/dataset.py`` then the model transform): cv2
+  bilinear to 1024×1024, then PIL bicubic (anti-aliased) to ``image_size`` on uint8 pixels. ``variant: code`` uses it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import albumentations as A
 import cv2
@@ -62,6 +71,40 @@ def load_mask(path: str | Path) -> np.ndarray:
     return (array != 0).astype(np.uint8)
 
 
+ResizeName = Literal["antialias", "authors"]
+RESIZES: tuple[str, ...] = ("antialias", "authors")
+#: The intermediate square size of the authors' chain (PromptAD ``datasets/dataset.py``).
+AUTHORS_INTERMEDIATE_SIZE = 1024
+
+
+def antialiased_resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Float images [B,C,H,W] in 0..255 → [B,C,size,size], bicubic with an anti-aliasing filter, clamped to 0..255.
+
+    torch's anti-aliased bicubic follows PIL's filter support (a kernel widened by the scale factor when downscaling),
+    so fine stripes average to grey instead of turning into arbitrary moiré.
+    """
+    resized = torch.nn.functional.interpolate(
+        images, size=(size, size), mode="bicubic", antialias=True, align_corners=False
+    )
+    return resized.clamp_(0.0, 255.0)
+
+
+def authors_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H,W,3] → uint8 [size,size,3] as the authors' code does: cv2 bilinear to 1024², then PIL bicubic."""
+    intermediate = cv2.resize(image, (AUTHORS_INTERMEDIATE_SIZE, AUTHORS_INTERMEDIATE_SIZE))
+    return np.asarray(Image.fromarray(intermediate).resize((size, size), Image.BICUBIC))
+
+
+def resize_image(image: np.ndarray, size: int, resize: ResizeName) -> np.ndarray:
+    """uint8 [H,W,3] → float32 [size,size,3] in 0..255 with the named resize."""
+    if resize == "authors":
+        return authors_resize(image, size).astype(np.float32)
+    if resize != "antialias":
+        raise DataError(f"data.resize: {resize!r} is not one of {list(RESIZES)}")
+    tensor = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float()
+    return antialiased_resize(tensor, size)[0].permute(1, 2, 0).numpy()
+
+
 @dataclass
 class AugmentSpec:
     """Training augmentations, all off by default. Probabilities in [0,1]; ``rotate_limit`` in degrees."""
@@ -110,7 +153,11 @@ class PairedTransform:
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
         augment: AugmentSpec | None = None,
+        resize: ResizeName = "antialias",
     ) -> None:
+        if resize not in RESIZES:
+            raise DataError(f"data.resize: {resize!r} is not one of {list(RESIZES)}")
+        self.resize = resize
         self.image_size = image_size
         self.eval_size = eval_size
         self.mean = np.asarray(mean, dtype=np.float32)
@@ -127,8 +174,8 @@ class PairedTransform:
         if self.augment is not None:
             out = self.augment(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        resized = cv2.resize(image, (self.image_size, self.image_size), interpolation=cv2.INTER_CUBIC)
-        normalised = (resized.astype(np.float32) / 255.0 - self.mean) / self.std
+        resized = resize_image(image, self.image_size, self.resize)
+        normalised = (resized / 255.0 - self.mean) / self.std
         eval_mask = cv2.resize(mask, (self.eval_size, self.eval_size), interpolation=cv2.INTER_NEAREST)
         return torch.from_numpy(normalised.transpose(2, 0, 1).copy()), torch.from_numpy(eval_mask.astype(np.uint8))
 

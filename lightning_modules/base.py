@@ -7,11 +7,11 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
-from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec, ClipBackbone
-from fsad.lightning_modules.components.postprocess import upsample_and_smooth
 from lightning.pytorch import LightningModule
 
 from fsad.batch import Batch
+from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec, ClipBackbone
+from fsad.lightning_modules.components.postprocess import upsample_and_smooth
 
 
 class FewShotAnomalyModule(LightningModule, ABC):

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from fsad.lightning_modules.components.clip import ClipBackbone
 from torch import nn
+
+from fsad.lightning_modules.components.clip import ClipBackbone
 
 
 @dataclass

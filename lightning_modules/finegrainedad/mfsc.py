@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from fsad.lightning_modules.components.prompts import PromptGroupTexts
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fsad.errors import FsadError
+from fsad.lightning_modules.components.prompts import PromptGroupTexts
 
 CAPTIONS_DIR = Path(__file__).parent / "captions"
 

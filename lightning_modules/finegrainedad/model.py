@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from fsad.lightning_modules.components.clip import BackboneOutput, ClipBackbone
 from fsad.lightning_modules.components.losses import (
     explicit_anomaly_margin_loss,
@@ -20,7 +22,6 @@ from fsad.lightning_modules.components.postprocess import harmonic_fusion
 from fsad.lightning_modules.components.prompts import GroupFeatures, PromptLearner
 from fsad.lightning_modules.finegrainedad.mfsc import PromptTexts
 from fsad.lightning_modules.promptad.model import two_way_probability
-from torch import nn
 
 
 class QueryFormer(nn.Module):

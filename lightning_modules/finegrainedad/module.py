@@ -6,14 +6,14 @@ from typing import Literal
 
 import numpy as np
 import torch
+
+from fsad.batch import Batch
 from fsad.datamodules.transforms import PairedTransform, load_rgb
 from fsad.lightning_modules.components.clip import BackboneSpec
 from fsad.lightning_modules.finegrainedad.mfsc import CaptionRecord, load_record, mllp_texts, packaged_record
 from fsad.lightning_modules.finegrainedad.model import FineGrainedADModel
 from fsad.lightning_modules.finegrainedad.regions import aggregate_regions, region_weights, slice_tiles, stitch_tiles
 from fsad.lightning_modules.promptad.module import PromptTuningModule
-
-from fsad.batch import Batch
 
 
 class FineGrainedAD(PromptTuningModule):

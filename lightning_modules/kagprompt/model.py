@@ -16,9 +16,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from fsad.lightning_modules.components.clip import BackboneOutput
 from fsad.lightning_modules.components.memory_bank import MemoryBank
-from torch import nn
 
 Variant = Literal["paper", "code"]
 

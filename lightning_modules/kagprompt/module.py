@@ -6,13 +6,13 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+
+from fsad.batch import Batch
 from fsad.lightning_modules.base import FewShotAnomalyModule
 from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec
 from fsad.lightning_modules.components.losses import dice_loss, focal_loss, image_cross_entropy
 from fsad.lightning_modules.components.prompt_states import display_name
 from fsad.lightning_modules.kagprompt.model import KAGPromptModel
-
-from fsad.batch import Batch
 
 NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
                  "{} without damage")  # fmt: skip

@@ -7,9 +7,10 @@ Image score = ``max`` of that map, the visual term PromptAD/FineGrainedAD feed i
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from fsad.lightning_modules.components.clip import BackboneOutput
 from fsad.lightning_modules.components.memory_bank import MemoryBank
-from torch import nn
 
 
 class MemoryBankModel(nn.Module):

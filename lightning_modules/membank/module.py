@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from fsad.lightning_modules.base import FewShotAnomalyModule
 from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec
 from fsad.lightning_modules.membank.model import MemoryBankModel

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from fsad.lightning_modules.components.clip import BackboneOutput, ClipBackbone
 from fsad.lightning_modules.components.losses import (
     explicit_anomaly_margin_loss,
@@ -19,7 +21,6 @@ from fsad.lightning_modules.components.memory_bank import MemoryBank
 from fsad.lightning_modules.components.postprocess import harmonic_fusion
 from fsad.lightning_modules.components.prompt_states import abnormal_states, display_name
 from fsad.lightning_modules.components.prompts import GroupFeatures, PromptGroupTexts, PromptLearner
-from torch import nn
 
 
 def class_prompt_texts(category: str) -> PromptGroupTexts:

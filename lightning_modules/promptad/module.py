@@ -7,14 +7,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from lightning.pytorch import Callback
+
+from fsad.batch import Batch
 from fsad.callbacks.metrics import broadcast_from_rank_zero, exact_auroc, gather_to_rank_zero
 from fsad.callbacks.paper_protocol import BestEpochOnTest
 from fsad.lightning_modules.base import FewShotAnomalyModule
 from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec
 from fsad.lightning_modules.promptad.model import PromptADModel
-from lightning.pytorch import Callback
-
-from fsad.batch import Batch
 
 
 def swap_rgb_bgr(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

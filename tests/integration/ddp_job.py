@@ -11,12 +11,13 @@ import json
 import sys
 from pathlib import Path
 
+from lightning.pytorch import Callback, Trainer, seed_everything
+
 from fsad.callbacks.heatmaps import HeatmapLogger
 from fsad.callbacks.metrics import AnomalyMetrics
 from fsad.datamodules.synthetic import SyntheticDataModule
 from fsad.lightning_modules.components.clip import BackboneSpec
 from fsad.lightning_modules.membank.module import MemoryBankAD
-from lightning.pytorch import Callback, Trainer, seed_everything
 
 
 class OddSizedSynthetic(SyntheticDataModule):

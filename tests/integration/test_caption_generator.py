@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from fsad.lightning_modules.finegrainedad.mfsc import load_record, packaged_record
 
 from fsad.caption_generator import CaptionGenerationError, EndpointConfig, generate, merge_records
+from fsad.lightning_modules.finegrainedad.mfsc import load_record, packaged_record
 
 API_KEY = "sk-test-7c1f9e2b4d6a8f0e3b5c7d9e1f2a4b6c"
 REPO = Path(__file__).resolve().parents[2]

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from fsad.datamodules.synthetic import SyntheticDataModule
-from fsad.lightning_modules.components.clip import BackboneSpec
-from fsad.lightning_modules.membank.module import MemoryBankAD
 from lightning.pytorch import Callback, Trainer, seed_everything
 from sklearn.metrics import roc_auc_score
 
 from fsad.cli import FsadCLI, main
+from fsad.datamodules.synthetic import SyntheticDataModule
+from fsad.lightning_modules.components.clip import BackboneSpec
+from fsad.lightning_modules.membank.module import MemoryBankAD
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "configs" / "demo.yaml")

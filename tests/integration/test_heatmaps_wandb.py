@@ -8,19 +8,19 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.loggers import WandbLogger
+from scipy import ndimage
+
 from fsad.callbacks.heatmaps import CONTOUR_RGB, HeatmapLogger
 from fsad.callbacks.metrics import AnomalyMetrics
 from fsad.callbacks.results import ResultsWriter
+from fsad.cli import main
 from fsad.datamodules.mvtec import MVTecDataModule
 from fsad.datamodules.synthetic import SyntheticDataModule
 from fsad.datamodules.transforms import load_mask
 from fsad.lightning_modules.components.clip import BackboneSpec
 from fsad.lightning_modules.membank.module import MemoryBankAD
-from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.loggers import WandbLogger
-from scipy import ndimage
-
-from fsad.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
 REPO = Path(__file__).resolve().parents[2]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from fsad.lightning_modules.components.clip import BackboneSpec, BackboneWeightsError, ClipBackbone
 
 TINY = BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[1, 3])

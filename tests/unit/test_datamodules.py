@@ -8,16 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from fsad.datamodules.folder import FolderDataModule
 from fsad.datamodules.mvtec import MVTecDataModule
 from fsad.datamodules.realiad import RealIADDataModule, camera_view
-from fsad.datamodules.transforms import AugmentSpec, DataError, load_mask, load_rgb
+from fsad.datamodules.transforms import AugmentSpec, DataError, load_mask, load_rgb, resize_image
 from fsad.datamodules.visa import VisADataModule
-from PIL import Image
-
 from tests.fixtures.trees import make_realiad, make_visa_raw, write_image, write_mask
 
 REPO = Path(__file__).resolve().parents[2]
@@ -267,3 +268,33 @@ def test_data_check_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFi
     assert "mask missing for defect image" in out and "crack/000.png" in out
     assert "cannot read image" in out and "gadget/train/good/001.png" in out
     assert "2 problem(s) in 2 categories" in out
+
+
+def test_antialiased_resize_does_not_alias_fine_stripes() -> None:
+    """Stripes of period 3 px downscaled 4×: a low-pass resize gives flat grey, a plain bicubic gives moiré."""
+    columns = (np.arange(960) % 3 == 0).astype(np.uint8) * 255
+    stripes = np.repeat(np.repeat(columns[None, :, None], 960, axis=0), 3, axis=2)
+    resized = resize_image(stripes, 240, "antialias")
+    assert abs(float(resized.mean()) - float(stripes.mean())) < 1.0
+    assert float(resized[..., 0].std()) < 3.0
+    aliased = cv2.resize(stripes, (240, 240), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+    assert float(aliased[..., 0].std()) > 30.0  # the control: the previous resize aliases
+
+
+def test_antialiased_resize_matches_pil_bicubic_on_a_real_image(mvtec_root: Path) -> None:
+    """PIL's bicubic (anti-aliased when downscaling) is the independent reference, up to its fixed-point arithmetic."""
+    path = next(iter(sorted((mvtec_root / "bottle" / "test" / "broken_large").glob("*.png"))))
+    image = load_rgb(path)
+    ours = resize_image(image, 240, "antialias")
+    pil = np.asarray(Image.fromarray(image).resize((240, 240), Image.BICUBIC)).astype(np.float32)
+    difference = np.abs(ours - pil)
+    assert difference.mean() < 0.3 and difference.max() <= 4.0
+
+
+def test_authors_resize_is_cv2_bilinear_1024_then_pil_bicubic(mvtec_root: Path) -> None:
+    path = next(iter(sorted((mvtec_root / "bottle" / "train" / "good").glob("*.png"))))
+    image = load_rgb(path)
+    by_hand = Image.fromarray(cv2.resize(image, (1024, 1024), interpolation=cv2.INTER_LINEAR)).resize((240, 240), 3)
+    assert np.array_equal(resize_image(image, 240, "authors"), np.asarray(by_hand).astype(np.float32))
+    with pytest.raises(DataError, match="data.resize"):
+        resize_image(image, 240, "nearest")

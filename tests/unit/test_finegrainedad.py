@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import seed_everything
+
 from fsad.lightning_modules.finegrainedad.mfsc import (
     COLORS,
     CaptionRecordError,
@@ -24,7 +26,6 @@ from fsad.lightning_modules.finegrainedad.regions import (
     slice_tiles,
     stitch_tiles,
 )
-from lightning.pytorch import seed_everything
 
 BENCHMARKS = {
     "mvtec": ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from fsad.datamodules.synthesis import nsa_synthesize
 from fsad.lightning_modules.components.clip import BackboneOutput
 from fsad.lightning_modules.kagprompt.model import (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from fsad.lightning_modules.components.losses import (
     dice_loss,
     explicit_anomaly_margin_loss,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fsad.callbacks.metrics import aupro, exact_auroc, f1_max, histogram_auroc, histogram_counts
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+from fsad.callbacks.metrics import aupro, exact_auroc, f1_max, histogram_auroc, histogram_counts
 
 
 def sklearn_f1_max(scores: np.ndarray, labels: np.ndarray) -> float:

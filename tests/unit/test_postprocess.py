@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from fsad.lightning_modules.components.postprocess import gaussian_blur, harmonic_fusion, upsample_and_smooth
 from scipy.ndimage import gaussian_filter
+
+from fsad.lightning_modules.components.postprocess import gaussian_blur, harmonic_fusion, upsample_and_smooth
 
 
 def test_gaussian_blur_equals_scipy_mirror() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fsad.lightning_modules.components.clip import BackboneSpec, ClipBackbone
 from fsad.lightning_modules.components.prompts import PromptGroupTexts, PromptLearner
 
