@@ -51,6 +51,9 @@ class BackboneSpec:
         vv_attention: also compute the V-V attention path (PromptAD/FineGrainedAD patch tokens).
         precision: ``fp32``, ``fp16`` or ``bf16`` for the frozen weights.
         cache_dir: where open_clip looks for (and would download) tagged weights.
+        authors_tap_hook: return what the PromptAD/FineGrainedAD forward hooks really hold for a tap: their hook
+            keeps a view of block L's output, into which block L+1 then adds its attention output in place, so
+            "layer L" is ``x_L + attn_{L+1}(ln_1(x_L))`` (``variant: code`` sets it; methods.md §1).
     """
 
     arch: str = "ViT-B-16-plus-240"
@@ -60,6 +63,7 @@ class BackboneSpec:
     vv_attention: bool = True
     precision: str = "fp32"
     cache_dir: str | None = None
+    authors_tap_hook: bool = False
 
     def __post_init__(self) -> None:
         # jsonargparse turns a command-line `null` inside subclass init_args into the string "None".
@@ -187,6 +191,8 @@ class ClipBackbone(nn.Module):
         bad = [t for t in spec.taps if not 1 <= t <= len(blocks)]
         if bad:
             raise ValueError(f"backbone.taps: {bad} outside 1..{len(blocks)} for {spec.arch}")
+        if spec.authors_tap_hook and len(blocks) in spec.taps:
+            raise ValueError(f"backbone.taps: the authors' tap hook needs a block after each tap; {len(blocks)} is last")
         if not all(isinstance(b.attn, nn.MultiheadAttention) for b in blocks):
             raise ValueError(f"backbone.arch: {spec.arch} has no standard attention blocks; V-V path unsupported")
         self.dtype = _PRECISIONS[spec.precision]
@@ -224,12 +230,17 @@ class ClipBackbone(nn.Module):
         vv = x if self.spec.vv_attention else None
         taps: dict[int, torch.Tensor] = {}
         for number, block in enumerate(visual.transformer.resblocks, start=1):
+            normalised = block.ln_1(x)
             if vv is not None:
                 # Dual path (CLIP Surgery / PromptAD): the V-V stream adds V-V attention of the original
                 # stream's normalised input and skips the FFN.
-                vv = vv + block.ls_1(self.vv_attention(block, block.ln_1(x)))
-            x = block(x)
-            if number in self.spec.taps:
+                vv = vv + block.ls_1(self.vv_attention(block, normalised))
+            # the block's own two residual steps, so the attention half is at hand for the authors' tap hook
+            attended = x + block.ls_1(block.attention(normalised))
+            if self.spec.authors_tap_hook and number - 1 in self.spec.taps:
+                taps[number - 1] = attended[:, 1:].float()
+            x = attended + block.ls_2(block.mlp(block.ln_2(attended)))
+            if number in self.spec.taps and not self.spec.authors_tap_hook:
                 taps[number] = x[:, 1:].float()
         pooled, _ = visual._pool(x)
         cls = pooled @ visual.proj

@@ -14,17 +14,26 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     return (kernel / kernel.sum()).float()
 
 
+def symmetric_pad(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """Pad ``radius`` values on both ends of ``dim`` by reflecting about the edge *including* the edge value
+    (``d c b a | a b c d | d c b a``): scipy.ndimage's default ``mode="reflect"``, numpy's ``symmetric``."""
+    before = x.narrow(dim, 0, radius).flip(dim)
+    after = x.narrow(dim, x.shape[dim] - radius, radius).flip(dim)
+    return torch.cat([before, x, after], dim=dim)
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of [B,H,W] maps with mirrored borders (scipy's ``mode="mirror"``)."""
+    """Separable Gaussian blur of [B,H,W] maps with scipy.ndimage.gaussian_filter's default border (``reflect``),
+    which is what the PromptAD/FineGrainedAD authors call on their 400×400 maps."""
     if sigma <= 0:
         return maps
     kernel = gaussian_kernel1d(sigma).to(maps)
     radius = kernel.numel() // 2
-    if radius >= min(maps.shape[-2:]):
+    if radius > min(maps.shape[-2:]):
         raise ValueError(f"gaussian_sigma={sigma} is too large for maps of size {tuple(maps.shape[-2:])}")
     x = maps.unsqueeze(1)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    x = F.conv2d(symmetric_pad(x, radius, dim=3), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(symmetric_pad(x, radius, dim=2), kernel.view(1, 1, -1, 1))
     return x.squeeze(1)
 
 

@@ -1,10 +1,15 @@
 """Abnormal-state vocabulary for handcrafted abnormal prompts (our wording of each category's real defect types).
 
 ``GENERIC_STATES`` are PromptAD's eight category-free states; ``CATEGORY_DEFECTS`` adds the defect types each
-benchmark category actually has. Every state holds one ``{}`` for the object name.
+benchmark category actually has, in our wording. ``AUTHORS_CATEGORY_DEFECTS`` lists the defect states as the
+released PromptAD code words them (FuNz-0/PromptAD ``PromptAD/ad_prompts.py`` at 0f86ce0, ``class_state_abnormal``),
+which ``variant: code`` uses so its prompts are token for token the authors'. Every state holds one ``{}`` for the
+object name.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 GENERIC_STATES = (
     "damaged {}", "flawed {}", "abnormal {}", "imperfect {}", "blemished {}",
@@ -77,11 +82,63 @@ CATEGORY_DEFECTS: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 
 
+#: The defect states of the released PromptAD code, per MVTec-AD and VisA category (facts from its vocabulary).
+AUTHORS_CATEGORY_DEFECTS: dict[str, tuple[str, ...]] = {
+    "bottle": ("{} with large breakage", "{} with small breakage", "{} with contamination"),
+    "toothbrush": ("{} with defect", "{} with anomaly"),
+    "carpet": ("{} with hole", "{} with color stain", "{} with metal contamination", "{} with thread residue",
+               "{} with thread", "{} with cut"),
+    "hazelnut": ("{} with crack", "{} with cut", "{} with hole", "{} with print"),
+    "leather": ("{} with color stain", "{} with cut", "{} with fold", "{} with glue", "{} with poke"),
+    "cable": ("{} with bent wire", "{} with missing part", "{} with missing wire", "{} with cut", "{} with poke"),
+    "capsule": ("{} with crack", "{} with faulty imprint", "{} with poke", "{} with scratch",
+                "{} squeezed with compression"),
+    "grid": ("{} with breakage", "{} with thread residue", "{} with thread", "{} with metal contamination",
+             "{} with glue", "{} with a bent shape"),
+    "pill": ("{} with color stain", "{} with contamination", "{} with crack", "{} with faulty imprint",
+             "{} with scratch", "{} with abnormal type"),
+    "transistor": ("{} with bent lead", "{} with cut lead", "{} with damage", "{} with misplaced transistor"),
+    "metal_nut": ("{} with a bent shape", "{} with color stain", "{} with a flipped orientation", "{} with scratch"),
+    "screw": ("{} with manipulated front", "{} with scratch neck", "{} with scratch head"),
+    "zipper": ("{} with broken teeth", "{} with fabric border", "{} with defect fabric", "{} with broken fabric",
+               "{} with split teeth", "{} with squeezed teeth"),
+    "tile": ("{} with crack", "{} with glue strip", "{} with gray stroke", "{} with oil", "{} with rough surface"),
+    "wood": ("{} with color stain", "{} with hole", "{} with scratch", "{} with liquid"),
+    "candle": ("{} with melded wax", "{} with foreign particals", "{} with extra wax", "{} with chunk of wax missing",
+               "{} with weird candle wick", "{} with damaged corner of packaging", "{} with different colour spot"),
+    "capsules": ("{} with scratch", "{} with discolor", "{} with misshape", "{} with leak", "{} with bubble"),
+    "cashew": ("{} with breakage", "{} with small scratches", "{} with burnt", "{} with stuck together",
+               "{} with spot"),
+    "chewinggum": ("{} with corner missing", "{} with scratches", "{} with chunk of gum missing",
+                   "{} with colour spot", "{} with cracks"),
+    "fryum": ("{} with breakage", "{} with scratches", "{} with burnt", "{} with colour spot",
+              "{} with fryum stuck together", "{} with colour spot"),
+    "macaroni1": ("{} with color spot", "{} with small chip around edge", "{} with small scratches",
+                  "{} with breakage", "{} with cracks"),
+    "macaroni2": ("{} with color spot", "{} with small chip around edge", "{} with small scratches",
+                  "{} with breakage", "{} with cracks"),
+    "pcb1": ("{} with bent", "{} with scratch", "{} with missing", "{} with melt"),
+    "pcb2": ("{} with bent", "{} with scratch", "{} with missing", "{} with melt"),
+    "pcb3": ("{} with bent", "{} with scratch", "{} with missing", "{} with melt"),
+    "pcb4": ("{} with scratch", "{} with extra", "{} with missing", "{} with wrong place", "{} with damage",
+             "{} with burnt", "{} with dirt"),
+    "pipe_fryum": ("{} with breakage", "{} with small scratches", "{} with burnt", "{} with stuck together",
+                   "{} with colour spot", "{} with cracks"),
+}  # fmt: skip
+
+Wording = Literal["ours", "authors"]
+
+
 def display_name(category: str) -> str:
     """The object name used in prompts: ``pcb4`` → ``printed circuit board``, ``metal_nut`` → ``metal nut``."""
     return DISPLAY_NAMES.get(category, category.replace("_", " "))
 
 
-def abnormal_states(category: str) -> tuple[str, ...]:
-    """The generic states plus the category's own defect states (generic only for unknown categories)."""
-    return GENERIC_STATES + CATEGORY_DEFECTS.get(category, ())
+def abnormal_states(category: str, wording: Wording = "ours") -> tuple[str, ...]:
+    """The generic states plus the category's own defect states (generic only for unknown categories).
+
+    ``wording="authors"`` takes the category states as the released PromptAD code words them (``variant: code``);
+    a category that code does not know falls back to ours.
+    """
+    table = AUTHORS_CATEGORY_DEFECTS if wording == "authors" and category in AUTHORS_CATEGORY_DEFECTS else CATEGORY_DEFECTS
+    return GENERIC_STATES + table.get(category, ())

@@ -13,7 +13,8 @@ from fsad.lightning_modules.components.clip import BackboneSpec
 from fsad.lightning_modules.finegrainedad.mfsc import CaptionRecord, load_record, mllp_texts, packaged_record
 from fsad.lightning_modules.finegrainedad.model import FineGrainedADModel
 from fsad.lightning_modules.finegrainedad.regions import aggregate_regions, region_weights, slice_tiles, stitch_tiles
-from fsad.lightning_modules.promptad.module import PromptTuningModule
+from fsad.lightning_modules.promptad.model import Variant, check_variant
+from fsad.lightning_modules.promptad.module import PromptTuningModule, Protocol, variant_backbone
 
 
 class FineGrainedAD(PromptTuningModule):
@@ -31,8 +32,8 @@ class FineGrainedAD(PromptTuningModule):
         train_query_former: train the Query Former with the paper's objective (the authors' code never trains it).
         image_reweighting: Eq. 6 image-level re-weighting of the token-wise map (inferred; not in the code).
         prompt_seed: seed of the random choices in the prompt texts (swapped locations, absent attribute values).
-        lr, momentum, weight_decay, eta_min, mode, temperature_quirk, bgr_test_quirk, best_epoch_on_test,
-            max_fusion_quirk: as :class:`PromptAD`.
+        lr, momentum, weight_decay, eta_min, variant, protocol, temperature_quirk, bgr_test_quirk,
+            best_epoch_on_test, max_fusion_quirk: as :class:`PromptAD`.
     """
 
     method_name = "finegrainedad"
@@ -62,20 +63,23 @@ class FineGrainedAD(PromptTuningModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         eta_min: float = 1e-5,
-        mode: Literal["honest", "paper"] = "honest",
+        variant: Variant = "paper",
+        protocol: Protocol = "honest",
         temperature_quirk: bool | None = None,
         bgr_test_quirk: bool | None = None,
         best_epoch_on_test: bool | None = None,
         max_fusion_quirk: bool | None = None,
     ) -> None:
-        super().__init__(backbone=backbone, image_size=image_size, eval_size=eval_size, gaussian_sigma=gaussian_sigma)
-        paper = mode == "paper"
-        self.bgr_test_quirk = paper if bgr_test_quirk is None else bgr_test_quirk
-        self.best_epoch_on_test = paper if best_epoch_on_test is None else best_epoch_on_test
-        self.max_fusion_quirk = paper if max_fusion_quirk is None else max_fusion_quirk
+        check_variant(variant)
+        super().__init__(
+            backbone=variant_backbone(backbone, variant), image_size=image_size, eval_size=eval_size,
+            gaussian_sigma=gaussian_sigma,
+        )  # fmt: skip
+        self.set_variant_and_protocol(variant, protocol, bgr_test_quirk, best_epoch_on_test, max_fusion_quirk)
+        code = variant == "code"
         self.model = FineGrainedADModel(
             self.backbone.text_width, self.backbone.embed_dim, n_ctx, n_ctx_ab, n_pro_ab, eam_margin,
-            mean_loss_weight, reg_weight, temperature_quirk=paper if temperature_quirk is None else temperature_quirk,
+            mean_loss_weight, reg_weight, temperature_quirk=code if temperature_quirk is None else temperature_quirk,
             image_reweighting=image_reweighting, train_query_former=train_query_former,
         )  # fmt: skip
         self.record: CaptionRecord | None = None
@@ -84,6 +88,7 @@ class FineGrainedAD(PromptTuningModule):
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule
+        self.warn_if_data_differs_from_variant()
         if self.hparams.captions:
             self.record = load_record(self.hparams.captions)
         else:

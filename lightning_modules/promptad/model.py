@@ -3,9 +3,21 @@
 Vision branch: the memory bank on raw tokens of two blocks (FineGrainedAD Eq. 1).
 Text branch: ``T_j = softmax(t·[⟨v_j,p̄ⁿ⟩, ⟨v_j,p̄ᵃ⟩])₁`` on V-V tokens; pixel map ``M = 1/(1/T + 1/M_v)``;
 image score ``s = 1/(1/max M_v + 1/softmax(t·[⟨cls,p̄ⁿ⟩, ⟨cls,p̄ᵃ⟩])₁)``.
+
+Two variants (``variant``):
+
+* ``paper``: one prompt learner trained on patch and CLS losses together; prototypes average unit prompt features;
+  the image score's ``max M_v`` is over the patch grid; our wording of the defect states.
+* ``code``: the released code (``train_seg.py``, ``train_cls.py``, ``PromptAD/model.py``): a segmentation prompt
+  set (one normal context set) trained on patch losses gives the maps, a separate classification prompt set (three
+  normal context sets) trained on CLS losses gives the image score's text part; prototypes normalise the mean of
+  the raw features; ``max M_v`` is over the map bilinearly upsampled to the evaluation size; the authors' wording,
+  temperature (``logit_scale`` without ``exp``) and L_EAM summed over the token axis.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,16 +31,25 @@ from fsad.lightning_modules.components.losses import (
 )
 from fsad.lightning_modules.components.memory_bank import MemoryBank
 from fsad.lightning_modules.components.postprocess import harmonic_fusion
-from fsad.lightning_modules.components.prompt_states import abnormal_states, display_name
+from fsad.lightning_modules.components.prompt_states import Wording, abnormal_states, display_name
 from fsad.lightning_modules.components.prompts import GroupFeatures, PromptGroupTexts, PromptLearner
 
+Variant = Literal["paper", "code"]
+VARIANTS: tuple[str, ...] = ("paper", "code")
 
-def class_prompt_texts(category: str) -> PromptGroupTexts:
+
+def check_variant(variant: str) -> None:
+    """One clear error for an unknown ``variant``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"model.variant: {variant!r} is not one of {list(VARIANTS)}")
+
+
+def class_prompt_texts(category: str, wording: Wording = "ours") -> PromptGroupTexts:
     """PromptAD's prompt bodies: ``<name>.`` (NHP, ALP) and every abnormal state of the category (AHP)."""
     name = display_name(category)
     return PromptGroupTexts(
         normal=[f"{name}."],
-        abnormal=[state.format(name) + "." for state in abnormal_states(category)],
+        abnormal=[state.format(name) + "." for state in abnormal_states(category, wording)],
         learnable_abnormal=[f"{name}."],
     )
 
@@ -39,22 +60,50 @@ def two_way_probability(features: torch.Tensor, normal: torch.Tensor, abnormal: 
     return logits.softmax(dim=-1)[..., 1]
 
 
+def upsampled_max(grid_maps: torch.Tensor, size: int) -> torch.Tensor:
+    """Max of [B,rows,cols] grid maps after bilinear upsampling to ``size``² (the authors' image-score max)."""
+    up = F.interpolate(grid_maps.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
+    return up.flatten(1).amax(dim=1)
+
+
 class PromptADModel(nn.Module):
-    """Prompt learner + memory bank; the frozen backbone is passed in, never owned."""
+    """Prompt learner(s) + memory bank; the frozen backbone is passed in, never owned.
+
+    Args:
+        width: text-token width of the backbone.
+        n_ctx, n_ctx_ab, n_pro_ab: learnable contexts (4, 1, 4).
+        eam_margin, mean_loss_weight: m of L_EAM (0) and λ of L_mean (0.001).
+        temperature_quirk: use ``logit_scale`` without ``exp`` (the authors' code).
+        eam_token_axis_quirk: sum L_EAM over the token axis for patch tokens (the authors' ``TripletLoss``).
+        variant: ``paper`` or ``code`` (module docstring).
+        n_pro_cls: normal context sets of the code variant's classification prompts (3 in ``train_cls.py``).
+        image_max_size: size to which ``M_v`` is upsampled before its max in the code variant (the eval size).
+    """
 
     def __init__(
         self, width: int, n_ctx: int = 4, n_ctx_ab: int = 1, n_pro_ab: int = 4, eam_margin: float = 0.0,
         mean_loss_weight: float = 0.001, temperature_quirk: bool = False, eam_token_axis_quirk: bool = False,
+        variant: Variant = "paper", n_pro_cls: int = 3, image_max_size: int = 400,
     ) -> None:  # fmt: skip
         super().__init__()
-        self.prompts = PromptLearner(width, n_ctx, n_ctx_ab, n_pro_ab)
+        check_variant(variant)
+        self.variant = variant
+        rule = "raw_mean" if variant == "code" else "normalised_mean"
+        self.prompts = PromptLearner(width, n_ctx, n_ctx_ab, n_pro_ab, prototype_rule=rule)
+        self.cls_prompts = (
+            PromptLearner(width, n_ctx, n_ctx_ab, n_pro_ab, n_pro=n_pro_cls, prototype_rule=rule)
+            if variant == "code"
+            else None
+        )
         self.memory = MemoryBank()
         self.eam_margin = eam_margin
         self.mean_loss_weight = mean_loss_weight
         self.temperature_quirk = temperature_quirk
-        self.last_image_parts: torch.Tensor | None = None  # [B,2] (max M_v, text score) of the last forward
         self.eam_token_axis_quirk = eam_token_axis_quirk
+        self.image_max_size = image_max_size
+        self.last_image_parts: torch.Tensor | None = None  # [B,2] (max M_v, text score) of the last forward
         self.text: GroupFeatures | None = None
+        self.cls_text: GroupFeatures | None = None
 
     def temperature(self, backbone: ClipBackbone) -> torch.Tensor:
         """CLIP's temperature ``exp(logit_scale)``, or the raw ``logit_scale`` (≈4.6) with the authors' quirk."""
@@ -62,8 +111,11 @@ class PromptADModel(nn.Module):
         return scale if self.temperature_quirk else scale.exp()
 
     def build(self, backbone: ClipBackbone, category: str) -> None:
-        self.prompts.build(backbone, {"class": class_prompt_texts(category)})
-        self.text = None
+        texts = {"class": class_prompt_texts(category, "authors" if self.variant == "code" else "ours")}
+        self.prompts.build(backbone, texts)
+        if self.cls_prompts is not None:
+            self.cls_prompts.build(backbone, texts)
+        self.text = self.cls_text = None
 
     def fit_support(self, support: BackboneOutput) -> None:
         self.memory.fit(support.taps)
@@ -72,23 +124,39 @@ class PromptADModel(nn.Module):
         """Encode the prompts once for evaluation (the contexts are fixed after training)."""
         with torch.no_grad():
             self.text = self.prompts.encode(backbone)["class"]
+            self.cls_text = self.cls_prompts.encode(backbone)["class"] if self.cls_prompts is not None else self.text
+
+    def _level_losses(self, tokens: torch.Tensor, text: GroupFeatures, t: torch.Tensor, token_axis: bool) -> tuple:
+        """L_clip and L_EAM of normalised tokens against one prompt set."""
+        normal = text.normal_prototype
+        clip = prompt_contrastive_loss(tokens, normal, text.abnormal, t)
+        eam = explicit_anomaly_margin_loss(
+            tokens, normal, text.abnormal_prototype, self.eam_margin, sum_over_tokens_quirk=token_axis
+        )
+        return clip, eam
 
     def losses(self, features: BackboneOutput, backbone: ClipBackbone) -> dict[str, torch.Tensor]:
-        """L = L_clip + L_EAM + λ·L_mean on the V-V patch tokens, plus the same L_clip + L_EAM on the CLS token."""
-        text = self.prompts.encode(backbone)["class"]
+        """L = L_clip + L_EAM + λ·L_mean on the V-V patch tokens, plus L_clip + L_EAM on the CLS token.
+
+        In the code variant the CLS terms (and their own L_mean) train the separate classification prompts, so the
+        sum optimises the authors' two models independently (their parameters are disjoint).
+        """
         t = self.temperature(backbone)
+        text = self.prompts.encode(backbone)["class"]
+        cls_text = self.cls_prompts.encode(backbone)["class"] if self.cls_prompts is not None else text
         patches = F.normalize(features.vv_tokens, dim=-1)
         cls = F.normalize(features.cls, dim=-1)
-        normal, abnormal_mean = text.normal_prototype, text.abnormal_prototype
+        clip, eam = self._level_losses(patches, text, t, self.eam_token_axis_quirk)
+        clip_cls, eam_cls = self._level_losses(cls, cls_text, t, False)
         losses = {
-            "clip": prompt_contrastive_loss(patches, normal, text.abnormal, t),
-            "eam": explicit_anomaly_margin_loss(
-                patches, normal, abnormal_mean, self.eam_margin, sum_over_tokens_quirk=self.eam_token_axis_quirk
-            ),
-            "clip_cls": prompt_contrastive_loss(cls, normal, text.abnormal, t),
-            "eam_cls": explicit_anomaly_margin_loss(cls, normal, abnormal_mean, self.eam_margin),
+            "clip": clip,
+            "eam": eam,
+            "clip_cls": clip_cls,
+            "eam_cls": eam_cls,
             "mean": self.mean_loss_weight * prompt_mean_loss(text.handcrafted, text.learnable),
         }
+        if self.cls_prompts is not None:
+            losses["mean_cls"] = self.mean_loss_weight * prompt_mean_loss(cls_text.handcrafted, cls_text.learnable)
         losses["total"] = sum(losses.values())
         return losses
 
@@ -96,14 +164,18 @@ class PromptADModel(nn.Module):
         """Grid maps [B,rows,cols] and image scores [B] from one backbone pass."""
         if self.text is None:
             self.cache_text(backbone)
-        text, t = self.text, self.temperature(backbone)
+        t = self.temperature(backbone)
         visual = self.memory(features.taps)
         textual = two_way_probability(
-            F.normalize(features.vv_tokens, dim=-1), text.normal_prototype, text.abnormal_prototype, t
+            F.normalize(features.vv_tokens, dim=-1), self.text.normal_prototype, self.text.abnormal_prototype, t
         )
         grid = harmonic_fusion(textual, visual).reshape(visual.shape[0], *features.grid)
         image_text = two_way_probability(
-            F.normalize(features.cls, dim=-1), text.normal_prototype, text.abnormal_prototype, t
+            F.normalize(features.cls, dim=-1), self.cls_text.normal_prototype, self.cls_text.abnormal_prototype, t
         )
-        self.last_image_parts = torch.stack([visual.amax(dim=1), image_text], dim=1)  # for the paper's fusion quirk
-        return grid, harmonic_fusion(visual.amax(dim=1), image_text)
+        if self.variant == "code":
+            visual_max = upsampled_max(visual.reshape(visual.shape[0], *features.grid), self.image_max_size)
+        else:
+            visual_max = visual.amax(dim=1)
+        self.last_image_parts = torch.stack([visual_max, image_text], dim=1)  # for the paper protocol's max fusion
+        return grid, harmonic_fusion(visual_max, image_text)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from abc import abstractmethod
 from typing import Any, Literal
 
@@ -14,7 +16,16 @@ from fsad.callbacks.metrics import broadcast_from_rank_zero, exact_auroc, gather
 from fsad.callbacks.paper_protocol import BestEpochOnTest
 from fsad.lightning_modules.base import FewShotAnomalyModule
 from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec
-from fsad.lightning_modules.promptad.model import PromptADModel
+from fsad.lightning_modules.promptad.model import PromptADModel, Variant, check_variant
+
+Protocol = Literal["honest", "paper"]
+PROTOCOLS: tuple[str, ...] = ("honest", "paper")
+
+
+def variant_backbone(backbone: BackboneSpec | dict | None, variant: Variant) -> BackboneSpec:
+    """The backbone spec a variant runs on: ``code`` reads the taps as the authors' forward hooks hold them."""
+    spec = BackboneSpec(**backbone) if isinstance(backbone, dict) else backbone or BackboneSpec()
+    return dataclasses.replace(spec, authors_tap_hook=True) if variant == "code" else spec
 
 
 def swap_rgb_bgr(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -28,14 +39,45 @@ class PromptTuningModule(FewShotAnomalyModule):
     """What PromptAD and FineGrainedAD share: SGD with a cosine schedule over the epochs on the learnable prompt
     parameters, text features cached once per evaluation run, and the optional BGR test-image quirk.
 
-    Subclasses set ``self.model`` (with ``cache_text``, ``fit_support`` and ``forward(features, backbone)``),
-    ``self.bgr_test_quirk`` and the ``lr``/``momentum``/``weight_decay``/``eta_min`` hyper-parameters, and list
-    their trainable parameters in :meth:`trainable_parameters`.
+    Subclasses set ``self.model`` (with ``cache_text``, ``fit_support`` and ``forward(features, backbone)``), call
+    :meth:`set_variant_and_protocol`, save the ``lr``/``momentum``/``weight_decay``/``eta_min`` hyper-parameters,
+    and list their trainable parameters in :meth:`trainable_parameters`.
     """
 
+    variant: Variant = "paper"
     bgr_test_quirk: bool = False
     best_epoch_on_test: bool = False
     max_fusion_quirk: bool = False
+
+    def set_variant_and_protocol(
+        self,
+        variant: Variant,
+        protocol: Protocol,
+        bgr_test_quirk: bool | None,
+        best_epoch_on_test: bool | None,
+        max_fusion_quirk: bool | None,
+    ) -> None:
+        """Two independent axes: ``variant`` (what is computed; ``code`` feeds BGR test images as the authors do)
+        and ``protocol`` (how it is evaluated; ``paper`` adds best-epoch-on-test and the max over two fusions)."""
+        check_variant(variant)
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"model.protocol: {protocol!r} is not one of {list(PROTOCOLS)}")
+        self.variant = variant
+        self.bgr_test_quirk = variant == "code" if bgr_test_quirk is None else bgr_test_quirk
+        paper_protocol = protocol == "paper"
+        self.best_epoch_on_test = paper_protocol if best_epoch_on_test is None else best_epoch_on_test
+        self.max_fusion_quirk = paper_protocol if max_fusion_quirk is None else max_fusion_quirk
+
+    def warn_if_data_differs_from_variant(self) -> None:
+        """``variant: code`` is the authors' computation only on the authors' resize chain (``data.resize``)."""
+        resize = getattr(getattr(self.trainer, "datamodule", None), "resize", None)
+        if self.variant == "code" and resize not in (None, "authors"):
+            warnings.warn(
+                f"model.variant is 'code' but data.resize is {resize!r}: set data.resize: authors to feed the "
+                "authors' cv2-1024 then PIL-bicubic images",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def configure_callbacks(self) -> list[Callback]:
         """Paper mode adds the authors' best-epoch-on-test selection (it reads test labels; see its warning)."""
@@ -110,14 +152,19 @@ class PromptAD(PromptTuningModule):
         eam_margin: margin m of L_EAM (0 in PromptAD).
         mean_loss_weight: λ of L_mean (0.001).
         lr, momentum, weight_decay, eta_min: SGD with a cosine schedule over ``trainer.max_epochs`` (100).
-        mode: ``honest`` (exp temperature, RGB everywhere) or ``paper`` (the authors' quirks on).
-        temperature_quirk: use ``logit_scale`` without ``.exp()``; default from ``mode``.
-        bgr_test_quirk: feed test images as BGR; default from ``mode``.
+        variant: ``paper`` (the paper's text) or ``code`` (the released code, every quirk: the authors' tap hook,
+            raw-mean prototypes, two prompt sets for maps and image score, the upsampled image-score max, their
+            wording, temperature, BGR test images and token-axis L_EAM); see ``model.py`` and the README.
+        protocol: ``honest`` (last epoch, one fusion) or ``paper`` (adds best epoch on test and the max fusion).
+        n_pro_cls: normal context sets of the code variant's classification prompts (3).
+        temperature_quirk: use ``logit_scale`` without ``.exp()``; default from ``variant``.
+        bgr_test_quirk: feed test images as BGR; default from ``variant``.
         best_epoch_on_test: evaluate the test set after every epoch and report the best (reads test labels);
-            default from ``mode``.
+            default from ``protocol``.
         max_fusion_quirk: also log ``max(AUROC(harmonic), AUROC(mean))`` of the two image-score fusions as
-            ``image_AUROC_paper_max_fusion``; default from ``mode``.
-        eam_token_axis_quirk: sum L_EAM's squared differences over tokens (the authors' TripletLoss); default off.
+            ``image_AUROC_paper_max_fusion``; default from ``protocol``.
+        eam_token_axis_quirk: sum L_EAM's squared differences over tokens (the authors' TripletLoss); default from
+            ``variant``.
     """
 
     method_name = "promptad"
@@ -137,28 +184,34 @@ class PromptAD(PromptTuningModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         eta_min: float = 1e-5,
-        mode: Literal["honest", "paper"] = "honest",
+        variant: Variant = "paper",
+        protocol: Protocol = "honest",
+        n_pro_cls: int = 3,
         temperature_quirk: bool | None = None,
         bgr_test_quirk: bool | None = None,
         best_epoch_on_test: bool | None = None,
         max_fusion_quirk: bool | None = None,
-        eam_token_axis_quirk: bool = False,
+        eam_token_axis_quirk: bool | None = None,
     ) -> None:
-        super().__init__(backbone=backbone, image_size=image_size, eval_size=eval_size, gaussian_sigma=gaussian_sigma)
-        paper = mode == "paper"
-        self.bgr_test_quirk = paper if bgr_test_quirk is None else bgr_test_quirk
-        self.best_epoch_on_test = paper if best_epoch_on_test is None else best_epoch_on_test
-        self.max_fusion_quirk = paper if max_fusion_quirk is None else max_fusion_quirk
+        check_variant(variant)
+        super().__init__(
+            backbone=variant_backbone(backbone, variant), image_size=image_size, eval_size=eval_size,
+            gaussian_sigma=gaussian_sigma,
+        )  # fmt: skip
+        self.set_variant_and_protocol(variant, protocol, bgr_test_quirk, best_epoch_on_test, max_fusion_quirk)
+        code = variant == "code"
         self.model = PromptADModel(
             self.backbone.text_width, n_ctx, n_ctx_ab, n_pro_ab, eam_margin, mean_loss_weight,
-            temperature_quirk=paper if temperature_quirk is None else temperature_quirk,
-            eam_token_axis_quirk=eam_token_axis_quirk,
+            temperature_quirk=code if temperature_quirk is None else temperature_quirk,
+            eam_token_axis_quirk=code if eam_token_axis_quirk is None else eam_token_axis_quirk,
+            variant=variant, n_pro_cls=n_pro_cls, image_max_size=eval_size,
         )  # fmt: skip
 
     def setup(self, stage: str) -> None:
         category = getattr(self.trainer.datamodule, "category", None)
         if category is None:
             raise RuntimeError("PromptAD needs a datamodule with a `category` to build its prompts")
+        self.warn_if_data_differs_from_variant()
         self.model.build(self.backbone, category)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -169,4 +222,5 @@ class PromptAD(PromptTuningModule):
         return losses["total"]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.model.prompts.parameters())
+        cls_prompts = self.model.cls_prompts
+        return [*self.model.prompts.parameters(), *(cls_prompts.parameters() if cls_prompts is not None else [])]

@@ -50,10 +50,17 @@ def test_paper_mode_turns_on_the_quirks_and_bgr_matches_its_definition() -> None
     from fsad.lightning_modules.promptad.module import PromptAD, swap_rgb_bgr
 
     tiny = BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[2, 4])
-    paper, honest = PromptAD(tiny, image_size=96, mode="paper"), PromptAD(tiny, image_size=96)
-    assert paper.model.temperature_quirk and paper.bgr_test_quirk
-    assert not honest.model.temperature_quirk and not honest.bgr_test_quirk
-    assert not PromptAD(tiny, image_size=96, mode="paper", bgr_test_quirk=False).bgr_test_quirk
+    tiny_code = BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[1, 3])
+    code, paper = PromptAD(tiny_code, image_size=96, variant="code"), PromptAD(tiny, image_size=96)
+    assert code.model.temperature_quirk and code.bgr_test_quirk and code.backbone.spec.authors_tap_hook
+    assert code.model.cls_prompts is not None and code.model.cls_prompts.n_pro == 3
+    assert not code.best_epoch_on_test and not code.max_fusion_quirk  # honest evaluation of the code variant
+    assert not paper.model.temperature_quirk and not paper.bgr_test_quirk and paper.model.cls_prompts is None
+    assert not PromptAD(tiny_code, image_size=96, variant="code", bgr_test_quirk=False).bgr_test_quirk
+    protocol = PromptAD(tiny, image_size=96, protocol="paper")
+    assert protocol.best_epoch_on_test and protocol.max_fusion_quirk and not protocol.bgr_test_quirk
+    with pytest.raises(ValueError, match="model.variant"):
+        PromptAD(tiny, image_size=96, variant="authors")
     # the authors' test loop: a cv2 (BGR) uint8 image normalised with the RGB mean/std, channel by position
     pixels = torch.randint(0, 256, (1, 3, 4, 4)).float() / 255
     mean, std = torch.tensor((0.5, 0.4, 0.3)).view(1, 3, 1, 1), torch.tensor((0.2, 0.25, 0.3)).view(1, 3, 1, 1)
@@ -62,7 +69,7 @@ def test_paper_mode_turns_on_the_quirks_and_bgr_matches_its_definition() -> None
 
 
 def test_paper_protocol_best_epoch_and_max_fusion(tmp_path: Path, monkeypatch) -> None:
-    """mode: paper records every epoch's test AUROCs and logs max(AUROC(harmonic), AUROC(mean)) like the authors."""
+    """protocol: paper records every epoch's test AUROCs and logs max(AUROC(harmonic), AUROC(mean)) like the authors."""
     import json
 
     import numpy as np
@@ -79,7 +86,7 @@ def test_paper_protocol_best_epoch_and_max_fusion(tmp_path: Path, monkeypatch) -
 
     monkeypatch.setenv("FSAD_CACHE_DIR", str(tmp_path / "cache"))
     args = ["-c", str(REPO / "configs/promptad/synthetic_tiny.yaml"), "--run_root", str(tmp_path / "runs"),
-            "--model.init_args.mode", "paper", "--trainer.max_epochs", "3"]  # fmt: skip
+            "--model.init_args.protocol", "paper", "--trainer.max_epochs", "3"]  # fmt: skip
     cli = FsadCLI(args=args, run=False)
     with pytest.warns(UserWarning, match="uses test labels"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)

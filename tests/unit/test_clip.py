@@ -26,31 +26,52 @@ def test_cls_equals_open_clip_encode_image(tiny: ClipBackbone) -> None:
     assert out.grid == (12, 12) and out.vv_tokens.shape == (2, 144, 48)
 
 
+def run_blocks(backbone: ClipBackbone, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each block's input and output through open_clip's own block forward (the reference for our manual loop)."""
+    visual = backbone.clip.visual
+    x = visual._embeds(images)
+    inputs, outputs = [], []
+    for block in visual.transformer.resblocks:
+        inputs.append(x)
+        x = block(x)
+        outputs.append(x)
+    return inputs, outputs
+
+
 def test_taps_are_raw_block_outputs(tiny: ClipBackbone) -> None:
     images = torch.randn(2, 3, 96, 96)
-    captured: dict[int, torch.Tensor] = {}
-    hooks = [
-        tiny.clip.visual.transformer.resblocks[n - 1].register_forward_hook(
-            lambda _m, _i, out, n=n: captured.__setitem__(n, out[:, 1:])
-        )
-        for n in (1, 3)
-    ]
+    _, outputs = run_blocks(tiny, images)
     out = tiny(images)
-    for hook in hooks:
-        hook.remove()
     for n in (1, 3):
-        torch.testing.assert_close(out.taps[n], captured[n])
+        torch.testing.assert_close(out.taps[n], outputs[n - 1][:, 1:], rtol=0, atol=0)
+
+
+def test_authors_tap_hook_adds_the_next_blocks_attention(tiny: ClipBackbone) -> None:
+    """methods.md §1: the authors' hooked "layer L" is x_L + attn_{L+1}(ln_1(x_L)), written with MHA directly."""
+    spec = BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[1, 3], authors_tap_hook=True)
+    hooked = ClipBackbone(spec)
+    hooked.load_state_dict(tiny.state_dict())
+    images = torch.randn(2, 3, 96, 96)
+    _, outputs = run_blocks(tiny, images)
+    out = hooked(images)
+    blocks = tiny.clip.visual.transformer.resblocks
+    for n in (1, 3):
+        x = outputs[n - 1]
+        nxt = blocks[n]
+        y = nxt.ln_1(x)
+        expected = x + nxt.attn(y, y, y, need_weights=False)[0]
+        torch.testing.assert_close(out.taps[n], expected[:, 1:], rtol=1e-6, atol=1e-6)
+        assert (out.taps[n] - x[:, 1:]).abs().max() > 1e-3  # differs from the plain block output
+    with pytest.raises(ValueError, match="block after each tap"):
+        ClipBackbone(BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[4], authors_tap_hook=True))
 
 
 def test_vv_tokens_equal_direct_computation(tiny: ClipBackbone) -> None:
     """V-V stream = embeddings + Σ_blocks out_proj(softmax(v·vᵀ·scale)·v) of each block's input; then ln_post, proj."""
     images = torch.randn(2, 3, 96, 96)
     visual = tiny.clip.visual
-    block_inputs: list[torch.Tensor] = []
-    hooks = [b.register_forward_pre_hook(lambda _m, args: block_inputs.append(args[0])) for b in visual.transformer.resblocks]
+    block_inputs, _ = run_blocks(tiny, images)
     out = tiny(images)
-    for hook in hooks:
-        hook.remove()
     stream = block_inputs[0].clone()
     for block, x in zip(visual.transformer.resblocks, block_inputs, strict=True):
         attn = block.attn

@@ -25,7 +25,7 @@ def test_contexts_are_spliced_after_sos_and_alps_get_every_abnormal_set(backbone
     words = backbone.token_embedding(backbone.tokenize(["bottle.", "broken bottle."]))
     plain_eot = backbone.tokenize(["bottle.", "broken bottle."]).argmax(-1)
     torch.testing.assert_close(embeddings[0, 0], words[0, 0])  # [SOS]
-    torch.testing.assert_close(embeddings[0, 1:5], learner.normal_context)
+    torch.testing.assert_close(embeddings[0, 1:5], learner.normal_context[0])
     torch.testing.assert_close(embeddings[0, 5 : 5 + plain_eot[0]], words[0, 1 : 1 + plain_eot[0]])
     for j in range(3):  # ALP j: N N N N A_j <body>
         torch.testing.assert_close(embeddings[2 + j, 5], learner.abnormal_context[j, 0])
@@ -46,6 +46,40 @@ def test_truncated_encoding_equals_full_context_and_carries_gradients(backbone: 
         torch.testing.assert_close(short[name].normal_prototype, full[name].normal_prototype, rtol=1e-5, atol=1e-5)
     short["image"].abnormal_prototype.sum().backward()
     assert learner.normal_context.grad is not None and learner.abnormal_context.grad.abs().sum() > 0
+
+
+def test_several_normal_context_sets_follow_the_authors_expand_order(backbone: ClipBackbone) -> None:
+    """n_pro = 3, n_pro_ab = 4 (the authors' classification model): NHP/AHP once per normal set; ALP row r pairs
+    normal set r mod 3 with abnormal set r mod 4, which is what their ``expand(...).reshape(-1, ...)`` produces."""
+    learner = PromptLearner(backbone.text_width, n_ctx=2, n_ctx_ab=1, n_pro_ab=4, n_pro=3)
+    learner.build(backbone, {"image": PromptGroupTexts(["bottle."], ["a.", "b."], ["bottle."])})
+    embeddings, eot = learner.prompt_embeddings()
+    assert embeddings.shape[0] == 3 + 2 * 3 + 12
+    for p in range(3):
+        torch.testing.assert_close(embeddings[p, 1:3], learner.normal_context[p])
+        for body in range(2):
+            torch.testing.assert_close(embeddings[3 + body * 3 + p, 1:3], learner.normal_context[p])
+    normal_rows = learner.normal_context.unsqueeze(0).expand(4, -1, -1, -1).reshape(-1, 2, learner.normal_context.shape[-1])
+    abnormal_rows = learner.abnormal_context.unsqueeze(0).expand(3, -1, -1, -1).reshape(-1, 1, learner.normal_context.shape[-1])
+    torch.testing.assert_close(embeddings[9:, 1:3], normal_rows)
+    torch.testing.assert_close(embeddings[9:, 3:4], abnormal_rows)
+    assert len({(r % 3, r % 4) for r in range(12)}) == 12 and len(eot) == 21
+
+
+def test_prototype_rules_against_a_hand_computation() -> None:
+    from fsad.lightning_modules.components.prompts import GroupFeatures
+
+    normal = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    handcrafted, learnable = torch.tensor([[1.0, 1.0]]), torch.tensor([[0.0, -2.0]])
+    raw = GroupFeatures(normal, handcrafted, learnable, prototype_rule="raw_mean")
+    normalised = GroupFeatures(normal, handcrafted, learnable)
+    # raw mean of (3,0),(0,1) is (1.5,0.5) → /√2.5; mean of unit vectors (1,0),(0,1) is (.5,.5) → (1,1)/√2
+    torch.testing.assert_close(raw.normal_prototype, torch.tensor([1.5, 0.5]) / 2.5**0.5)
+    torch.testing.assert_close(normalised.normal_prototype, torch.tensor([1.0, 1.0]) / 2**0.5)
+    # abnormal: raw mean (0.5,-0.5) → (1,-1)/√2; unit mean ((1,1)/√2 + (0,-1))/2 normalised
+    torch.testing.assert_close(raw.abnormal_prototype, torch.tensor([1.0, -1.0]) / 2**0.5)
+    unit_mean = (torch.tensor([1.0, 1.0]) / 2**0.5 + torch.tensor([0.0, -1.0])) / 2
+    torch.testing.assert_close(normalised.abnormal_prototype, unit_mean / unit_mean.norm())
 
 
 def test_overlong_prompt_is_refused(backbone: ClipBackbone) -> None:
