@@ -176,6 +176,9 @@ class PairedTransform:
             image, mask = out["image"], out["mask"]
         resized = resize_image(image, self.image_size, self.resize)
         normalised = (resized / 255.0 - self.mean) / self.std
+        if self.resize == "authors":  # their masks go through the same 1024² intermediate, nearest both times
+            side = AUTHORS_INTERMEDIATE_SIZE
+            mask = cv2.resize(mask, (side, side), interpolation=cv2.INTER_NEAREST)
         eval_mask = cv2.resize(mask, (self.eval_size, self.eval_size), interpolation=cv2.INTER_NEAREST)
         return torch.from_numpy(normalised.transpose(2, 0, 1).copy()), torch.from_numpy(eval_mask.astype(np.uint8))
 

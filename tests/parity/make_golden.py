@@ -1,0 +1,39 @@
+"""Regenerate the parity fixtures from the authors' code: ``python tests/parity/make_golden.py <method> --authors PATH``.
+
+``promptad``: a checkout of FuNz-0/PromptAD; ``kagprompt``: a checkout of CVL-hub/KAG-prompt. The authors' code is
+read from the path given and run there; only numbers land in ``tests/fixtures/parity/<method>/``. See README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("method", choices=["promptad", "kagprompt"])
+    parser.add_argument("--authors", type=Path, required=True, help="checkout of the authors' repository")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mvtec_ad",
+                        help="MVTec-AD root holding bottle/ (promptad)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, help="fixture folder (default tests/fixtures/parity/<method>)")
+    args = parser.parse_args(argv)
+    out = args.out or REPO / "tests" / "fixtures" / "parity" / args.method
+    if args.method == "promptad":
+        from tests.parity.promptad_golden import generate
+
+        generate(args.authors, args.data, out)
+    else:
+        from tests.parity.kagprompt_golden import generate
+
+        generate(args.authors, out)
+    print(f"wrote {sorted(p.name for p in out.iterdir())} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))  # run as a script from anywhere: `tests.parity` must be importable
+    sys.exit(main())
