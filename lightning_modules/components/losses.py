@@ -56,13 +56,20 @@ def prompt_mean_loss(handcrafted: torch.Tensor, learnable: torch.Tensor) -> torc
 
 
 def level_regulariser(
-    image_abnormal: torch.Tensor,
-    component_abnormals: torch.Tensor,
+    image_learnable: torch.Tensor,
+    component_learnables: torch.Tensor,
     background_normal: torch.Tensor,
     weight: float = 1.0,
 ) -> torch.Tensor:
-    """FineGrainedAD L_reg (Eq. 3): ``‖p̄ᵃ_img − Σᵢ p̄ᵃ_cᵢ − λ·p̄ⁿ_bg‖`` (not squared; λ = 1 in the paper)."""
-    return (image_abnormal - component_abnormals.sum(dim=0) - weight * background_normal).norm()
+    """FineGrainedAD L_reg (Eq. 3): ``‖mean(ALP_img) − mean(norm Σᵢ ALP_cᵢ) − λ·mean(NHP_bg)‖``, not squared.
+
+    image_learnable: [P,D] unit image-level ALP features; component_learnables: [N_c,P,D] unit ALP features of each
+    component (row p of every component used the same abnormal context set); background_normal: [Pn,D] unit NHP
+    features. The component sum is renormalised row by row before averaging, as the authors' code does, so the loss
+    does not grow with the number of components. λ is the weight of the background term (1 in the paper).
+    """
+    components = F.normalize(component_learnables.sum(dim=0), dim=-1).mean(dim=0)
+    return (image_learnable.mean(dim=0) - components - weight * background_normal.mean(dim=0)).norm()
 
 
 def focal_loss(probabilities: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, eps: float = 1e-6) -> torch.Tensor:

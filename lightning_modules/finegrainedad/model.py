@@ -24,17 +24,64 @@ from fsad.lightning_modules.finegrainedad.mfsc import PromptTexts
 from fsad.lightning_modules.promptad.model import two_way_probability
 
 
-class QueryFormer(nn.Module):
-    """One query per level from that level's normal and abnormal prototypes (the authors' cross-attention reduces
-    to this per-level linear map, since each query attends to a single key): ``q_l = W[p̄ⁿ_l; p̄ᵃ_l] + b``."""
+class LevelQueryFormer(nn.Module):
+    """The released code's Query Former (``variant: code``): each level's query attends to a single key, its own
+    level's prototype, so the attention weights are 1 and the layer is the per-level linear map
+    ``q_l = W[p̄ⁿ_l; p̄ᵃ_l] + b`` (methods.md §2, "Query Former")."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.project = nn.Linear(2 * dim, dim)
 
-    def forward(self, normal: torch.Tensor, abnormal: torch.Tensor) -> torch.Tensor:
+    def forward(self, normal: torch.Tensor, abnormal: torch.Tensor, **_: torch.Tensor) -> torch.Tensor:
         """[L,D] and [L,D] prototypes → [L,D] L2-normalised queries."""
         return F.normalize(self.project(torch.cat([normal, abnormal], dim=-1)), dim=-1)
+
+
+class CrossAttentionQueryFormer(nn.Module):
+    """The paper's Query Former (PAD branch): randomly initialised learnable multi-level intrinsic representations
+    are the queries; two parallel cross-attention layers read, as keys and values, every level's normal prompt
+    features and every level's abnormal prompt features respectively; one projection fuses the two outputs.
+
+    Attention decides which level's evidence each intrinsic representation draws on. ``resize(levels)`` creates one
+    query per level once the caption record (and so the number of levels) is known.
+    """
+
+    def __init__(self, dim: int, heads: int = 1) -> None:
+        super().__init__()
+        self.dim = dim
+        self.queries = nn.Parameter(torch.empty(0, dim))
+        self.normal_attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.abnormal_attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.project = nn.Linear(2 * dim, dim)
+
+    def resize(self, levels: int) -> None:
+        """(Re)create ``levels`` intrinsic queries, N(0, 1/D) like CLIP's embeddings, if their number changed."""
+        if self.queries.shape[0] != levels:
+            self.queries = nn.Parameter(torch.randn(levels, self.dim, device=self.queries.device) * self.dim**-0.5)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """A checkpoint fixes the number of levels: take its query count before loading (even before ``build``)."""
+        stored = state_dict.get(prefix + "queries")
+        if stored is not None:
+            self.resize(stored.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(
+        self, normal: torch.Tensor, abnormal: torch.Tensor, normal_features: torch.Tensor, abnormal_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Intrinsic queries [L,D] (normalised) from all normal [Pn,D] and all abnormal [Pa,D] prompt features.
+
+        ``normal``/``abnormal`` (the per-level prototypes) only fix L here; the objective compares against them.
+        """
+        if self.queries.shape[0] != normal.shape[0]:
+            raise RuntimeError(f"Query Former has {self.queries.shape[0]} queries for {normal.shape[0]} levels")
+        queries = self.queries.unsqueeze(0)
+        from_normal = self.normal_attention(queries, normal_features[None], normal_features[None], need_weights=False)[0]
+        from_abnormal = self.abnormal_attention(
+            queries, abnormal_features[None], abnormal_features[None], need_weights=False
+        )[0]
+        return F.normalize(self.project(torch.cat([from_normal[0], from_abnormal[0]], dim=-1)), dim=-1)
 
 
 def query_former_loss(queries: torch.Tensor, normal: torch.Tensor, abnormal: torch.Tensor) -> torch.Tensor:
@@ -61,10 +108,14 @@ class FineGrainedADModel(nn.Module):
         self, text_width: int, embed_dim: int, n_ctx: int = 4, n_ctx_ab: int = 1, n_pro_ab: int = 4,
         eam_margin: float = 1.0, mean_loss_weight: float = 0.001, reg_weight: float = 1.0,
         temperature_quirk: bool = False, image_reweighting: bool = False, train_query_former: bool = True,
+        variant: str = "paper", reg_lambda: float = 1.0,
     ) -> None:  # fmt: skip
         super().__init__()
-        self.prompts = PromptLearner(text_width, n_ctx, n_ctx_ab, n_pro_ab)
-        self.query_former = QueryFormer(embed_dim)
+        self.variant = variant
+        rule = "raw_mean" if variant == "code" else "normalised_mean"
+        self.prompts = PromptLearner(text_width, n_ctx, n_ctx_ab, n_pro_ab, prototype_rule=rule)
+        self.query_former = LevelQueryFormer(embed_dim) if variant == "code" else CrossAttentionQueryFormer(embed_dim)
+        self.reg_lambda = reg_lambda
         self.attribute_gates = nn.Parameter(torch.randn(2, 4))  # [normal/abnormal, relation/color/texture/shape]
         self.memory = MemoryBank()
         self.eam_margin, self.mean_loss_weight, self.reg_weight = eam_margin, mean_loss_weight, reg_weight
@@ -83,6 +134,8 @@ class FineGrainedADModel(nn.Module):
         self.components = list(texts.components)
         self.attributes = [a for a in self.ATTRIBUTE_ORDER if a in texts.attributes]
         self.prompts.build(backbone, texts.groups())
+        if isinstance(self.query_former, CrossAttentionQueryFormer):
+            self.query_former.resize(len(self.components) + 2)
         self.levels = None
 
     def temperature(self, backbone: ClipBackbone) -> torch.Tensor:
@@ -112,13 +165,26 @@ class FineGrainedADModel(nn.Module):
         ordered = [groups[f"component:{c}"] for c in self.components] + [None, groups["background"]]
         normal = [g.normal_prototype if g is not None else F.normalize(image_normal, dim=-1) for g in ordered]
         abnormal = [g.abnormal_prototype if g is not None else F.normalize(image_abnormal, dim=-1) for g in ordered]
-        return groups, {"normal": torch.stack(normal), "abnormal": torch.stack(abnormal)}
+        level_groups = [g if g is not None else image for g in ordered]
+        return groups, {
+            "normal": torch.stack(normal),
+            "abnormal": torch.stack(abnormal),
+            "normal_features": torch.cat([g.normal for g in level_groups]),
+            "abnormal_features": torch.cat([g.abnormal for g in level_groups]),
+        }
+
+    def queries(self, levels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The Query Former's multi-level intrinsic representations [L,D] for the encoded levels."""
+        return self.query_former(
+            levels["normal"], levels["abnormal"],
+            normal_features=levels["normal_features"], abnormal_features=levels["abnormal_features"],
+        )  # fmt: skip
 
     def cache_text(self, backbone: ClipBackbone) -> None:
         """Level prototypes and queries, computed once per evaluation run."""
         with torch.no_grad():
             _, levels = self.encode_levels(backbone)
-            levels["queries"] = self.query_former(levels["normal"], levels["abnormal"])
+            levels["queries"] = self.queries(levels)
         self.levels = levels
 
     @property
@@ -153,13 +219,16 @@ class FineGrainedADModel(nn.Module):
             losses[f"eam/{name}"] = explicit_anomaly_margin_loss(tokens, normal, abnormal_mean, self.eam_margin, w)
             if name != "background":
                 losses[f"mean/{name}"] = self.mean_loss_weight * prompt_mean_loss(group.handcrafted, group.learnable)
-        component_abnormal = levels["abnormal"][: self.image_level]
-        losses["reg"] = level_regulariser(
-            levels["abnormal"][self.image_level], component_abnormal, levels["normal"][-1], 1.0
-        ) * self.reg_weight
+        if self.components:  # Eq. 3 on the learnable abnormal prompts (a record without components has no L_reg)
+            component_learnables = torch.stack([groups[f"component:{c}"].learnable for c in self.components])
+            losses["reg"] = self.reg_weight * level_regulariser(
+                groups["image"].learnable, component_learnables, groups["background"].normal, self.reg_lambda
+            )
         if self.train_query_former:
-            normal, abnormal = levels["normal"].detach(), levels["abnormal"].detach()
-            losses["query_former"] = query_former_loss(self.query_former(normal, abnormal), normal, abnormal)
+            detached = {key: value.detach() for key, value in levels.items()}
+            losses["query_former"] = query_former_loss(
+                self.queries(detached), detached["normal"], detached["abnormal"]
+            )
         losses["total"] = sum(losses.values())
         return losses
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -23,13 +24,18 @@ class FineGrainedAD(PromptTuningModule):
     Args:
         captions: path of an MFSC record JSON; ``None`` uses the packaged record of (dataset, category).
         eam_margin, mean_loss_weight, reg_weight: m (1.0), λ of L_mean (0.001), weight of L_reg (1.0).
+        reg_lambda: λ of the background term inside L_reg (Eq. 3; 1 in the paper).
         region_boost: region weight ``w = 1 + boost`` inside a level's region (1.5).
-        semantic_seeds: DPC-KNN starts from prompt-chosen centres (paper; the authors' code passes none).
-        reference_mode: cluster [visual token; prompt cosines] (``concat``) or the cosines alone (``replace``, code).
-        background_rule: stage-1 background = cluster on the image border (``border``) or nearer the background
-            prompt (``prompt``, code).
+        semantic_seeds: DPC-KNN starts from prompt-chosen centres; default from ``variant`` (paper on; the authors'
+            code passes none).
+        reference_mode: cluster the prompt cosines alone (``replace``, the paper's reference dimension and the
+            code's) or, our option, [visual token; prompt cosines] (``concat``).
+        background_rule: stage-1 background = the cluster nearer the background prompt (``prompt``, language-guided
+            as in both paper and code) or, our option, the cluster on the image border (``border``).
+        assignment: components take regions ``one_to_one`` (paper) or by ``argmax`` (code); default from ``variant``.
         slice_factor: high-resolution slicing: support shots at ``factor × image_size``, cut into factor² tiles.
-        train_query_former: train the Query Former with the paper's objective (the authors' code never trains it).
+        train_query_former: train the Query Former with the paper's objective; default from ``variant`` (the
+            authors' code never trains it).
         image_reweighting: Eq. 6 image-level re-weighting of the token-wise map (inferred; not in the code).
         prompt_seed: seed of the random choices in the prompt texts (swapped locations, absent attribute values).
         lr, momentum, weight_decay, eta_min, variant, protocol, temperature_quirk, bgr_test_quirk,
@@ -51,12 +57,14 @@ class FineGrainedAD(PromptTuningModule):
         eam_margin: float = 1.0,
         mean_loss_weight: float = 0.001,
         reg_weight: float = 1.0,
+        reg_lambda: float = 1.0,
         region_boost: float = 1.5,
-        semantic_seeds: bool = True,
-        reference_mode: Literal["concat", "replace"] = "concat",
-        background_rule: Literal["border", "prompt"] = "border",
+        semantic_seeds: bool | None = None,
+        reference_mode: Literal["concat", "replace"] = "replace",
+        background_rule: Literal["border", "prompt"] = "prompt",
+        assignment: Literal["one_to_one", "argmax"] | None = None,
         slice_factor: int = 4,
-        train_query_former: bool = True,
+        train_query_former: bool | None = None,
         image_reweighting: bool = False,
         prompt_seed: int = 0,
         lr: float = 2e-3,
@@ -80,8 +88,12 @@ class FineGrainedAD(PromptTuningModule):
         self.model = FineGrainedADModel(
             self.backbone.text_width, self.backbone.embed_dim, n_ctx, n_ctx_ab, n_pro_ab, eam_margin,
             mean_loss_weight, reg_weight, temperature_quirk=code if temperature_quirk is None else temperature_quirk,
-            image_reweighting=image_reweighting, train_query_former=train_query_former,
+            image_reweighting=image_reweighting,
+            train_query_former=not code if train_query_former is None else train_query_former,
+            variant=variant, reg_lambda=reg_lambda,
         )  # fmt: skip
+        self.semantic_seeds = not code if semantic_seeds is None else semantic_seeds
+        self.assignment = ("argmax" if code else "one_to_one") if assignment is None else assignment
         self.record: CaptionRecord | None = None
         self.region_weights_by_path: dict[str, torch.Tensor] = {}
 
@@ -115,9 +127,17 @@ class FineGrainedAD(PromptTuningModule):
         component_prompts = torch.stack([groups[f"component:{c}"].normal_prototype for c in self.model.components])
         regions = aggregate_regions(
             self.support_tokens_high_res(paths), component_prompts, groups["background"].normal_prototype,
-            semantic_seeds=self.hparams.semantic_seeds, reference_mode=self.hparams.reference_mode,
-            background_rule=self.hparams.background_rule,
+            semantic_seeds=self.semantic_seeds, reference_mode=self.hparams.reference_mode,
+            background_rule=self.hparams.background_rule, assignment=self.assignment,
         )  # fmt: skip
+        for index, component in enumerate(self.model.components):
+            if not (regions.labels == index).any():
+                warnings.warn(
+                    f"FineGrainedAD: component {component!r} got no region after clustering the support shots; it is "
+                    "trained on the whole image (every token at weight 1, as the image level) instead",
+                    UserWarning,
+                    stacklevel=2,
+                )
         weights = region_weights(regions, len(self.model.components) + 1, self.backbone.grid, self.hparams.region_boost)
         return {path: weights[:, i] for i, path in enumerate(paths)}
 

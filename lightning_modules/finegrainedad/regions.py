@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 
 
 def dpc_knn(
@@ -87,9 +88,10 @@ def aggregate_regions(
     background_prompt: torch.Tensor,
     semantic_seeds: bool = True,
     reference_mode: str = "concat",
-    background_rule: str = "border",
+    background_rule: str = "prompt",
     k_stage1: int = 8,
     k_stage2: int = 5,
+    assignment: str = "one_to_one",
 ) -> Regions:
     """Two-stage DPC-KNN over support tokens [K,H,W,D] with the prompt-reference dimension (methods.md §2, 2–5).
 
@@ -98,8 +100,13 @@ def aggregate_regions(
     background (2 clusters). With ``background_rule="border"`` the background is the cluster covering more of the
     image border (benchmark objects sit centred on a uniform background); with ``"prompt"`` (the authors' rule) it
     is the cluster whose mean token is closer to the background prompt. Stage 2 clusters the foreground into
-    N_c + 1 groups, and each component prompt claims the cluster whose mean token is most similar to it.
+    N_c + 1 groups. With ``assignment="one_to_one"`` (the paper: each component has its own region) components and
+    clusters are matched one to one, maximising the summed prompt-to-cluster-mean similarity (Hungarian
+    assignment); with ``"argmax"`` (the authors' code) each component prompt claims its most similar cluster, so two
+    components may share one and another is left with none.
     """
+    if assignment not in ("one_to_one", "argmax"):
+        raise ValueError(f"assignment must be 'one_to_one' or 'argmax', got {assignment!r}")
     if reference_mode not in ("concat", "replace"):
         raise ValueError(f"reference_mode must be 'concat' or 'replace', got {reference_mode!r}")
     if background_rule not in ("border", "prompt"):
@@ -131,8 +138,13 @@ def aggregate_regions(
         means = torch.stack([
             F.normalize(flat[foreground][stage2 == c].mean(0), dim=-1) for c in range(n_components + 1)
         ])  # fmt: skip
-        claimed = (F.normalize(component_prompts, dim=-1) @ means.T).argmax(dim=1)  # component i -> cluster
-        for component, cluster in enumerate(claimed.tolist()):
+        similarity = F.normalize(component_prompts, dim=-1) @ means.T  # [N_c, N_c+1]
+        if assignment == "one_to_one":
+            rows, columns = linear_sum_assignment(similarity.detach().cpu().numpy(), maximize=True)
+            claimed = dict(zip(rows.tolist(), columns.tolist(), strict=True))
+        else:
+            claimed = dict(enumerate(similarity.argmax(dim=1).tolist()))
+        for component, cluster in claimed.items():
             labels[foreground[stage2 == cluster]] = component
     return Regions(labels=labels.reshape(shots, height, width), background=background.reshape(shots, height, width))
 

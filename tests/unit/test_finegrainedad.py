@@ -18,7 +18,12 @@ from fsad.lightning_modules.finegrainedad.mfsc import (
     normalise_value,
     packaged_record,
 )
-from fsad.lightning_modules.finegrainedad.model import QueryFormer, query_former_loss, token_wise_scores
+from fsad.lightning_modules.finegrainedad.model import (
+    CrossAttentionQueryFormer,
+    LevelQueryFormer,
+    query_former_loss,
+    token_wise_scores,
+)
 from fsad.lightning_modules.finegrainedad.regions import (
     aggregate_regions,
     dpc_knn,
@@ -174,17 +179,71 @@ def test_token_wise_scores_equal_a_direct_per_token_loop() -> None:
             assert abs(float(ours[b, j]) - float(a / (a + n))) < 1e-6
 
 
-def test_query_former_loss_falls() -> None:
+def cross_attention_by_hand(attention: torch.nn.MultiheadAttention, queries, keys) -> torch.Tensor:
+    """softmax((qW_q+b_q)(kW_k+b_k)ᵀ/√d)(kW_v+b_v), then the output projection; one head."""
+    w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attention.in_proj_bias.chunk(3)
+    q, k, v = queries @ w_q.T + b_q, keys @ w_k.T + b_k, keys @ w_v.T + b_v
+    weights = torch.softmax(q @ k.T / q.shape[-1] ** 0.5, dim=-1)
+    return (weights @ v) @ attention.out_proj.weight.T + attention.out_proj.bias
+
+
+def test_paper_query_former_is_two_cross_attentions_and_one_projection() -> None:
+    """Queries attend over every level's prompt features (not one prototype per level); checked by hand."""
+    torch.manual_seed(0)
+    former = CrossAttentionQueryFormer(8)
+    former.resize(3)
+    normal_features = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    abnormal_features = torch.nn.functional.normalize(torch.randn(7, 8), dim=-1)
+    prototypes = torch.zeros(3, 8)
+    ours = former(prototypes, prototypes, normal_features=normal_features, abnormal_features=abnormal_features)
+    fused = torch.cat([cross_attention_by_hand(former.normal_attention, former.queries, normal_features),
+                       cross_attention_by_hand(former.abnormal_attention, former.queries, abnormal_features)], -1)
+    expected = torch.nn.functional.normalize(fused @ former.project.weight.T + former.project.bias, dim=-1)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    # each query's attention really spreads over several prompts: weights are not one-hot
+    weights = former.normal_attention(former.queries[None], normal_features[None], normal_features[None])[1][0]
+    assert float(weights.max()) < 0.99
+
+
+def test_code_query_former_is_the_per_level_linear_map() -> None:
+    former = LevelQueryFormer(4)
+    normal, abnormal = torch.randn(3, 4), torch.randn(3, 4)
+    expected = torch.cat([normal, abnormal], -1) @ former.project.weight.T + former.project.bias
+    torch.testing.assert_close(former(normal, abnormal), torch.nn.functional.normalize(expected, dim=-1))
+
+
+def test_query_former_objective_trains_the_queries() -> None:
+    """The paper's objective raises cos(q_l, p̄ⁿ_l) + cos(q_l, p̄ᵃ_l) of the intrinsic representations."""
     torch.manual_seed(0)
     normal = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
     abnormal = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
-    former = QueryFormer(16)
-    optimiser = torch.optim.SGD(former.parameters(), lr=0.5)
+    former = CrossAttentionQueryFormer(16)
+    former.resize(4)
+    optimiser = torch.optim.Adam(former.parameters(), lr=0.05)
     losses = []
-    for _ in range(20):
-        loss = query_former_loss(former(normal, abnormal), normal, abnormal)
+    for _ in range(60):
+        loss = query_former_loss(former(normal, abnormal, normal_features=normal, abnormal_features=abnormal),
+                                 normal, abnormal)  # fmt: skip
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_components_get_regions_one_to_one_where_argmax_would_share() -> None:
+    """Planted: both component prompts are closest to cluster A; the paper's one-to-one matching gives the second
+    component cluster B (maximum total similarity), the code's argmax leaves the first component with no region."""
+    torch.manual_seed(0)
+    axes = torch.eye(4)
+    groups = [axes[i] + 0.02 * torch.randn(10, 4) for i in range(4)]  # A, B, C foreground; D background
+    tokens = torch.cat(groups).reshape(1, 5, 8, 4)
+    components = torch.stack([axes[0] + 0.1 * axes[1] + 0.3 * axes[2], axes[0] + 0.6 * axes[1] + 0.3 * axes[2]])
+    truth = torch.arange(4).repeat_interleave(10).reshape(1, 5, 8)
+    one_to_one = aggregate_regions(tokens, components, axes[3], reference_mode="concat", semantic_seeds=False)
+    assert torch.equal(one_to_one.background, truth == 3)
+    assert torch.equal(one_to_one.labels == 0, truth == 0) and torch.equal(one_to_one.labels == 1, truth == 1)
+    argmax = aggregate_regions(tokens, components, axes[3], reference_mode="concat", semantic_seeds=False,
+                              assignment="argmax")
+    assert not (argmax.labels == 0).any() and torch.equal(argmax.labels == 1, truth == 0)

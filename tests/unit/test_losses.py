@@ -44,9 +44,16 @@ def test_eam_loss_by_hand() -> None:
 def test_mean_and_regulariser_by_hand() -> None:
     # norm([2,0])=[1,0], norm([0,3])=[0,1]: ‖[1,−1]‖² = 2
     assert close(prompt_mean_loss(torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 3.0]])), 2.0)
-    # ‖[1,1] − ([1,0]+[0,0.5]) − 1·[0,0]‖ = ‖[0,0.5]‖ = 0.5
-    value = level_regulariser(torch.tensor([1.0, 1.0]), torch.tensor([[1.0, 0.0], [0.0, 0.5]]), torch.zeros(2))
-    assert close(value, 0.5)
+    # image ALPs (1,0),(0,1) → mean (.5,.5); components: rows (1,0)+(1,0)=(2,0)→(1,0) and (0,1)+(1,0)→(1,1)/√2, mean
+    # ((1+1/√2)/2, (1/√2)/2); background NHP (0,1), λ = 0.5 → subtract (0,.5)
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    components = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]])
+    value = level_regulariser(image, components, torch.tensor([[0.0, 1.0]]), weight=0.5)
+    r = 1 / math.sqrt(2)
+    assert close(value, math.hypot(0.5 - (1 + r) / 2, 0.5 - r / 2 - 0.5))
+    # five copies of each component: the renormalised sums point the same way, so L_reg does not grow with N_c
+    many = level_regulariser(image, components.repeat(5, 1, 1), torch.tensor([[0.0, 1.0]]), weight=0.5)
+    assert close(many, float(value))
 
 
 def test_focal_dice_and_image_cross_entropy_by_hand() -> None:
