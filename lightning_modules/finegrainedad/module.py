@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -10,7 +11,13 @@ import torch
 from fsad.batch import Batch
 from fsad.datamodules.transforms import PairedTransform, load_rgb
 from fsad.lightning_modules.components.clip import BackboneSpec
-from fsad.lightning_modules.finegrainedad.mfsc import CaptionRecord, load_record, mllp_texts, packaged_record
+from fsad.lightning_modules.finegrainedad.mfsc import (
+    CaptionRecord,
+    caption_provenance_summary,
+    load_record,
+    mllp_texts,
+    packaged_record,
+)
 from fsad.lightning_modules.finegrainedad.model import FineGrainedADModel
 from fsad.lightning_modules.finegrainedad.regions import aggregate_regions, region_weights, slice_tiles, stitch_tiles
 from fsad.lightning_modules.promptad.module import PromptTuningModule
@@ -88,6 +95,15 @@ class FineGrainedAD(PromptTuningModule):
             self.record = load_record(self.hparams.captions)
         else:
             self.record = packaged_record(getattr(data, "dataset_name", "?"), getattr(data, "category", "?"))
+        if self.record.is_generic:
+            warnings.warn(
+                f"caption record {self.record.dataset}/{self.record.category} is generic "
+                f"({self.record.provenance.source}): FineGrainedAD runs with the image and background levels only. "
+                "See 'Where captions come from' in the README for image-derived records.",
+                stacklevel=2,
+            )
+        if self.logger is not None:
+            self.logger.log_hyperparams({"captions": caption_provenance_summary(self.record)})
         self.model.build(self.backbone, mllp_texts(self.record, seed=self.hparams.prompt_seed))
 
     def on_fit_start(self) -> None:
@@ -104,7 +120,12 @@ class FineGrainedAD(PromptTuningModule):
         return stitch_tiles(tokens, len(paths), factor, self.backbone.grid)
 
     def compute_region_weights(self, paths: list[str]) -> dict[str, torch.Tensor]:
-        """MLSA region aggregation on the support shots, once per run: path → [N_c+1, rows, cols] weights."""
+        """MLSA region aggregation on the support shots, once per run: path → [N_c+1, rows, cols] weights.
+
+        A generic record has no components to aggregate: its background level weighs every token 1.
+        """
+        if not self.model.components:
+            return {path: torch.ones(1, *self.backbone.grid) for path in paths}
         with torch.no_grad():
             groups = self.model.prompts.encode(self.backbone)
         component_prompts = torch.stack([groups[f"component:{c}"].normal_prototype for c in self.model.components])
