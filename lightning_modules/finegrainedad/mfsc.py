@@ -230,7 +230,8 @@ def parse_record(data: dict, source: str) -> CaptionRecord:
     try:
         return CaptionRecord.model_validate(data)
     except ValidationError as err:
-        problems = "; ".join(f"{_field_path(e['loc']) or '<record>'}: {e['msg']}" for e in err.errors())
+        messages = [(_field_path(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in err.errors()]
+        problems = "; ".join(f"{path}: {message}" if path else message for path, message in messages)
         raise CaptionRecordError(f"{source}: {problems}") from None
 
 
@@ -293,20 +294,20 @@ def _sentence(text: str) -> str:
     return text if text.endswith(".") else text + "."
 
 
-def _word_pattern(word: str) -> re.Pattern[str]:
+def word_pattern(word: str) -> re.Pattern[str]:
     """``word`` as a whole word, optionally plural (``LED`` matches ``LEDs`` but not ``LEDGE``)."""
     return re.compile(rf"\b({re.escape(word)}(?:e?s)?)\b", flags=re.IGNORECASE)
 
 
 def _replace_first(text: str, old: str, new: str) -> str:
     """Replace the first whole-word ``old`` by ``new``; prefix ``new`` when ``old`` does not occur."""
-    pattern = _word_pattern(old)
+    pattern = word_pattern(old)
     return pattern.sub(lambda _: new, text, count=1) if pattern.search(text) else f"{new}: {text}"
 
 
 def _with_defect(text: str, noun: str, defect_state: str) -> str:
     """Insert a defect after the first mention of ``noun``, keeping its plural: ``LEDs`` → ``LEDs with a crack``."""
-    pattern = _word_pattern(noun)
+    pattern = word_pattern(noun)
     if not pattern.search(text):
         return f"{defect_state.format(noun)}: {text}"
     return pattern.sub(lambda m: defect_state.format(m.group(1)), text, count=1)
@@ -344,7 +345,7 @@ def mllp_texts(record: CaptionRecord, object_name: str | None = None, seed: int 
     for component in record.components:
         caption = _sentence(component.caption)
         others = [loc for loc in LOCATIONS if loc not in (component.location, "whole", "around")]
-        located = _word_pattern(component.location).search(caption)
+        located = word_pattern(component.location).search(caption)
         moved = _replace_first(caption, component.location, rng.choice(others)) if located else None
         abnormal = [_sentence(_with_defect(caption, component.name, "{} with " + d)) for d in COMPONENT_DEFECTS]
         if moved:

@@ -110,7 +110,7 @@ def test_captions_validate_command(tmp_path: Path, capsys: pytest.CaptureFixture
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**record_dict(), "components": []}))
     assert main(["captions", "validate", str(bad)]) == 1
-    assert f"FAIL {bad}: components: List should have at least 1 item" in capsys.readouterr().out
+    assert f"FAIL {bad}: components: a non-generic record describes at least one component" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- clustering
