@@ -265,6 +265,22 @@ def packaged_record(dataset: str, category: str) -> CaptionRecord:
     return load_record(path)
 
 
+def resolve_record(captions: str | Path | None, dataset: str, category: str) -> CaptionRecord:
+    """The record a run uses: the packaged one (``captions`` None), a record file, or from a folder of records
+    (``<folder>/<dataset>/<category>.json`` as ``fsad captions import`` writes, else ``<folder>/<category>.json``)."""
+    if captions is None:
+        return packaged_record(dataset, category)
+    path = Path(captions)
+    if not path.is_dir():
+        return load_record(path)
+    for candidate in (path / dataset / f"{category}.json", path / f"{category}.json"):
+        if candidate.is_file():
+            return load_record(candidate)
+    raise CaptionRecordError(
+        f"{path}: no caption record for {dataset}/{category} (looked for {dataset}/{category}.json and {category}.json)"
+    )
+
+
 # ----------------------------------------------------------------------------- MLLP prompt texts
 BACKGROUND_DEFECTS = ("a stain", "a foreign object", "dust")
 COMPONENT_DEFECTS = ("a crack", "a scratch", "a stain", "a missing part", "a deformation")

@@ -14,9 +14,8 @@ from fsad.lightning_modules.components.clip import BackboneSpec
 from fsad.lightning_modules.finegrainedad.mfsc import (
     CaptionRecord,
     caption_provenance_summary,
-    load_record,
     mllp_texts,
-    packaged_record,
+    resolve_record,
 )
 from fsad.lightning_modules.finegrainedad.model import FineGrainedADModel
 from fsad.lightning_modules.finegrainedad.regions import aggregate_regions, region_weights, slice_tiles, stitch_tiles
@@ -27,7 +26,9 @@ class FineGrainedAD(PromptTuningModule):
     """FineGrainedAD (methods.md §2); see this folder's README for every parameter and deviation.
 
     Args:
-        captions: path of an MFSC record JSON; ``None`` uses the packaged record of (dataset, category).
+        captions: an MFSC record JSON, or a folder of them (``<dataset>/<category>.json``, as ``fsad captions
+            import`` writes); ``None`` uses the packaged record of (dataset, category). A generic record (no
+            components) runs the image and background levels only, with one warning.
         eam_margin, mean_loss_weight, reg_weight: m (1.0), λ of L_mean (0.001), weight of L_reg (1.0).
         region_boost: region weight ``w = 1 + boost`` inside a level's region (1.5).
         semantic_seeds: DPC-KNN starts from prompt-chosen centres (paper; the authors' code passes none).
@@ -91,10 +92,8 @@ class FineGrainedAD(PromptTuningModule):
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule
-        if self.hparams.captions:
-            self.record = load_record(self.hparams.captions)
-        else:
-            self.record = packaged_record(getattr(data, "dataset_name", "?"), getattr(data, "category", "?"))
+        dataset, category = getattr(data, "dataset_name", "?"), getattr(data, "category", "?")
+        self.record = resolve_record(self.hparams.captions, dataset, category)
         if self.record.is_generic:
             warnings.warn(
                 f"caption record {self.record.dataset}/{self.record.category} is generic "
