@@ -101,8 +101,8 @@ class FineGrainedAD(PromptTuningModule):
                 "See 'Where captions come from' in the README for image-derived records.",
                 stacklevel=2,
             )
-        if self.logger is not None:
-            self.logger.log_hyperparams({"captions": caption_provenance_summary(self.record)})
+        for logger in self.loggers:  # CSV, W&B (run config), ...: which record a run used, and how far to trust it
+            logger.log_hyperparams({"caption_provenance": caption_provenance_summary(self.record)})
         self.model.build(self.backbone, mllp_texts(self.record, seed=self.hparams.prompt_seed))
 
     def on_fit_start(self) -> None:
