@@ -186,7 +186,7 @@ def _components(entry: dict[str, Any], category: str, report: list[str]) -> list
 
 def convert_entry(
     entry: dict[str, Any], category: str, states: list[str] | None, provenance: dict[str, Any], dataset: str,
-    report: list[str],
+    report: list[str], origin: str = "imported record",
 ) -> CaptionRecord:  # fmt: skip
     """One authors' record → one validated :class:`CaptionRecord`; guesses and drops go to ``report``."""
     level1, level2 = _first(entry.get("Level_1")), _first(entry.get("Level_2"))
@@ -212,13 +212,16 @@ def convert_entry(
         "components": _components(entry, category, report),
         "abnormal_states": abnormal,
     }  # fmt: skip
-    return parse_record(data, f"{category} (imported)")
+    return parse_record(data, origin)
 
 
 def import_authors_records(
     source: Path, out: Path, variable: str | None = None, dataset: str | None = None
 ) -> ImportResult:
-    """Read the authors' records file and write ``out/<dataset>/<category>.json`` for every category in it."""
+    """Read the authors' records file and write ``out/<dataset>/<category>.json`` for every category in it.
+
+    Every record is converted and validated before the first file is written, so a failure leaves nothing behind.
+    """
     literals = read_literals(source)
     variable = variable or newest_records_variable(literals)
     entries = literals.get(variable) if variable else None
@@ -248,10 +251,15 @@ def import_authors_records(
         if owner is None:
             owner = "custom"
             result.report.append(f"{category}: dataset guessed as 'custom' (pass --dataset to name it)")
-        record = convert_entry(entries[position], category, all_states.get(category), provenance, owner, result.report)
-        path = out / owner / f"{category}.json"
+        origin = f"{source}: {variable}[{position}] ({category})"
+        result.records[category] = convert_entry(
+            entries[position], category, all_states.get(category), provenance, owner, result.report, origin
+        )
+    for category, record in result.records.items():
+        path = out / record.dataset / f"{category}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record.model_dump(mode="json"), indent=1, ensure_ascii=False) + "\n")
-        result.records[category] = record
+        staging = path.with_suffix(".json.tmp")
+        staging.write_text(json.dumps(record.model_dump(mode="json"), indent=1, ensure_ascii=False) + "\n")
+        staging.replace(path)
         result.written.append(path)
     return result

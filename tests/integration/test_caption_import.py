@@ -113,6 +113,20 @@ def test_import_names_the_file_when_the_index_is_missing(tmp_path: Path, capsys)
         "fine_grained_normal_prompts_v3) not found"  # fmt: skip
 
 
+def test_a_bad_record_names_file_entry_and_field_and_nothing_is_written(tmp_path: Path, authors_file: Path, capsys) -> None:
+    authors_file.write_text(AUTHORS_FORMAT.replace('"caption": "A widget with two red knobs."', '"caption": ""'))
+    out = tmp_path / "records"
+    assert main(["captions", "import", "--from", str(authors_file), "--out", str(out)]) == 1
+    message = capsys.readouterr().out.strip()
+    assert message.startswith(f"error: {authors_file}: fine_grained_normal_prompts_v3[1] (widget): ")
+    assert "image_level.summary: String should have at least 1 character" in message
+    assert not out.exists()  # disc converted fine, but nothing is half-written
+    broken = tmp_path / "broken.py"
+    broken.write_text("records = [\n")
+    assert main(["captions", "import", "--from", str(broken), "--out", str(out)]) == 1
+    assert capsys.readouterr().out.startswith(f"error: {broken}: not Python source (line ")
+
+
 def fit_and_test(tmp_path: Path, captions: Path) -> list[dict[str, str]]:
     common = ["-c", str(REPO / "configs/finegrainedad/synthetic_tiny.yaml"), "-c", str(REPO / "configs/logger/csv.yaml"),
               "--run_root", str(tmp_path / "runs"),
