@@ -65,6 +65,16 @@ def record_dict() -> dict:
         (lambda r: r["abnormal_states"].__setitem__(0, "broken"), r"abnormal_states: .*exactly one"),
         (lambda r: r["components"][0].__setitem__("location", "upstairs"), r"components\[0\]\.location: .*upstairs"),
         (lambda r: r.__setitem__("colour", "x"), r"colour: Extra inputs are not permitted"),
+        # provenance (issue 12): required, and its source must fit its kind
+        (lambda r: r.pop("provenance"), r"provenance: Field required"),
+        (lambda r: r["provenance"].__setitem__("generator", None), r"provenance: .*names its generator"),
+        (lambda r: r["provenance"].__setitem__("images", []), r"provenance: .*hashes of its images"),
+        (lambda r: r["provenance"].update(kind="documentation", documentation=[]), r"lists the documentation"),
+        (lambda r: r["provenance"].update(kind="generic", source="category name and dataset defect list only"),
+         r"a generic record has no components"),
+        (lambda r: r["provenance"].update(kind="generic", source="my guess"), r"generic record's source is"),
+        (lambda r: r["provenance"].update(date="yesterday"), r"provenance\.date"),
+        (lambda r: r["provenance"]["images"][0].update(sha256="abc"), r"provenance\.images\[0\]\.sha256"),
     ],
 )  # fmt: skip
 def test_broken_record_names_file_and_field(tmp_path: Path, mutate, field: str) -> None:
