@@ -37,6 +37,7 @@ from fsad.lightning_modules.finegrainedad.mfsc import (
 
 log = logging.getLogger(__name__)
 PROMPT_VERSION = "mfsc_v1"
+RECORD_FORMAT = "provenance_v1"  # in the cache key: answers cached before records carried provenance are not reused
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 SYSTEM_PROMPT = f"""You write fine-grained descriptions of NORMAL (defect-free) industrial products for an anomaly
@@ -263,7 +264,7 @@ def generate(
     cache.mkdir(parents=True, exist_ok=True)
     records = []
     for image in tqdm(images, desc=f"captions {category}", unit="image"):
-        key = hashlib.sha256(f"{image_digest(image)}|{config.model}|{PROMPT_VERSION}|{category}".encode()).hexdigest()
+        key = hashlib.sha256(f"{image_digest(image)}|{config.model}|{PROMPT_VERSION}|{RECORD_FORMAT}|{category}".encode()).hexdigest()
         cached = cache / f"{key}.json"
         if cached.is_file():
             records.append(parse_record(json.loads(cached.read_text()), str(cached)))
