@@ -2,8 +2,8 @@
 
 A multimodal model describes each normal image following the paper's description architecture (FineGrainedAD
 §3.2); the JSON answer is normalised to the closed vocabularies, validated against the shipped-record schema, and
-retried with the validation errors fed back. Answers are cached by (image hash, model, prompt version, category),
-so a rerun sends nothing. Several images are merged into one category record: counts by majority, attribute values
+retried with the validation errors fed back. Answers are cached by (image hash, model, prompt version, record
+format, category), so a rerun sends nothing. Several images are merged into one category record: counts by majority, attribute values
 by union, with every disagreement reported. The API key goes into the ``Authorization`` header only.
 """
 
