@@ -171,3 +171,26 @@ def test_generic_record_runs_image_and_background_levels_with_one_warning(tmp_pa
     assert len(generic) == 2  # one per run: fit, then test
     assert "image and background levels only" in str(generic[0].message)
     assert finite_metrics(rows)
+
+
+@pytest.mark.slow
+def test_wandb_run_config_carries_the_caption_provenance(tmp_path: Path, monkeypatch) -> None:
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import WandbLogger
+
+    from fsad.datamodules.synthetic import SyntheticDataModule
+    from fsad.lightning_modules.components.clip import BackboneSpec
+    from fsad.lightning_modules.finegrainedad.module import FineGrainedAD
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    data = SyntheticDataModule(root=str(tmp_path / "syn"), category="disc", k_shot=2, image_size=96, eval_size=64)
+    model = FineGrainedAD(BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[2, 4]), image_size=96, eval_size=64)
+    logger = WandbLogger(project="fsad-test", save_dir=str(tmp_path), offline=True)
+    trainer = Trainer(accelerator="cpu", logger=logger, enable_progress_bar=False, limit_test_batches=1,
+                      default_root_dir=str(tmp_path / "run"))  # fmt: skip
+    trainer.test(model, datamodule=data)
+    config = dict(logger.experiment.config)
+    logger.experiment.finish()
+    assert config["caption_provenance"]["record"] == "synthetic/disc"
+    assert config["caption_provenance"]["kind"] == "documentation"
