@@ -105,6 +105,16 @@ def test_import_maps_the_newest_list_and_reports_every_guess(tmp_path: Path, aut
     assert main(["captions", "validate", str(out / "synthetic/disc.json")]) == 0  # schema and lint
 
 
+def test_import_reads_the_list_asked_for(tmp_path: Path, authors_file: Path, capsys) -> None:
+    out = tmp_path / "records"
+    argv = ["captions", "import", "--from", str(authors_file), "--out", str(out), "--variable", "fine_grained_normal_prompts_v2"]
+    assert main(argv) == 0
+    assert load_record(out / "custom/disc.json").image_level.background == "white"
+    printed = capsys.readouterr().out
+    assert "changed: widget: total_classes2id points at 1, not a record in fine_grained_normal_prompts_v2; skipped" in printed
+    assert "changed: disc: dataset guessed as 'custom'" in printed and not (out / "custom/widget.json").exists()
+
+
 def test_import_names_the_file_when_the_index_is_missing(tmp_path: Path, capsys) -> None:
     path = tmp_path / "records.py"
     path.write_text("fine_grained_normal_prompts_v3 = []\n")
