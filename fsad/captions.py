@@ -1,4 +1,4 @@
-"""``fsad captions validate|show|generate``: check, inspect and generate MFSC caption records."""
+"""``fsad captions validate|show|generate|import``: check, inspect, generate and import MFSC caption records."""
 
 from __future__ import annotations
 
@@ -7,11 +7,19 @@ import os
 from pathlib import Path
 
 from fsad.datamodules.mvtec import list_images
-from fsad.lightning_modules.finegrainedad.mfsc import CaptionRecordError, load_record, mllp_texts, packaged_record
+from fsad.lightning_modules.finegrainedad.caption_lint import lint_record
+from fsad.lightning_modules.finegrainedad.mfsc import (
+    CaptionRecordError,
+    caption_provenance_summary,
+    load_record,
+    mllp_texts,
+    packaged_record,
+)
 
 
 def validate(targets: list[str]) -> int:
-    """Print OK or the error (file and field) for every record file under the targets; 1 if any fails."""
+    """Print OK or every problem (file and field) of every record file under the targets: schema errors first,
+    then the lint (:func:`lint_record`); 1 if any fails."""
     files: list[Path] = []
     for target in map(Path, targets):
         if target.is_dir():
@@ -24,11 +32,15 @@ def validate(targets: list[str]) -> int:
     failures = 0
     for path in files:
         try:
-            load_record(path)
-            print(f"OK   {path}")
+            problems = [f"{path}: {problem}" for problem in lint_record(load_record(path))]
         except CaptionRecordError as err:
+            problems = [str(err)]
+        for problem in problems:
+            print(f"FAIL {problem}")
+        if problems:
             failures += 1
-            print(f"FAIL {err}")
+        else:
+            print(f"OK   {path}")
     print(f"{len(files) - failures} valid, {failures} invalid")
     return 1 if failures or not files else 0
 
@@ -40,6 +52,9 @@ def show(dataset: str | None, category: str | None, file: str | None, seed: int)
     except CaptionRecordError as err:
         print(f"error: {err}")
         return 1
+    print("[provenance]")
+    for key, value in caption_provenance_summary(record).items():
+        print(f"  {key}: {value}")
     for name, group in mllp_texts(record, seed=seed).groups().items():
         print(f"[{name}]")
         for kind, bodies in (("NHP", group.normal), ("AHP", group.abnormal), ("ALP", group.learnable_abnormal)):
@@ -59,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("category", nargs="?", help="packaged record: category")
     view.add_argument("--file", help="a record file instead of a packaged one")
     view.add_argument("--seed", type=int, default=0, help="seed of the random choices in the prompts")
+    bring = sub.add_parser("import", help="convert the FineGrainedAD authors' records file (parsed, never run)")
+    bring.add_argument("--from", dest="source", required=True, help="path of fine_grained_prompts.py")
+    bring.add_argument("--out", required=True, help="folder for <dataset>/<category>.json (use it as captions:)")
+    bring.add_argument("--variable", help="records list to read (default: the newest fine_grained_normal_prompts_vN)")
+    bring.add_argument("--dataset", help="dataset of every record (default: mvtec/visa by category name)")
     make = sub.add_parser("generate", help="describe normal images with a multimodal chat endpoint")
     make.add_argument("--images", nargs="+", required=True, help="image files or folders of normal images")
     make.add_argument("--category", required=True)
@@ -98,10 +118,30 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def import_command(args: argparse.Namespace) -> int:
+    """Import, print every guessed or dropped field and every lint finding, then the files written."""
+    from fsad.caption_import import CaptionImportError, import_authors_records
+
+    try:
+        result = import_authors_records(Path(args.source), Path(args.out), args.variable, args.dataset)
+    except (CaptionImportError, CaptionRecordError) as err:
+        print(f"error: {err}")
+        return 1
+    for line in result.report:
+        print(f"changed: {line}")
+    for path, record in zip(result.written, result.records.values(), strict=True):
+        for problem in lint_record(record):
+            print(f"lint: {path}: {problem}")
+    print(f"wrote {len(result.written)} records under {args.out}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.action == "validate":
         return validate(args.targets)
     if args.action == "generate":
         return generate_command(args)
+    if args.action == "import":
+        return import_command(args)
     return show(args.dataset, args.category, args.file, args.seed)

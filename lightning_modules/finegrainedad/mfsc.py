@@ -12,6 +12,7 @@ import json
 import random
 import re
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Literal
 
@@ -111,9 +112,12 @@ class Component(BaseModel):
 
 
 class ImageLevel(BaseModel):
+    """The image level. ``background`` is None where no distinct background exists (texture categories) or where
+    it could not be checked (generic records); the background prompts then say only ``background``."""
+
     model_config = ConfigDict(extra="forbid")
     foreground: str = Field(min_length=1)
-    background: str = Field(min_length=1)
+    background: str | None = Field(default=None, min_length=1)
     summary: str = Field(min_length=1)
 
 
@@ -122,10 +126,61 @@ class ForegroundLevel(BaseModel):
     logical_relation: str = Field(min_length=1)
 
 
+GENERIC_SOURCE = "category name and dataset defect list only"
+
+
 class Generator(BaseModel):
+    """Who wrote the descriptions: a multimodal model's name (or ``hand-written``) and the prompt version."""
+
     model_config = ConfigDict(extra="forbid")
-    model: str
-    prompt_id: str
+    model: str = Field(min_length=1)
+    prompt_id: str = Field(min_length=1)
+
+
+class ImageHash(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class ImportedFrom(BaseModel):
+    """The records file an imported record came from (``fsad captions import``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    variable: str = Field(min_length=1)
+
+
+class Provenance(BaseModel):
+    """Where a record's facts come from, so a user can tell how far to trust it (issue 12).
+
+    ``image-derived``: a generator described images (their hashes) or the record was imported from a records file
+    made that way; ``documentation``: written from the dataset papers and pages listed; ``generic``: nothing beyond
+    the category name and the dataset's published defect list, hence no components.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["image-derived", "documentation", "generic"]
+    source: str = Field(min_length=1)
+    date: date
+    generator: Generator | None = None
+    images: list[ImageHash] = Field(default_factory=list)
+    imported_from: ImportedFrom | None = None
+    documentation: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _source_fits_kind(self) -> Provenance:
+        if self.kind == "image-derived":
+            if self.generator is None:
+                raise ValueError("an image-derived record names its generator (model and prompt_id)")
+            if not self.images and self.imported_from is None:
+                raise ValueError("an image-derived record lists the hashes of its images or the file it was imported from")
+        elif self.kind == "documentation" and not self.documentation:
+            raise ValueError("a documentation record lists the documentation it was written from")
+        elif self.kind == "generic" and self.source != GENERIC_SOURCE:
+            raise ValueError(f"a generic record's source is {GENERIC_SOURCE!r}")
+        return self
 
 
 class CaptionRecord(BaseModel):
@@ -134,11 +189,10 @@ class CaptionRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dataset: str
     category: str
-    source_image: str | None = None
-    generator: Generator
+    provenance: Provenance
     image_level: ImageLevel
-    foreground_level: ForegroundLevel
-    components: list[Component] = Field(min_length=1)
+    foreground_level: ForegroundLevel | None = None
+    components: list[Component] = Field(default_factory=list)
     abnormal_states: list[str] = Field(min_length=1)
 
     @field_validator("abnormal_states")
@@ -148,6 +202,20 @@ class CaptionRecord(BaseModel):
             if state.count("{}") != 1:
                 raise ValueError(f"[{i}] {state!r} must contain exactly one '{{}}' for the object name")
         return states
+
+    @model_validator(mode="after")
+    def _components_fit_kind(self) -> CaptionRecord:
+        generic = self.provenance.kind == "generic"
+        if generic and (self.components or self.foreground_level):
+            raise ValueError("a generic record has no components and no foreground_level (nothing was checked)")
+        if not generic and not self.components:
+            raise ValueError("components: a non-generic record describes at least one component")
+        return self
+
+    @property
+    def is_generic(self) -> bool:
+        """True for a record without components: FineGrainedAD then runs the image and background levels only."""
+        return not self.components
 
 
 def _field_path(location: tuple) -> str:
@@ -162,7 +230,8 @@ def parse_record(data: dict, source: str) -> CaptionRecord:
     try:
         return CaptionRecord.model_validate(data)
     except ValidationError as err:
-        problems = "; ".join(f"{_field_path(e['loc']) or '<record>'}: {e['msg']}" for e in err.errors())
+        messages = [(_field_path(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in err.errors()]
+        problems = "; ".join(f"{path}: {message}" if path else message for path, message in messages)
         raise CaptionRecordError(f"{source}: {problems}") from None
 
 
@@ -196,6 +265,22 @@ def packaged_record(dataset: str, category: str) -> CaptionRecord:
     return load_record(path)
 
 
+def resolve_record(captions: str | Path | None, dataset: str, category: str) -> CaptionRecord:
+    """The record a run uses: the packaged one (``captions`` None), a record file, or from a folder of records
+    (``<folder>/<dataset>/<category>.json`` as ``fsad captions import`` writes, else ``<folder>/<category>.json``)."""
+    if captions is None:
+        return packaged_record(dataset, category)
+    path = Path(captions)
+    if not path.is_dir():
+        return load_record(path)
+    for candidate in (path / dataset / f"{category}.json", path / f"{category}.json"):
+        if candidate.is_file():
+            return load_record(candidate)
+    raise CaptionRecordError(
+        f"{path}: no caption record for {dataset}/{category} (looked for {dataset}/{category}.json and {category}.json)"
+    )
+
+
 # ----------------------------------------------------------------------------- MLLP prompt texts
 BACKGROUND_DEFECTS = ("a stain", "a foreign object", "dust")
 COMPONENT_DEFECTS = ("a crack", "a scratch", "a stain", "a missing part", "a deformation")
@@ -225,20 +310,20 @@ def _sentence(text: str) -> str:
     return text if text.endswith(".") else text + "."
 
 
-def _word_pattern(word: str) -> re.Pattern[str]:
+def word_pattern(word: str) -> re.Pattern[str]:
     """``word`` as a whole word, optionally plural (``LED`` matches ``LEDs`` but not ``LEDGE``)."""
     return re.compile(rf"\b({re.escape(word)}(?:e?s)?)\b", flags=re.IGNORECASE)
 
 
 def _replace_first(text: str, old: str, new: str) -> str:
     """Replace the first whole-word ``old`` by ``new``; prefix ``new`` when ``old`` does not occur."""
-    pattern = _word_pattern(old)
+    pattern = word_pattern(old)
     return pattern.sub(lambda _: new, text, count=1) if pattern.search(text) else f"{new}: {text}"
 
 
 def _with_defect(text: str, noun: str, defect_state: str) -> str:
     """Insert a defect after the first mention of ``noun``, keeping its plural: ``LEDs`` → ``LEDs with a crack``."""
-    pattern = _word_pattern(noun)
+    pattern = word_pattern(noun)
     if not pattern.search(text):
         return f"{defect_state.format(noun)}: {text}"
     return pattern.sub(lambda m: defect_state.format(m.group(1)), text, count=1)
@@ -259,7 +344,7 @@ def mllp_texts(record: CaptionRecord, object_name: str | None = None, seed: int 
     """
     rng = random.Random(seed)
     fg = object_name or record.image_level.foreground
-    bg = record.image_level.background
+    background_noun = f"{record.image_level.background} background" if record.image_level.background else "background"
     summary = _sentence(record.image_level.summary)
     image_abnormal = [_sentence(_with_defect(summary, fg, state)) for state in record.abnormal_states]
     for component in record.components:
@@ -276,7 +361,7 @@ def mllp_texts(record: CaptionRecord, object_name: str | None = None, seed: int 
     for component in record.components:
         caption = _sentence(component.caption)
         others = [loc for loc in LOCATIONS if loc not in (component.location, "whole", "around")]
-        located = _word_pattern(component.location).search(caption)
+        located = word_pattern(component.location).search(caption)
         moved = _replace_first(caption, component.location, rng.choice(others)) if located else None
         abnormal = [_sentence(_with_defect(caption, component.name, "{} with " + d)) for d in COMPONENT_DEFECTS]
         if moved:
@@ -285,15 +370,17 @@ def mllp_texts(record: CaptionRecord, object_name: str | None = None, seed: int 
         components[component.name] = PromptGroupTexts(normal=[caption], abnormal=abnormal, learnable_abnormal=[caption])
 
     background = PromptGroupTexts(
-        normal=[f"{bg} background."],
-        abnormal=[f"{bg} background with {d}." for d in BACKGROUND_DEFECTS],
-        learnable_abnormal=[f"{bg} background."],
+        normal=[f"{background_noun}."],
+        abnormal=[f"{background_noun} with {d}." for d in BACKGROUND_DEFECTS],
+        learnable_abnormal=[f"{background_noun}."],
     )
-    relation = _sentence(record.foreground_level.logical_relation)
-    relation_abnormal = [
-        _sentence(_with_defect(relation, c.name, "{} with " + COMPONENT_DEFECTS[0])) for c in record.components
-    ]
-    attributes = {"relation": PromptGroupTexts(normal=[relation], abnormal=relation_abnormal)}
+    attributes = {}
+    if record.foreground_level is not None:
+        relation = _sentence(record.foreground_level.logical_relation)
+        relation_abnormal = [
+            _sentence(_with_defect(relation, c.name, "{} with " + COMPONENT_DEFECTS[0])) for c in record.components
+        ]
+        attributes["relation"] = PromptGroupTexts(normal=[relation], abnormal=relation_abnormal)
     for attribute in ("color", "texture", "shape"):
         present = sorted({v for c in record.components for v in getattr(c.attributes, attribute).base})
         absent = _absent_values(record, attribute, 3, rng)
@@ -302,3 +389,25 @@ def mllp_texts(record: CaptionRecord, object_name: str | None = None, seed: int 
                 normal=[f"{fg} that is {' and '.join(present)}."], abnormal=[f"{fg} that is {a}." for a in absent]
             )
     return PromptTexts(image=image, components=components, background=background, attributes=attributes)
+
+
+def caption_provenance_summary(record: CaptionRecord) -> dict[str, str | int]:
+    """Flat provenance fields of a record, for run hyper-parameters (W&B config) and ``fsad captions show``."""
+    provenance = record.provenance
+    summary: dict[str, str | int] = {
+        "record": f"{record.dataset}/{record.category}",
+        "kind": provenance.kind,
+        "source": provenance.source,
+        "date": provenance.date.isoformat(),
+        "components": len(record.components),
+    }
+    if provenance.generator:
+        summary["generator"] = f"{provenance.generator.model} ({provenance.generator.prompt_id})"
+    if provenance.images:
+        summary["images"] = ", ".join(f"{i.name} sha256:{i.sha256[:12]}" for i in provenance.images)
+    if provenance.imported_from:
+        origin = provenance.imported_from
+        summary["imported_from"] = f"{origin.file} ({origin.variable}, sha256:{origin.sha256[:12]})"
+    if provenance.documentation:
+        summary["documentation"] = "; ".join(provenance.documentation)
+    return summary

@@ -11,7 +11,12 @@ import torch
 from fsad.batch import Batch
 from fsad.datamodules.transforms import PairedTransform, load_rgb
 from fsad.lightning_modules.components.clip import BackboneSpec
-from fsad.lightning_modules.finegrainedad.mfsc import CaptionRecord, load_record, mllp_texts, packaged_record
+from fsad.lightning_modules.finegrainedad.mfsc import (
+    CaptionRecord,
+    caption_provenance_summary,
+    mllp_texts,
+    resolve_record,
+)
 from fsad.lightning_modules.finegrainedad.model import FineGrainedADModel
 from fsad.lightning_modules.finegrainedad.regions import aggregate_regions, region_weights, slice_tiles, stitch_tiles
 from fsad.lightning_modules.promptad.model import Variant, check_variant
@@ -22,7 +27,9 @@ class FineGrainedAD(PromptTuningModule):
     """FineGrainedAD (methods.md §2); see this folder's README for every parameter and deviation.
 
     Args:
-        captions: path of an MFSC record JSON; ``None`` uses the packaged record of (dataset, category).
+        captions: an MFSC record JSON, or a folder of them (``<dataset>/<category>.json``, as ``fsad captions
+            import`` writes); ``None`` uses the packaged record of (dataset, category). A generic record (no
+            components) runs the image and background levels only, with one warning.
         eam_margin, mean_loss_weight, reg_weight: m (1.0), λ of L_mean (0.001), weight of L_reg (1.0).
         reg_lambda: λ of the background term inside L_reg (Eq. 3; 1 in the paper).
         region_boost: region weight ``w = 1 + boost`` inside a level's region (1.5).
@@ -101,10 +108,17 @@ class FineGrainedAD(PromptTuningModule):
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule
         self.warn_if_data_differs_from_variant()
-        if self.hparams.captions:
-            self.record = load_record(self.hparams.captions)
-        else:
-            self.record = packaged_record(getattr(data, "dataset_name", "?"), getattr(data, "category", "?"))
+        dataset, category = getattr(data, "dataset_name", "?"), getattr(data, "category", "?")
+        self.record = resolve_record(self.hparams.captions, dataset, category)
+        if self.record.is_generic:
+            warnings.warn(
+                f"caption record {self.record.dataset}/{self.record.category} is generic "
+                f"({self.record.provenance.source}): FineGrainedAD runs with the image and background levels only. "
+                "See 'Where captions come from' in the README for image-derived records.",
+                stacklevel=2,
+            )
+        for logger in self.loggers:  # CSV, W&B (run config), ...: which record a run used, and how far to trust it
+            logger.log_hyperparams({"caption_provenance": caption_provenance_summary(self.record)})
         self.model.build(self.backbone, mllp_texts(self.record, seed=self.hparams.prompt_seed))
 
     def on_fit_start(self) -> None:
@@ -121,7 +135,12 @@ class FineGrainedAD(PromptTuningModule):
         return stitch_tiles(tokens, len(paths), factor, self.backbone.grid)
 
     def compute_region_weights(self, paths: list[str]) -> dict[str, torch.Tensor]:
-        """MLSA region aggregation on the support shots, once per run: path → [N_c+1, rows, cols] weights."""
+        """MLSA region aggregation on the support shots, once per run: path → [N_c+1, rows, cols] weights.
+
+        A generic record has no components to aggregate: its background level weighs every token 1.
+        """
+        if not self.model.components:
+            return {path: torch.ones(1, *self.backbone.grid) for path in paths}
         with torch.no_grad():
             groups = self.model.prompts.encode(self.backbone)
         component_prompts = torch.stack([groups[f"component:{c}"].normal_prototype for c in self.model.components])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -97,7 +98,10 @@ def test_valid_answer_becomes_a_valid_normalised_record(tmp_path: Path, nut_imag
         request = server.requests[0]
     record = load_record(tmp_path / "r.json")
     assert record.components[0].attributes.color.base == ["brown", "beige"]  # "Brown" normalised
-    assert record.generator.model == "vision-model" and not result.conflicts
+    assert record.provenance.kind == "image-derived" and not result.conflicts
+    assert record.provenance.generator.model == "vision-model"
+    expected_hash = hashlib.sha256(nut_images[0].read_bytes()).hexdigest()  # independent of image_digest
+    assert [(i.name, i.sha256) for i in record.provenance.images] == [(nut_images[0].name, expected_hash)]
     assert request["body"]["response_format"] == {"type": "json_object"}
     content = request["body"]["messages"][1]["content"]
     assert content[1]["image_url"]["url"].startswith("data:image/jpeg;base64,")
@@ -148,7 +152,9 @@ def test_merge_takes_majority_counts_and_reports_conflicts() -> None:
 
     def record(number: str, colour: str, extra: bool) -> object:
         data = json.loads(answer(colour, number, extra))
-        data.update(dataset="custom", category="nut", generator={"model": "m", "prompt_id": "p"})
+        data.update(dataset="custom", category="nut", provenance={
+            "kind": "image-derived", "source": "test", "date": "2026-01-01", "generator": {"model": "m", "prompt_id": "p"},
+            "images": [{"name": f"{number}-{colour}.png", "sha256": "0" * 64}]})  # fmt: skip
         return parse_record(data, "test")
 
     merged = merge_records([record("one", "brown", False), record("two", "dark brown", True), record("one", "tan", False)])
@@ -157,6 +163,7 @@ def test_merge_takes_majority_counts_and_reports_conflicts() -> None:
     assert shell.attributes.color.base == ["brown", "beige", "dark brown", "tan"]  # union, first-seen order
     assert any("shell.number" in c and "'one'" in c for c in merged.conflicts)
     assert any("'tip' appears in 1 of 3" in c for c in merged.conflicts)
+    assert [i.name for i in merged.record.provenance.images] == ["one-brown.png", "two-dark brown.png", "one-tan.png"]
 
 
 def test_cli_generate_then_finegrainedad_fit_on_the_record(tmp_path: Path, shared_data: Path, monkeypatch, capsys) -> None:

@@ -58,7 +58,7 @@ def test_all_57_benchmark_records_validate_and_build_prompts() -> None:
 
 
 def record_dict() -> dict:
-    return json.loads(json.dumps(packaged_record("mvtec", "bottle").model_dump()))
+    return json.loads(json.dumps(packaged_record("mvtec", "bottle").model_dump(mode="json")))
 
 
 @pytest.mark.parametrize(
@@ -70,6 +70,16 @@ def record_dict() -> dict:
         (lambda r: r["abnormal_states"].__setitem__(0, "broken"), r"abnormal_states: .*exactly one"),
         (lambda r: r["components"][0].__setitem__("location", "upstairs"), r"components\[0\]\.location: .*upstairs"),
         (lambda r: r.__setitem__("colour", "x"), r"colour: Extra inputs are not permitted"),
+        # provenance (issue 12): required, and its source must fit its kind
+        (lambda r: r.pop("provenance"), r"provenance: Field required"),
+        (lambda r: r["provenance"].__setitem__("generator", None), r"provenance: .*names its generator"),
+        (lambda r: r["provenance"].__setitem__("images", []), r"provenance: .*hashes of its images"),
+        (lambda r: r["provenance"].update(kind="documentation", documentation=[]), r"lists the documentation"),
+        (lambda r: r["provenance"].update(kind="generic", source="category name and dataset defect list only"),
+         r"a generic record has no components"),
+        (lambda r: r["provenance"].update(kind="generic", source="my guess"), r"generic record's source is"),
+        (lambda r: r["provenance"].update(date="yesterday"), r"provenance\.date"),
+        (lambda r: r["provenance"]["images"][0].update(sha256="abc"), r"provenance\.images\[0\]\.sha256"),
     ],
 )  # fmt: skip
 def test_broken_record_names_file_and_field(tmp_path: Path, mutate, field: str) -> None:
@@ -100,11 +110,11 @@ def test_component_prompts_insert_defects_and_are_seed_deterministic() -> None:
     first, again, other = mllp_texts(record, seed=1), mllp_texts(record, seed=1), mllp_texts(record, seed=2)
     assert first.groups() == again.groups()
     assert first.groups() != other.groups()
-    led = first.components["LED"]
-    assert led.normal == ["a ring of clear LEDs around the edge."]
-    assert "a ring of clear LEDs with a crack around the edge." in led.abnormal
+    resistors = first.components["resistor"]
+    assert resistors.normal == ["two black resistors at the top of the board."]
+    assert "two black resistors with a crack at the top of the board." in resistors.abnormal
     assert first.background.abnormal == [
-        "white background with a stain.", "white background with a foreign object.", "white background with dust."
+        "black background with a stain.", "black background with a foreign object.", "black background with dust."
     ]
 
 
@@ -115,7 +125,7 @@ def test_captions_validate_command(tmp_path: Path, capsys: pytest.CaptureFixture
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**record_dict(), "components": []}))
     assert main(["captions", "validate", str(bad)]) == 1
-    assert f"FAIL {bad}: components: List should have at least 1 item" in capsys.readouterr().out
+    assert f"FAIL {bad}: components: a non-generic record describes at least one component" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- clustering
@@ -159,7 +169,7 @@ def test_region_aggregation_on_a_real_bottle(mvtec_root: Path) -> None:
     assert len(regions.labels.unique()) >= 2
     background = regions.background[0]
     border = torch.cat([background[0], background[-1], background[:, 0], background[:, -1]])
-    assert border.float().mean() > 0.95  # the black surround of the bottle
+    assert border.float().mean() > 0.95  # the white surround of the bottle (MVTec bottle corners are 255)
     assert background.float().mean() < 0.95  # a real foreground (the bottle's glass) remains
     weights = region_weights(regions, len(components) + 1, (12, 12))
     assert weights.shape == (3, 1, 12, 12) and weights.min() >= 1.0 and weights.max() <= 2.5
