@@ -315,17 +315,18 @@ def word_pattern(word: str) -> re.Pattern[str]:
     return re.compile(rf"\b({re.escape(word)}(?:e?s)?)\b", flags=re.IGNORECASE)
 
 
-def _replace_first(text: str, old: str, new: str) -> str:
-    """Replace the first whole-word ``old`` by ``new``; prefix ``new`` when ``old`` does not occur."""
+def _replace_first(text: str, old: str, new: str) -> str | None:
+    """Replace the first whole-word ``old`` by ``new``; ``None`` when ``old`` does not occur (no prompt is made
+    rather than a malformed ``new: text`` one)."""
     pattern = word_pattern(old)
-    return pattern.sub(lambda _: new, text, count=1) if pattern.search(text) else f"{new}: {text}"
+    return pattern.sub(lambda _: new, text, count=1) if pattern.search(text) else None
 
 
 def _with_defect(text: str, noun: str, defect_state: str) -> str:
     """Insert a defect after the first mention of ``noun``, keeping its plural: ``LEDs`` → ``LEDs with a crack``."""
     pattern = word_pattern(noun)
-    if not pattern.search(text):
-        return f"{defect_state.format(noun)}: {text}"
+    if not pattern.search(text):  # the text never names the noun: state the defect as its own leading sentence
+        return f"{_sentence(defect_state.format(noun))} {text}"
     return pattern.sub(lambda m: defect_state.format(m.group(1)), text, count=1)
 
 
@@ -354,7 +355,8 @@ def mllp_texts(record: CaptionRecord, object_name: str | None = None, seed: int 
                 replaced = _replace_first(component.caption, values.render(), absent) if values.base else None
                 if replaced:
                     image_abnormal.append(_sentence(replaced))
-    image_abnormal.append(f"a {fg} that does not look like this: {summary}")
+    article = "an" if fg[:1].lower() in "aeiou" else "a"
+    image_abnormal.append(f"{article} {fg} that does not look like this: {summary}")
     image = PromptGroupTexts(normal=[summary], abnormal=image_abnormal, learnable_abnormal=[summary])
 
     components = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,27 @@ def test_components_get_regions_one_to_one_where_argmax_would_share() -> None:
     argmax = aggregate_regions(tokens, components, axes[3], reference_mode="concat", semantic_seeds=False,
                               assignment="argmax")
     assert not (argmax.labels == 0).any() and torch.equal(argmax.labels == 1, truth == 0)
+
+
+def test_every_prompt_of_every_shipped_record_is_well_formed() -> None:
+    """No value-colon prefix ("dark green: a dark ..."), no doubled word, no empty placeholder, in any prompt body
+    MLLP builds from any shipped record (issue 16: 213 of 2175 AHPs once had the colon form)."""
+    from fsad.lightning_modules.finegrainedad.mfsc import list_packaged, mllp_texts, packaged_record
+
+    value_colon = re.compile(r"^\s*(?:[\w'-]+\s?){1,3}:\s")  # "dark green: ...", not a clause ending in a colon
+    doubled = re.compile(r"\b(\w+)\s+\1\b", flags=re.IGNORECASE)
+    problems, checked = [], 0
+    for dataset, categories in list_packaged().items():
+        for category in categories:
+            texts = mllp_texts(packaged_record(dataset, category))
+            for group, prompt_group in texts.groups().items():
+                for body in [*prompt_group.normal, *prompt_group.abnormal, *prompt_group.learnable_abnormal]:
+                    checked += 1
+                    where = f"{dataset}/{category} {group}: {body!r}"
+                    if value_colon.match(body):
+                        problems.append(f"value-colon prefix in {where}")
+                    if doubled.search(body):
+                        problems.append(f"doubled word in {where}")
+                    if "{}" in body or "  " in body or not body.strip(" .") or " ." in body:
+                        problems.append(f"empty placeholder in {where}")
+    assert checked > 1000 and not problems, problems[:10]
