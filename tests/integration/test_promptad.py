@@ -116,3 +116,19 @@ def test_interrupted_fit_resumes_from_last(tmp_path: Path, monkeypatch) -> None:
     resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path="last")
     assert resumed.trainer.current_epoch == 4 and resumed.trainer.global_step == 4  # 2 restored + 2 new steps
     assert torch.load(last, weights_only=True)["epoch"] == 3
+
+
+@pytest.mark.parametrize("method", ["promptad", "finegrainedad"])
+def test_variant_and_protocol_are_independent_config_keys(method: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--print_config` shows both axes, each settable on its own."""
+    import yaml
+
+    config = str(REPO / f"configs/{method}/mvtec.yaml")
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", config, "--model.init_args.variant", "code", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["variant"] == "code" and printed["model"]["init_args"]["protocol"] == "honest"
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", config, "--model.init_args.protocol", "paper", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["variant"] == "paper" and printed["model"]["init_args"]["protocol"] == "paper"
