@@ -36,6 +36,7 @@ class FineGrainedAD(PromptTuningModule):
     """
 
     method_name = "finegrainedad"
+    protocol_stage = "fewshot_fit"
 
     def __init__(
         self,
