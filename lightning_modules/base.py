@@ -14,7 +14,6 @@ from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec,
 from fsad.lightning_modules.components.feature_cache import FeatureCache
 from fsad.lightning_modules.components.postprocess import upsample_and_smooth
 
-
 ProtocolStage = Literal["fewshot_fit", "training_free", "pretrained"]
 """How a sweep runs a method per (category, k, seed) cell (DESIGN.md, "Sweep protocol per method"):
 

@@ -113,7 +113,7 @@ class FeatureCache:
 
     def evict(self) -> None:
         """Delete least recently used entries until the folder is within ``max_bytes``."""
-        entries = sorted(((p.stat().st_mtime_ns, p.stat().st_size, p) for p in self.folder.glob("*/*.pt")))
+        entries = sorted((p.stat().st_mtime_ns, p.stat().st_size, p) for p in self.folder.glob("*/*.pt"))
         self._size = sum(size for _, size, _ in entries)
         for _, size, path in entries:
             if self._size <= self.max_bytes:
