@@ -279,7 +279,7 @@ class Sweep:
             raise BenchmarkError(f"pretrain: {cli.model_class.__name__} is not a pretrained-protocol method")
         return config_hash(resolved_config(cli, ("config", "run_root", "trainer.default_root_dir")))
 
-    def pretrained_weights(self) -> Path:
+    def pretrained_weights(self, train: bool = True) -> Path:
         """The checkpoint the cells test: the given one, or the pretrain block's, trained now unless recorded.
 
         The pretrain run goes to ``<output>/pretrain/<hash>/``; ``pretrain.json`` there records the finished
@@ -291,6 +291,11 @@ class Sweep:
         record = folder / "pretrain.json"
         if record.is_file():
             return Path(json.loads(record.read_text())["checkpoint"])
+        if not train:
+            raise BenchmarkError(
+                f"the pretrain block has not run yet ({record} is missing); array tasks never train it concurrently: "
+                "run `fsad benchmark -c <config> --pretrain` once first"
+            )
         cli = FsadCLI(args=[*self.pretrain_args(), "--run_root", str(folder / "runs")], run=False)
         resume = next(Path(cli.trainer.default_root_dir).glob("**/last.ckpt"), None)
         print(f"benchmark: pretraining {self.method} once ({'resuming ' + str(resume) if resume else 'from scratch'})")
@@ -375,7 +380,7 @@ class Sweep:
         write_text_atomically(self.output / "configs" / f"{self.config_hash}.yaml", yaml.safe_dump(self.resolved))
         done = self.finished()
         todo = [c for c in self.cells if self.key(c) not in done and (only is None or c.index == only)]
-        checkpoint = self.pretrained_weights() if self.stage == "pretrained" and todo else None
+        checkpoint = self.pretrained_weights(train=only is None) if self.stage == "pretrained" and todo else None
         ran, failed = [], []
         with tqdm(total=len(self.cells), initial=len(self.cells) - len(todo) if only is None else 0,
                   desc="benchmark", unit="cell") as bar:  # fmt: skip
@@ -551,6 +556,7 @@ def run_benchmark(argv: list[str]) -> int:
     parser.add_argument("--collect", action="store_true", help="only rebuild benchmark.md from benchmark.csv")
     parser.add_argument("--allow-mixed", action="store_true", help="let --collect combine cells of several configs")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failed cell")
+    parser.add_argument("--pretrain", action="store_true", help="only run the pretrain block (before array tasks)")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     output = Path(config.output)
@@ -560,10 +566,15 @@ def run_benchmark(argv: list[str]) -> int:
     sweep = Sweep(config, fail_fast=args.fail_fast)
     if args.list_cells:
         done = sweep.finished()
-        print(f"# config {sweep.config_hash}, protocol {sweep.stage}, output {output}")
+        print(f"# config {sweep.config_hash}, protocol {sweep.stage}, output {output}", file=sys.stderr)
         for cell in sweep.cells:
             state = "done" if sweep.key(cell) in done else "todo"
             print(f"{cell.index}\t{sweep.method}\t{sweep.dataset}\t{cell.category}\tk={cell.k}\tseed={cell.seed}\t{state}")
+        return 0
+    if args.pretrain:
+        if sweep.config.pretrain is None:
+            raise BenchmarkError("--pretrain: the benchmark config has no `pretrain:` block")
+        print(f"pretrained checkpoint: {sweep.pretrained_weights()}")
         return 0
     if args.cell_index is not None and not 0 <= args.cell_index < len(sweep.cells):
         raise BenchmarkError(f"--cell-index {args.cell_index} outside 0..{len(sweep.cells) - 1}")

@@ -47,6 +47,8 @@ def test_kag_sweep_pretrains_once_then_only_tests_every_cell(tmp_path: Path, mon
         pretrain={"method_config": [str(REPO / "configs/kagprompt/train_synthetic_tiny.yaml")],
                   "extra_args": ["--trainer.max_epochs", "1"]},
     )  # fmt: skip
+    assert main(["benchmark", "-c", str(config), "--cell-index", "0"]) == 1  # array tasks never pretrain
+    assert fits == [] and read_rows(tmp_path / "kag") == []
     assert main(["benchmark", "-c", str(config)]) == 0
     assert fits == ["AuxiliaryDataModule"], "the auxiliary training runs exactly once and no cell calls fit"
     rows = read_rows(tmp_path / "kag")
@@ -132,13 +134,15 @@ def test_list_cells_of_every_shipped_config_works_from_another_folder_offline(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FSAD_CACHE_DIR", str(tmp_path / "cache"))
     assert main(["benchmark", "-c", str(REPO / "configs/benchmark" / name), "--list-cells"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     config = yaml.safe_load((REPO / "configs/benchmark" / name).read_text())
     cells = [line.split("\t") for line in out.splitlines() if line[:1].isdigit()]
     if config["categories"] != "all":
         assert len(cells) == len(config["categories"]) * len(config["shots"]) * len(config["seeds"])
         assert cells[0][3] == config["categories"][0]
-    assert f"output {(REPO / 'configs/benchmark' / config['output']).resolve()}" in out
+    assert len(cells) == len(out.splitlines())  # one line per cell: `--list-cells | wc -l` sizes a SLURM array
+    assert f"output {(REPO / 'configs/benchmark' / config['output']).resolve()}" in captured.err
 
 
 def test_config_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
