@@ -9,7 +9,7 @@ import pytest
 import yaml
 from lightning.pytorch import Trainer
 
-from fsad.benchmark import BenchmarkError, build_table, collect, load_config, read_rows
+from fsad.benchmark import BenchmarkError, Sweep, build_table, collect, load_config, read_rows
 from fsad.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -184,3 +184,39 @@ def test_benchmark_csv_gains_columns_without_losing_rows(tmp_path: Path) -> None
         rows = list(csv.DictReader(handle))
     assert rows == [{"config_hash": "a", "image_AUROC": "0.5", "fit_seconds": ""},
                     {"config_hash": "b", "image_AUROC": "0.6", "fit_seconds": "1.5"}]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_every_cell_reads_the_feature_cache_and_float32_entries_give_the_uncached_numbers(tmp_path: Path) -> None:
+    def sweep(name: str, cache: dict[str, object]) -> tuple[Sweep, list[dict[str, str]]]:
+        path = write(tmp_path, name, method_config=[str(REPO / "configs/demo.yaml")], categories=["tile"], shots=[1, 2],
+                     seeds=[0], feature_cache=cache,
+                     extra_args=["--data.init_args.root", str(tmp_path / "synthetic"), "--seed_everything", "0"])  # fmt: skip
+        runner = Sweep(load_config(str(path)))
+        assert runner.run() == ([0, 1], [])
+        return runner, read_rows(tmp_path / name)
+
+    cached, cached_rows = sweep("cached", {"dtype": "float32"})
+    images = cached.feature_cache.misses
+    assert images > 0 and cached.feature_cache.hits == images  # the second cell read every test image back
+    _, plain_rows = sweep("plain", {"enabled": False})
+    metrics = ("image_AUROC", "pixel_AUROC", "image_F1max", "pixel_F1max")
+    assert [[r[m] for m in metrics] for r in cached_rows] == [[r[m] for m in metrics] for r in plain_rows]
+
+
+@pytest.mark.slow
+def test_fewshot_fit_cells_fit_then_test_and_record_the_paper_protocol(tmp_path: Path, monkeypatch) -> None:
+    fits = count_fits(monkeypatch)
+    config = write(tmp_path, "pad", method_config=[str(REPO / "configs/promptad/synthetic_tiny.yaml")],
+                   categories=["disc"], shots=[2], seeds=[0],
+                   extra_args=["--data.init_args.root", str(tmp_path / "synthetic"), "--trainer.max_epochs", "2",
+                               "--model.init_args.mode", "paper"])  # fmt: skip
+    assert main(["benchmark", "-c", str(config)]) == 0
+    assert fits == ["SyntheticDataModule"]
+    (row,) = read_rows(tmp_path / "pad")
+    assert float(row["fit_seconds"]) > 0 and float(row["test_seconds"]) > 0
+    best = yaml.safe_load(next((tmp_path / "pad/runs").glob("*/promptad/synthetic/disc/k2_s0/paper_best_epoch.json")).read_text())
+    assert float(row["paper_best_epoch_image_AUROC"]) == best["best"]["image_AUROC"]
+    assert 0 <= float(row["image_AUROC_paper_max_fusion"]) <= 1
+    table = (tmp_path / "pad/benchmark.md").read_text()
+    assert "k=2 I-AUROC† |" in table and "k=2 I-AUROC‡ |" in table and "† best epoch chosen on the test set" in table
