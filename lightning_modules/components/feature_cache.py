@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -73,7 +74,7 @@ class FeatureCache:
         self.hits = 0
         self.misses = 0
         self._content_hashes: dict[tuple[str, int, int], str] = {}
-        self._fingerprints: dict[int, str] = {}
+        self._fingerprints: weakref.WeakKeyDictionary[ClipBackbone, str] = weakref.WeakKeyDictionary()
         self.folder.mkdir(parents=True, exist_ok=True)
         self._size = sum(p.stat().st_size for p in self.folder.glob("*/*.pt"))
 
@@ -122,9 +123,11 @@ class FeatureCache:
             self._size -= size
 
     def fingerprint(self, backbone: ClipBackbone) -> str:
-        if id(backbone) not in self._fingerprints:
-            self._fingerprints[id(backbone)] = backbone_fingerprint(backbone)
-        return self._fingerprints[id(backbone)]
+        """The backbone part of the key, computed once per live backbone (weakly held: a later backbone that
+        reuses a freed object's memory never inherits its fingerprint)."""
+        if backbone not in self._fingerprints:
+            self._fingerprints[backbone] = backbone_fingerprint(backbone)
+        return self._fingerprints[backbone]
 
     def encode(
         self,
