@@ -127,10 +127,11 @@ def load_config(path: str) -> BenchmarkConfig:
     config.pretrained_checkpoint = _resolve(base, config.pretrained_checkpoint)
     if config.pretrain is not None:
         config.pretrain.method_config = [_resolve(base, p) for p in config.pretrain.method_config]
-    for field in ("method_config",):
-        for file in getattr(config, field) + (config.pretrain.method_config if config.pretrain else []):
-            if not Path(file).is_file():
-                raise BenchmarkError(f"{path}: {field}: {file} does not exist")
+    for field, files in (("method_config", config.method_config),
+                         ("pretrain.method_config", config.pretrain.method_config if config.pretrain else [])):  # fmt: skip
+        missing = [file for file in files if not Path(file).is_file()]
+        if missing:
+            raise BenchmarkError(f"{path}: {field}: {', '.join(missing)} does not exist")
     return config
 
 
