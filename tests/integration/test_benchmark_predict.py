@@ -26,6 +26,7 @@ def write_benchmark(tmp_path: Path, name: str) -> Path:
     config = {
         "method_config": [str(REPO / "configs/demo.yaml")], "categories": "all", "shots": [1, 2], "seeds": [0, 1],
         "output": str(tmp_path / name), "extra_args": ["--data.init_args.root", str(tmp_path / "synthetic")],
+        "feature_cache": {"dtype": "float32"},  # exact, so a cell equals a direct `fsad test` to the last bit
     }  # fmt: skip
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
