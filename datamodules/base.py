@@ -17,7 +17,13 @@ from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import DataLoader, Dataset
 
 from fsad.batch import collate_batch
-from fsad.datamodules.kshot import resolve_support_files, sample_support, write_support_list
+from fsad.datamodules.kshot import (
+    SupportPreset,
+    preset_support,
+    resolve_support_files,
+    sample_support,
+    write_support_list,
+)
 from fsad.datamodules.transforms import (
     AugmentSpec,
     DataError,
@@ -90,6 +96,11 @@ class FewShotDataModule(LightningDataModule, ABC):
         num_workers: DataLoader workers.
         augment: training augmentations (off by default).
         support_files: explicit support picks (file names or paths) for paper parity; overrides the draw.
+        support_preset: the authors' published picks instead of the seeded draw: ``promptad`` (MVTec-AD, VisA;
+            index ``i`` = the ``i``-th of the sorted normal training files) or ``finegrainedad`` (Real-IAD). One
+            draw per k: ``seed`` does not change the picks. See :func:`fsad.datamodules.kshot.preset_support`.
+        support_preset_root: the authors' ``datasets/`` folder holding their ``seeds_*`` folders (or one picks
+            file); ``None`` reads the packaged copy of PromptAD's lists.
         skip_bad_files: drop unreadable images with a warning instead of failing.
         resize: image resize, ``antialias`` (default) or ``authors`` (the PromptAD/FineGrainedAD chain, for
             ``variant: code``); see :mod:`fsad.datamodules.transforms`.
@@ -111,6 +122,8 @@ class FewShotDataModule(LightningDataModule, ABC):
         num_workers: int = 0,
         augment: AugmentSpec | None = None,
         support_files: list[str] | None = None,
+        support_preset: SupportPreset | None = None,
+        support_preset_root: str | None = None,
         skip_bad_files: bool = False,
         resize: ResizeName = "antialias",
         mean: tuple[float, float, float] = OPENAI_DATASET_MEAN,
@@ -130,6 +143,10 @@ class FewShotDataModule(LightningDataModule, ABC):
         self.num_workers = num_workers
         self.augment = augment
         self.support_files = support_files
+        if support_files and support_preset:
+            raise ValueError("data.support_files and data.support_preset both choose the support set; give one")
+        self.support_preset = support_preset
+        self.support_preset_root = support_preset_root
         self.skip_bad_files = skip_bad_files
         self.resize = resize
         self.mean = tuple(mean)
@@ -204,6 +221,11 @@ class FewShotDataModule(LightningDataModule, ABC):
         by_path = {s.image_path: s for s in self.normal_pool}
         if self.support_files:
             chosen = resolve_support_files(list(by_path), self.support_files)
+        elif self.support_preset:
+            chosen = preset_support(
+                self.support_preset, self.support_preset_root, self.dataset_name, self.category, list(by_path),
+                self.k_shot, getattr(self, "views", None),
+            )  # fmt: skip
         else:
             chosen = sample_support(list(by_path), self.k_shot, self.seed)
         self.support_samples = [by_path[p] for p in chosen]

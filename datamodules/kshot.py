@@ -1,11 +1,15 @@
-"""Reproducible k-shot support sampling: a pure function of (seed, sorted file names, k)."""
+"""Reproducible k-shot support sampling: a pure function of (seed, sorted file names, k); and the papers' published
+support picks (``data.support_preset``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+
+from fsad.datamodules.transforms import DataError
 
 
 def sample_support(candidates: Sequence[str], k: int, seed: int) -> list[str]:
@@ -61,3 +65,90 @@ def write_support_list(paths: Sequence[str], destination: Path) -> Path:
     tmp.write_text("".join(f"{p}\n" for p in paths))
     tmp.replace(destination)
     return destination
+
+
+SupportPreset = Literal["promptad", "finegrainedad"]
+PRESET_DATASETS = {"promptad": ("mvtec", "visa"), "finegrainedad": ("realiad",)}
+PACKAGED_PRESETS = Path(__file__).parent / "support_presets"
+
+
+def preset_file(preset: SupportPreset, root: str | Path | None, dataset: str, category: str, k: int) -> Path:
+    """Where the authors keep one category's picks, under ``root`` (their ``datasets/`` folder) or the packaged copy.
+
+    PromptAD: ``seeds_<dataset>/<category>/selected_samples_per_run.txt``; FineGrainedAD:
+    ``seeds_realiad/<k>_shot.txt``. ``root`` may also name the file itself.
+    """
+    if dataset not in PRESET_DATASETS[preset]:
+        raise DataError(f"data.support_preset: {preset!r} publishes picks for {PRESET_DATASETS[preset]}, not {dataset!r}")
+    if root is not None and Path(root).is_file():
+        return Path(root)
+    if preset == "promptad":
+        relative = Path(f"seeds_{dataset}") / category / "selected_samples_per_run.txt"
+    else:
+        relative = Path(f"seeds_{dataset}") / f"{k}_shot.txt"
+    base = Path(root).expanduser() if root is not None else PACKAGED_PRESETS / preset
+    path = base / relative
+    if not path.is_file():
+        where = "data.support_preset_root" if root is not None else "the packaged presets (set data.support_preset_root)"
+        raise DataError(f"data.support_preset: {path} not found in {where}")
+    return path
+
+
+def read_promptad_picks(path: Path, k: int) -> list[int]:
+    """The indices of the ``#<k>: i j ...`` line of a PromptAD ``selected_samples_per_run.txt``."""
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        head, _, indices = line.partition(":")
+        if head.strip() == f"#{k}":
+            try:
+                picks = [int(token) for token in indices.split()]
+            except ValueError:
+                raise DataError(f"{path}:{number}: expected '#{k}: <index> ...', got {line!r}") from None
+            if len(picks) != k:
+                raise DataError(f"{path}:{number}: the #{k} line lists {len(picks)} indices, not {k}")
+            return picks
+    raise DataError(f"{path}: no '#{k}:' line (data.k_shot={k})")
+
+
+def read_finegrainedad_picks(path: Path, category: str, k: int, views: Sequence[str] | None) -> list[str]:
+    """The first ``k`` distinct ``<category>/OK/S####/<file>.jpg`` lines of a FineGrainedAD ``<k>_shot.txt`` whose
+    camera view is in ``views`` (all views when ``None``), in file order."""
+    picks: list[str] = []
+    for line in path.read_text().splitlines():
+        entry = line.strip()
+        parts = Path(entry).parts
+        if not entry or parts[0] != category or entry in picks:
+            continue
+        if views is not None and not any(f"_{view}_" in parts[-1] for view in views):
+            continue
+        picks.append(entry)
+    if len(picks) < k:
+        shown = f" in views {list(views)}" if views is not None else ""
+        raise DataError(f"{path}: {len(picks)} picks for category {category!r}{shown}, data.k_shot={k} needs {k}")
+    return picks[:k]
+
+
+def preset_support(
+    preset: SupportPreset,
+    root: str | Path | None,
+    dataset: str,
+    category: str,
+    candidates: Sequence[str],
+    k: int,
+    views: Sequence[str] | None = None,
+) -> list[str]:
+    """The authors' published support picks for one (category, k), as paths among ``candidates``.
+
+    PromptAD's indices index an *unsorted* ``glob`` of ``train/good`` in the authors' loader, so the image they
+    name depends on the filesystem; here index ``i`` is the ``i``-th of the **sorted** candidate paths (what
+    FineGrainedAD's MVTec loader does; on MVTec-AD index ``i`` is then the file ``{i:03d}.png``). FineGrainedAD's
+    Real-IAD lists name files, matched by their path relative to the category.
+    """
+    path = preset_file(preset, root, dataset, category, k)
+    if preset == "promptad":
+        names = sorted(candidates)
+        indices = read_promptad_picks(path, k)
+        outside = [i for i in indices if not 0 <= i < len(names)]
+        if outside:
+            raise DataError(f"{path}: indices {outside} are outside the {len(names)} normal training images")
+        return [names[i] for i in indices]
+    return resolve_support_files(candidates, read_finegrainedad_picks(path, category, k, views))

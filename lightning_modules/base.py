@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 
 from fsad.batch import Batch
 from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec, ClipBackbone
+from fsad.lightning_modules.components.feature_cache import FeatureCache
 from fsad.lightning_modules.components.postprocess import upsample_and_smooth
+
+ProtocolStage = Literal["fewshot_fit", "training_free", "pretrained"]
+"""How a sweep runs a method per (category, k, seed) cell (DESIGN.md, "Sweep protocol per method"):
+
+* ``fewshot_fit``: fit on the cell's k support shots, then test (PromptAD, FineGrainedAD);
+* ``training_free``: test only; the support shots are encoded at test start (memory bank);
+* ``pretrained``: trained once on another dataset, then every cell is tested from that checkpoint (KAG-prompt);
+  a sweep never fits it on support shots.
+"""
 
 
 class FewShotAnomalyModule(LightningModule, ABC):
@@ -29,6 +39,9 @@ class FewShotAnomalyModule(LightningModule, ABC):
     """
 
     method_name: ClassVar[str] = "base"
+    protocol_stage: ClassVar[ProtocolStage]
+    feature_cache: FeatureCache | None = None
+    """Set by the benchmark runner: test-image backbone outputs are then read from (and written to) this cache."""
 
     def __init__(
         self,
@@ -78,9 +91,19 @@ class FewShotAnomalyModule(LightningModule, ABC):
         self.prepare_support()
 
     # ----------------------------------------------------------------- evaluation
+    def feature_variant(self) -> str:
+        """What this module changes in the input before the backbone pass (part of the feature-cache key)."""
+        return ""
+
+    def encode_images(self, batch: Batch) -> BackboneOutput:
+        """The backbone pass of a test batch, through :attr:`feature_cache` when the runner set one."""
+        if self.feature_cache is None:
+            return self.backbone(batch.image)
+        return self.feature_cache.encode(self.backbone, batch.image, batch.image_path, self.feature_variant())
+
     def predict_batch(self, batch: Batch) -> Batch:
         """One backbone pass, the method's scoring, then upsampling and smoothing to ``eval_size``."""
-        grid_maps, image_scores = self.score(self.backbone(batch.image))
+        grid_maps, image_scores = self.score(self.encode_images(batch))
         anomaly_map = upsample_and_smooth(grid_maps, self.eval_size, self.gaussian_sigma)
         return batch.update(anomaly_map=anomaly_map.float(), pred_score=image_scores.float().clamp(0.0, 1.0))
 

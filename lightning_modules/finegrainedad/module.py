@@ -50,6 +50,7 @@ class FineGrainedAD(PromptTuningModule):
     """
 
     method_name = "finegrainedad"
+    protocol_stage = "fewshot_fit"
 
     def __init__(
         self,

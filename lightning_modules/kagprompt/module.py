@@ -32,6 +32,7 @@ class KAGPrompt(FewShotAnomalyModule):
     """
 
     method_name = "kagprompt"
+    protocol_stage = "pretrained"
 
     def __init__(
         self,

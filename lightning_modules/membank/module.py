@@ -13,6 +13,7 @@ class MemoryBankAD(FewShotAnomalyModule):
     """k-shot nearest-neighbour scoring on raw CLIP tokens; nothing to train, ``fsad test`` runs it directly."""
 
     method_name = "membank"
+    protocol_stage = "training_free"
 
     def __init__(
         self,

@@ -136,6 +136,9 @@ class PromptTuningModule(FewShotAnomalyModule):
     def score(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(features, self.backbone)
 
+    def feature_variant(self) -> str:
+        return "bgr" if self.bgr_test_quirk else ""
+
     def predict_batch(self, batch: Batch) -> Batch:
         if self.bgr_test_quirk:
             batch.image = swap_rgb_bgr(batch.image, self.backbone.image_mean, self.backbone.image_std)
@@ -168,6 +171,7 @@ class PromptAD(PromptTuningModule):
     """
 
     method_name = "promptad"
+    protocol_stage = "fewshot_fit"
 
     def __init__(
         self,

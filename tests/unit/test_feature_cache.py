@@ -1,0 +1,116 @@
+"""The sweep's test-feature cache: cached and uncached results agree, and every key part makes its own entry."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsad.batch import Batch
+from fsad.datamodules.synthetic import SyntheticDataModule
+from fsad.lightning_modules.components.clip import BackboneSpec
+from fsad.lightning_modules.components.feature_cache import FeatureCache, file_content_hash
+from fsad.lightning_modules.membank.module import MemoryBankAD
+
+pytestmark = pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
+
+
+def tiny_membank(seed: int = 0, image_size: int = 64) -> MemoryBankAD:
+    torch.manual_seed(seed)
+    return MemoryBankAD(BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[2, 4]), image_size=image_size, eval_size=64)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> SyntheticDataModule:
+    datamodule = SyntheticDataModule(root=str(tmp_path / "synthetic"), category="disc", k_shot=2, image_size=64,
+                                     eval_size=64, batch_size=5)  # fmt: skip
+    datamodule.prepare_data()
+    datamodule.setup()
+    return datamodule
+
+
+def predictions(module: MemoryBankAD, data: SyntheticDataModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps and scores of the whole test set, with the support bank fitted from the uncached support pass."""
+    module.eval()
+    with torch.no_grad():
+        module.fit_support(module.encode_support(data.support_dataloader()))
+        batches: list[Batch] = [module.predict_batch(b) for b in data.test_dataloader()]
+    return torch.cat([b.anomaly_map for b in batches]), torch.cat([b.pred_score for b in batches])
+
+
+@pytest.mark.slow
+def test_float32_cache_gives_exactly_the_uncached_results_and_hits_the_second_time(tmp_path: Path, data) -> None:
+    module = tiny_membank()
+    maps, scores = predictions(module, data)
+    module.feature_cache = FeatureCache(tmp_path / "cache", preprocessing="antialias", dtype="float32")
+    first_maps, first_scores = predictions(module, data)  # every image a miss, computed and stored
+    assert module.feature_cache.misses == len(data.test_samples) and module.feature_cache.hits == 0
+    second_maps, second_scores = predictions(module, data)  # every image read back
+    assert module.feature_cache.hits == len(data.test_samples)
+    for got_maps, got_scores in ((first_maps, first_scores), (second_maps, second_scores)):
+        assert torch.equal(got_maps, maps) and torch.equal(got_scores, scores)
+
+
+@pytest.mark.slow
+def test_float16_cache_hit_equals_miss_and_stays_within_half_precision_of_uncached(tmp_path: Path, data) -> None:
+    module = tiny_membank()
+    maps, scores = predictions(module, data)
+    module.feature_cache = FeatureCache(tmp_path / "cache", preprocessing="antialias")
+    miss_maps, miss_scores = predictions(module, data)
+    hit_maps, hit_scores = predictions(module, data)
+    assert module.feature_cache.hits == module.feature_cache.misses == len(data.test_samples)
+    assert torch.equal(hit_maps, miss_maps) and torch.equal(hit_scores, miss_scores)
+    torch.testing.assert_close(hit_maps, maps, atol=2e-3, rtol=0)
+    torch.testing.assert_close(hit_scores, scores, atol=2e-3, rtol=0)
+    stored = torch.load(next((tmp_path / "cache").glob("*/*.pt")), weights_only=True)
+    assert stored["cls"].dtype == torch.float16
+
+
+@pytest.mark.slow
+def test_changing_any_key_part_misses(tmp_path: Path, data) -> None:
+    images = next(iter(data.test_dataloader()))
+    paths = list(images.image_path)
+
+    def misses_of(module: MemoryBankAD, cache: FeatureCache, image_paths: list[str], variant: str = "") -> int:
+        before = cache.misses
+        cache.encode(module.backbone, images.image if module.backbone.image_size[0] == 64 else
+                     torch.nn.functional.interpolate(images.image, size=module.backbone.image_size),
+                     image_paths, variant)  # fmt: skip
+        return cache.misses - before
+
+    base = tiny_membank(seed=0)
+    cache = FeatureCache(tmp_path / "cache", preprocessing="antialias")
+    assert misses_of(base, cache, paths) == len(paths)
+    assert misses_of(base, cache, paths) == 0  # same key: all hits
+    assert misses_of(tiny_membank(seed=1), cache, paths) == len(paths)  # other backbone weights
+    assert misses_of(tiny_membank(seed=0, image_size=96), cache, paths) == len(paths)  # other image size
+    other_resize = FeatureCache(tmp_path / "cache", preprocessing="authors")
+    assert misses_of(base, other_resize, paths) == len(paths)  # other preprocessing variant
+    assert misses_of(base, cache, paths, variant="bgr") == len(paths)  # the method's own input change
+    edited = tmp_path / "edited.png"
+    shutil.copy(paths[0], edited)
+    assert misses_of(base, cache, [str(edited), *paths[1:]]) == 0  # same content under another name: a hit
+    edited.write_bytes(Path(paths[1]).read_bytes())  # other content under the same name
+    assert file_content_hash(edited) == file_content_hash(paths[1]) != file_content_hash(paths[0])
+    assert misses_of(base, cache, [str(edited), *paths[1:]]) == 0  # ... hits paths[1]'s entry
+
+
+def test_size_limit_evicts_least_recently_used_entries(tmp_path: Path, data) -> None:
+    module = tiny_membank()
+    batch = next(iter(data.test_dataloader()))
+    cache = FeatureCache(tmp_path / "cache", preprocessing="antialias")
+    cache.encode(module.backbone, batch.image[:1], batch.image_path[:1])
+    entry_bytes = next((tmp_path / "cache").glob("*/*.pt")).stat().st_size
+    cache.max_bytes = 3 * entry_bytes
+    cache.encode(module.backbone, batch.image[1:3], batch.image_path[1:3])
+    cache.encode(module.backbone, batch.image[:1], batch.image_path[:1])  # refresh image 0: now the newest
+    cache.encode(module.backbone, batch.image[3:4], batch.image_path[3:4])  # a fourth entry: one must go
+    assert len(list((tmp_path / "cache").glob("*/*.pt"))) == 3
+    before = cache.misses
+    cache.encode(module.backbone, batch.image[:1], batch.image_path[:1])
+    cache.encode(module.backbone, batch.image[2:4], batch.image_path[2:4])
+    assert cache.misses == before  # 0, 2 and 3 kept
+    cache.encode(module.backbone, batch.image[1:2], batch.image_path[1:2])
+    assert cache.misses == before + 1  # 1 was the least recently used
