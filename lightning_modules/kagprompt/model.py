@@ -251,17 +251,20 @@ class KAGPromptModel(nn.Module):
         return F.interpolate(maps, size=self.score_size, mode="bilinear", align_corners=True)
 
     def text_maps(self, map_features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Per-map abnormal probabilities at the score size [B,M,S,S]; map_features [B,M,D,h,w], text [B,2,D].
+        """Per-map [normal, abnormal] probabilities at the score size [B,M,2,S,S]; map_features [B,M,D,h,w], text
+        [B,2,D].
 
-        Paper (Eq. 12, M_pi): softmax(s·cos(O_i, [F_n, F_a]))₁ on the grid, then Up. Code: Up of the two logits,
+        Paper (Eq. 12, M_pi): softmax(s·cos(O_i, [F_n, F_a])) on the grid, then Up. Code: Up of the two logits,
         then the softmax (C4).
         """
         normalised = F.normalize(map_features, dim=2)
         logits = self.text_scale * torch.einsum("bmdhw,btd->bmthw", normalised, F.normalize(text, dim=-1))
         b, m = logits.shape[:2]
         if self.variant == "paper":
-            return self.upsample(logits.softmax(dim=2)[:, :, 1])
-        return self.upsample(logits.flatten(0, 1)).softmax(dim=1)[:, 1].reshape(b, m, self.score_size, -1)
+            probabilities = self.upsample(logits.softmax(dim=2).flatten(1, 2))
+        else:
+            probabilities = self.upsample(logits.flatten(0, 1)).softmax(dim=1)
+        return probabilities.reshape(b, m, 2, self.score_size, self.score_size)
 
     def memory_tokens(self, features: BackboneOutput, graph_out: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """The tokens the memory bank holds: raw backbone tokens (code) or the graph outputs O_i (paper, Eq. 13)."""
@@ -303,8 +306,12 @@ class KAGPromptModel(nn.Module):
         """
         graph_out, kernels = self.adapt(features)
         mapped = graph_out if self.variant == "paper" else torch.cat([graph_out, kernels], dim=1)
-        layer_maps = self.text_maps(mapped, text)  # [B,M,S,S]
-        outputs = {"layer_maps": layer_maps, "image_logits": self.image_logits(features.cls, text)}
+        probabilities = self.text_maps(mapped, text)  # [B,M,2,S,S]
+        layer_maps = probabilities[:, :, 1]
+        outputs = {
+            "layer_maps": layer_maps, "normal_maps": probabilities[:, :, 0],
+            "image_logits": self.image_logits(features.cls, text),
+        }  # fmt: skip
         if self.use_memory and not self.memory.is_fitted:
             return outputs
         textual = layer_maps.mean(dim=1)  # Eq. 12's Norm Σ (paper) / the mean of the 8 maps (code)
@@ -325,18 +332,21 @@ def image_score(image_similarity: torch.Tensor, maps: torch.Tensor, gamma: float
     return gamma * image_similarity + (1 - gamma) * top.mean(dim=1)
 
 
-def authors_focal_loss(abnormal: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
-    """The authors' focal loss on [1−p, p] (C9): one-hot clamped to [smooth, 1−smooth], p_t = Σ onehot·p + smooth,
-    mean of −(1−p_t)^γ log p_t."""
+def authors_focal_loss(
+    abnormal: torch.Tensor, normal: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5
+) -> torch.Tensor:
+    """The authors' focal loss on [normal, abnormal] (C9): one-hot clamped to [smooth, 1−smooth],
+    p_t = Σ onehot·p + smooth, mean of −(1−p_t)^γ log p_t."""
     one_hot = target.clamp(smooth, 1 - smooth)
-    p_true = (1 - one_hot) * (1 - abnormal) + one_hot * abnormal + smooth
+    p_true = (1 - one_hot) * normal + one_hot * abnormal + smooth
     return (-(1 - p_true).pow(gamma) * p_true.log()).mean()
 
 
-def focal_loss(abnormal: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, eps: float = 1e-6) -> torch.Tensor:
-    """Focal loss (Lin et al.) on [1−p, p] against {0,1} targets: mean of −(1−p_t)^γ log p_t, p clamped to ε."""
-    p = abnormal.clamp(eps, 1 - eps)
-    p_true = torch.where(target > 0.5, p, 1 - p)
+def focal_loss(
+    abnormal: torch.Tensor, normal: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, eps: float = 1e-6
+) -> torch.Tensor:
+    """Focal loss (Lin et al.) on [normal, abnormal] against {0,1} targets: mean of −(1−p_t)^γ log p_t, p_t ≥ ε."""
+    p_true = torch.where(target > 0.5, abnormal, normal).clamp(eps, 1.0)
     return (-(1 - p_true).pow(gamma) * p_true.log()).mean()
 
 
@@ -355,8 +365,9 @@ def kag_loss(
     target: [B,S,S] {0,1} masks at the score size; labels: [B] image labels c.
     Paper: image term = CE(s₁, c) = BCE(σ(s₁), c), focal with ε = 1e-6, λ₂ = 1. Code (C6–C9): BCE(σ([s_n, s₁]),
     one-hot(c)) over both columns, the authors' focal floor, λ₂ = 0.3, the sum running over all 8 maps.
+    "1 − M" is the softmax's normal channel (``normal_maps``), equal to 1 − M up to rounding, as the authors use it.
     """
-    maps = outputs["layer_maps"]
+    maps, normal = outputs["layer_maps"], outputs["normal_maps"]
     target = target.float()
     dice_weight = (1.0 if variant == "paper" else 0.3) if dice_weight is None else dice_weight
     if variant == "paper":
@@ -366,7 +377,7 @@ def kag_loss(
         one_hot = F.one_hot(labels.long(), 2).float()
         image = F.binary_cross_entropy(torch.sigmoid(outputs["image_logits"]), one_hot)
         focal_fn = authors_focal_loss
-    focal = sum(focal_fn(maps[:, m], target, focal_gamma) for m in range(maps.shape[1]))
-    dice = sum(dice_loss(maps[:, m], target) + dice_loss(1 - maps[:, m], 1 - target) for m in range(maps.shape[1]))
+    focal = sum(focal_fn(maps[:, m], normal[:, m], target, focal_gamma) for m in range(maps.shape[1]))
+    dice = sum(dice_loss(maps[:, m], target) + dice_loss(normal[:, m], 1 - target) for m in range(maps.shape[1]))
     loss = image_weight * image + focal_weight * focal + dice_weight * dice
     return {"loss": loss, "image": image, "focal": focal, "dice": dice}
