@@ -238,7 +238,9 @@ class KAGPromptModel(nn.Module):
     def adapt(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """(O [B,L,D,H,W], V [B,L,D,H,W]): graph outputs (Eq. 11) and multi-kernel features (Eq. 1), joint width."""
         h, w = features.grid
-        projected = torch.stack([proj(features.taps[t]) for proj, t in zip(self.projections, self.taps, strict=True)], 1)
+        projected = torch.stack(
+            [proj(features.taps[t]) for proj, t in zip(self.projections, self.taps, strict=True)], 1
+        )
         b, layers, n, d = projected.shape
         maps = projected.transpose(-1, -2).reshape(b * layers, d, h, w)
         kernels = self.multi_kernel(maps).reshape(b, layers, d, h, w)
@@ -322,7 +324,9 @@ class KAGPromptModel(nn.Module):
             outputs["anomaly_map"] = self.gamma * textual + (1 - self.gamma) * visual  # Eq. 14
         else:
             outputs["anomaly_map"] = textual
-        outputs["score"] = image_score(outputs["image_logits"][:, 1], outputs["anomaly_map"], self.score_gamma, self.top_k)
+        outputs["score"] = image_score(
+            outputs["image_logits"][:, 1], outputs["anomaly_map"], self.score_gamma, self.top_k
+        )
         return outputs
 
 

@@ -105,7 +105,9 @@ class KAGPrompt(FewShotAnomalyModule):
         # the authors' ground truth: the mask at the map size, G > 0.3
         target = F.interpolate(batch.gt_mask.float().unsqueeze(1), size=size, mode="bilinear") > 0.3
         hp = self.hparams
-        labels = batch.gt_label if self.model.variant == "paper" else target.flatten(1).amax(1).long()  # code: c = max G
+        labels = (
+            batch.gt_label if self.model.variant == "paper" else target.flatten(1).amax(1).long()
+        )  # code: c = max G
         terms = kag_loss(
             outputs, target[:, 0], labels, self.model.variant, hp.focal_weight, hp.dice_weight,
             hp.image_loss_weight, hp.focal_gamma,

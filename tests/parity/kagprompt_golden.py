@@ -157,7 +157,8 @@ def generate(authors_repo: Path, out_dir: Path) -> None:
         taps_in = [with_cls(query_cls_tokens[i], query_taps[i]) for i in range(LAYERS)]
         agent = types.SimpleNamespace(
             **{k: getattr(head, k) for k in ("image_decoder", "adapter", "aGNN", "mmci", "loss_focal", "loss_dice")},
-            device="cpu", visual_encoder=None,  # only handed to the text stub
+            device="cpu",
+            visual_encoder=None,  # only handed to the text stub
             encode_image_from_tensor=lambda _images: (head.adapter(query_embed), head.image_decoder(list(taps_in))),
         )
         glue["encode_text_with_prompt_ensemble"] = lambda _model, _names, _device: text

@@ -56,7 +56,9 @@ def authors_model(golden: dict[str, torch.Tensor], meta: dict) -> KAGPromptModel
     )  # fmt: skip
     state = model.state_dict()
     assert set(state) == set(AUTHORS_NAMES), "every parameter of ours has exactly one of the authors'"
-    model.load_state_dict({ours: golden[f"param/{theirs}"].reshape(state[ours].shape) for ours, theirs in AUTHORS_NAMES.items()})
+    model.load_state_dict(
+        {ours: golden[f"param/{theirs}"].reshape(state[ours].shape) for ours, theirs in AUTHORS_NAMES.items()}
+    )
     return model
 
 
