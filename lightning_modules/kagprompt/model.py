@@ -1,13 +1,14 @@
-"""KAG-prompt (kernel-aware hierarchical graph prompts) on OpenCLIP, in pure torch (methods.md §3; paper Eq. 1–16).
+"""KAG-prompt (kernel-aware hierarchical graph prompts) on OpenCLIP, in pure torch (methods.md §3; paper Eq. 1–17).
 
-Four tapped backbone layers are projected into the joint space, refined by multi-kernel convolutions (Eq. 1) and a
-hierarchical graph over the layers (Eq. 3–11, T rounds of gated messages and ConvGRU updates). Each layer's output
-is compared with the normal/abnormal text features (M_p, Eq. 12) and with the k-shot memory (M_v, Eq. 13); the maps
-are fused with γ (Eq. 14) and the image score mixes the adapted CLS score with the top-k mean of the map (Eq. 15–16).
+Four tapped backbone layers are projected to the text width, refined by multi-kernel convolutions (Eq. 1) and a
+hierarchical graph over the layers (Eq. 2–11, T rounds of gated messages and ConvGRU updates). Each layer's output is
+compared with the normal/abnormal text features (M_p, Eq. 12) and with the k-shot memory (M_v, Eq. 13); the maps are
+fused with γ (Eq. 14) and the image score mixes the adapted CLS score with the top-k mean of the map (Eq. 15–16).
 
-``variant="code"`` reproduces the released code where it departs from the paper: no self-loop edge, per-pixel gates,
-concatenated messages mixed by a 3×3 convolution, a BN-ReLU-conv output averaged over 8 maps, and a memory bank on
-the raw backbone tokens.
+``variant="code"`` is the authors' released head number for number (tests/parity): no self-loop edge, per-pixel
+bias-free gates, concatenated messages mixed by a 3×3 convolution, a conv-BN-ReLU output block whose BN sees one
+(sample, layer) node at a time in training, 8 maps (graph + multi-kernel) whose logits are upsampled before the
+softmax, and a memory bank on the raw backbone tokens. The README's equation table lists every difference.
 """
 
 from __future__ import annotations
@@ -22,27 +23,40 @@ from fsad.lightning_modules.components.clip import BackboneOutput
 from fsad.lightning_modules.components.memory_bank import MemoryBank
 
 Variant = Literal["paper", "code"]
+PAPER_KERNELS = ((1, 4), (4, 1), (2, 2), (3, 3))
+
+
+def authors_init(module: nn.Module) -> None:
+    """The authors' graph initialisation: every Conv2d weight N(0, 0.01), BatchNorm weight 1 and bias 0.
+
+    Conv biases keep PyTorch's default, except the ConvGRU's, which the authors set to 0 before this runs.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.data.normal_(0, 0.01)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.weight.data.fill_(1)
+            m.bias.data.zero_()
 
 
 class MultiKernelConv(nn.Module):
-    """Eq. 1: parallel (1×4), (4×1), 2×2 and 3×3 convolutions without padding, resized back to the grid.
+    """Eq. 1: parallel unpadded convolutions C_k (default (1×4), (4×1), 2×2, 3×3), each resized back to the grid
+    (bilinear, ``align_corners=True`` as the authors, C1).
 
-    Paper: summed then normalised. Code: averaged (/4), no normalisation.
+    Paper: V = Norm(Σ_k C_k(x)) with Norm = GroupNorm(1) (a layer norm over C,H,W). Code: mean over k, no norm.
     """
 
-    KERNELS = ((1, 4), (4, 1), (2, 2), (3, 3))
-
-    def __init__(self, dim: int, variant: Variant) -> None:
+    def __init__(self, dim: int, variant: Variant, kernels: tuple[tuple[int, int], ...] = PAPER_KERNELS) -> None:
         super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(dim, dim, k) for k in self.KERNELS)
+        self.convs = nn.ModuleList(nn.Conv2d(dim, dim, tuple(k)) for k in kernels)
         self.norm = nn.GroupNorm(1, dim) if variant == "paper" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
-        outs = [F.interpolate(conv(x), size=size, mode="bilinear", align_corners=False) for conv in self.convs]
-        if self.norm is None:
-            return torch.stack(outs).mean(0)
-        return self.norm(torch.stack(outs).sum(0))
+        outs = torch.stack(
+            [F.interpolate(conv(x), size=size, mode="bilinear", align_corners=True) for conv in self.convs]
+        )
+        return outs.mean(0) if self.norm is None else self.norm(outs.sum(0))
 
 
 class ConvGRUCell(nn.Module):
@@ -53,6 +67,8 @@ class ConvGRUCell(nn.Module):
         self.update = nn.Conv2d(2 * dim, dim, 1)
         self.reset = nn.Conv2d(2 * dim, dim, 1)
         self.candidate = nn.Conv2d(2 * dim, dim, 1)
+        for conv in (self.update, self.reset, self.candidate):
+            nn.init.zeros_(conv.bias)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         xh = torch.cat([x, h], dim=1)
@@ -62,165 +78,310 @@ class ConvGRUCell(nn.Module):
         return (1 - z) * h + z * candidate
 
 
-class KernelAwareGraph(nn.Module):
-    """Eq. 3–11 over L layer nodes [B,L,D,H,W], batched over samples and layers (no per-sample loops)."""
+def pointwise(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+    """A 1×1 convolution applied to tokens [..., N, C] (the same map, without reshaping to an image)."""
+    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
 
-    def __init__(self, dim: int, layers: int, rounds: int, variant: Variant) -> None:
+
+class KernelAwareGraph(nn.Module):
+    """Eq. 2–11 over L layer nodes [B,L,D,H,W], batched over samples and layers.
+
+    Args:
+        use_gate: Eq. 8 gates (False: every message weight 1, the Table 2 "w/o gate" ablation).
+        use_gru: Eq. 10 ConvGRU (False: the aggregate becomes the next state, "w/o ConvGRU").
+        gate_channels: paper only. ``1``: one scalar a ∈ [0,1] per message (Eq. 8's range); ``dim``: one gate per
+            channel (Eq. 9's "channel-by-element product").
+        gate_self_loop: paper only. Gate the self-loop message h_ii too (Eq. 9 sums over all j ∈ 𝒩 "and itself
+            through gating").
+    """
+
+    def __init__(
+        self, dim: int, layers: int, rounds: int, variant: Variant, use_gate: bool = True, use_gru: bool = True,
+        gate_channels: Literal[1, "dim"] = 1, gate_self_loop: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.variant, self.rounds, self.layers = variant, rounds, layers
-        self.inter = nn.Parameter(torch.eye(dim) + 0.01 * torch.randn(dim, dim))  # Eq. 4: A_ij = softmax(N_i W N_jᵀ)
-        self.intra = nn.Parameter(torch.eye(dim) + 0.01 * torch.randn(dim, dim)) if variant == "paper" else None
+        self.use_gate, self.use_gru, self.gate_self_loop = use_gate, use_gru, gate_self_loop
+        self.inter = nn.Linear(dim, dim, bias=False)  # Eq. 4: W_c; the query is N_i W_cᵀ as nn.Linear computes it
         if variant == "paper":
-            self.gate = nn.Linear(dim, 1)  # Eq. 8: g = σ(FC(GAP(m)))
+            self.alpha = nn.Parameter(torch.zeros(()))  # Eq. 3: learnable α, 0 at the start (position attention)
+            self.intra_query, self.intra_key, self.intra_value = (nn.Conv2d(dim, dim, 1) for _ in range(3))
+            self.gate = nn.Conv2d(dim, dim if gate_channels == "dim" else 1, 1)  # Eq. 8: W_GAP, b
         else:
-            self.gate = nn.Conv2d(dim, 1, 1)  # per-pixel gate
-            self.mix = nn.Conv2d((layers - 1) * dim, dim, 3, padding=1)  # concatenated messages → C
-            self.output = nn.Sequential(nn.Conv2d(2 * dim, dim, 3, padding=1), nn.BatchNorm2d(dim), nn.ReLU())
-        self.gru = ConvGRUCell(dim)
+            self.gate = nn.Conv2d(dim, 1, 1, bias=False)  # per-pixel gate without bias (C10)
+            self.mix = nn.Conv2d((layers - 1) * dim, dim, 3, padding=1)  # conv over the concatenated messages
+            self.output_conv = nn.Conv2d(2 * dim, dim, 3, padding=1)
+            self.output_norm = nn.BatchNorm2d(dim)
+        self.gru = ConvGRUCell(dim) if use_gru else None
+        others = [[j for j in range(layers) if j != i] for i in range(layers)]
+        self.register_buffer("others", torch.tensor(others), persistent=False)
+        authors_init(self)
 
-    @staticmethod
-    def attend(projected_query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Eq. 4–7: message to node i from node j: softmax_rows((N_i W) N_jᵀ) N_j, given ``N_i W`` [B,L,N,D]."""
-        scale = projected_query.shape[-1] ** -0.5
-        attention = torch.softmax(projected_query @ keys.transpose(-1, -2) * scale, dim=-1)
+    def inter_messages(self, state: torch.Tensor) -> torch.Tensor:
+        """Eq. 4–7: h_ji = softmax_rows((N_i W_cᵀ) N_jᵀ) N_j for every j ≠ i: [B,L,N,C] → [B,L,L−1,N,C].
+
+        No 1/√d scale (neither the paper nor the authors have one, C2); j runs over the other layers in order.
+        """
+        query = self.inter(state)
+        keys = state[:, self.others]  # [B,L,L−1,N,C]
+        attention = torch.softmax(torch.einsum("binc,bijmc->bijnm", query, keys), dim=-1)
         return attention @ keys
 
-    def gated(self, message: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Eq. 8: scale a message [B,L,N,D] by its gate (GAP → FC → σ in the paper; per pixel in the code)."""
+    def intra_message(self, state: torch.Tensor) -> torch.Tensor:
+        """Eq. 3 (= h_ii, Eq. 6): α·softmax((W_c1 N)(W_c2 N)ᵀ)(W_c3 N) + N on [B,L,N,C]."""
+        query, key = pointwise(self.intra_query, state), pointwise(self.intra_key, state)
+        attention = torch.softmax(query @ key.transpose(-1, -2), dim=-1)
+        return self.alpha * (attention @ pointwise(self.intra_value, state)) + state
+
+    def gated(self, message: torch.Tensor) -> torch.Tensor:
+        """Eq. 8: a·h with a = σ(GAP(W_GAP * h + b)) (paper) or a per-pixel σ(w·h) (code); h is [..., N, C]."""
+        if not self.use_gate:
+            return message
+        logits = pointwise(self.gate, message)
         if self.variant == "paper":
-            return message * torch.sigmoid(self.gate(message.mean(dim=2, keepdim=True)))
-        b, layers, n, d = message.shape
-        maps = message.reshape(b * layers, *grid, d).permute(0, 3, 1, 2)
-        gates = torch.sigmoid(self.gate(maps)).permute(0, 2, 3, 1).reshape(b, layers, n, 1)
-        return message * gates
+            logits = logits.mean(dim=-2, keepdim=True)  # GAP over the positions
+        return message * torch.sigmoid(logits)
+
+    def output_block(self, maps: torch.Tensor) -> torch.Tensor:
+        """Code output: ReLU(BN(conv3×3([N^T; V]))). In training the authors call it once per (sample, layer) node,
+        so BN normalises each node over its own pixels and updates the running statistics once per node (C3)."""
+        out = self.output_conv(maps)
+        norm = self.output_norm
+        if norm.training:
+            out = torch.cat([
+                F.batch_norm(node, norm.running_mean, norm.running_var, norm.weight, norm.bias, True, norm.momentum,
+                             norm.eps)
+                for node in out.split(1)
+            ])  # fmt: skip
+        else:
+            out = norm(out)
+        return F.relu(out)
 
     def forward(self, nodes: torch.Tensor) -> torch.Tensor:
         """[B,L,D,H,W] → the graph outputs O_i [B,L,D,H,W] (Eq. 11)."""
         b, layers, d, h, w = nodes.shape
-        start = nodes.flatten(3).transpose(-1, -2)  # [B,L,N,D]
+        to_tokens = lambda t: t.reshape(b, layers, d, h * w).transpose(-1, -2)  # noqa: E731
+        to_maps = lambda t: t.transpose(-1, -2).reshape(b * layers, d, h, w)  # noqa: E731
+        start = to_tokens(nodes)  # N⁰ = V (Eq. 2), [B,L,N,C]
         state = start
-        others = [[j for j in range(layers) if j != i] for i in range(layers)]
         for _ in range(self.rounds):
-            query = state @ self.inter  # N_i W, shared by the messages from every other layer
-            messages = [
-                self.gated(self.attend(query, state[:, [o[k] for o in others]]), (h, w)) for k in range(layers - 1)
-            ]  # message k of node i comes from its k-th other layer
+            messages = self.gated(self.inter_messages(state))  # [B,L,L−1,N,C]
             if self.variant == "paper":
-                aggregate = torch.stack(messages).sum(0)  # Eq. 9: gated sum
-                aggregate = aggregate + self.gated(self.attend(state @ self.intra, state), (h, w))  # Eq. 3 self-loop
+                self_loop = self.intra_message(state)
+                self_loop = self.gated(self_loop) if self.gate_self_loop else self_loop
+                aggregate = messages.sum(2) + self_loop  # Eq. 9
             else:
-                stacked = torch.cat(messages, dim=-1).reshape(b * layers, h, w, -1).permute(0, 3, 1, 2)
-                aggregate = self.mix(stacked).permute(0, 2, 3, 1).reshape(b, layers, h * w, d)
-            to_map = lambda t: t.reshape(b * layers, h, w, d).permute(0, 3, 1, 2)  # noqa: E731
-            updated = self.gru(to_map(aggregate), to_map(state))  # Eq. 10
-            state = updated.permute(0, 2, 3, 1).reshape(b, layers, h * w, d)
-        final, initial = to_map(state), to_map(start)
+                stacked = messages.permute(0, 1, 2, 4, 3).reshape(b * layers, (layers - 1) * d, h, w)
+                aggregate = to_tokens(self.mix(stacked))
+            if self.gru is None:
+                state = aggregate
+            else:  # Eq. 10
+                state = to_tokens(self.gru(to_maps(aggregate), to_maps(state)))
         if self.variant == "paper":
-            out = final + initial  # Eq. 11: O = N^T + V
-        else:
-            out = self.output(torch.cat([final, initial], dim=1))
+            return nodes + to_maps(state).reshape(b, layers, d, h, w)  # Eq. 11: O = N^T + V
+        out = self.output_block(torch.cat([to_maps(state), to_maps(start)], dim=1))
         return out.reshape(b, layers, d, h, w)
 
 
 class KAGPromptModel(nn.Module):
-    """The trainable adapter of KAG-prompt plus its cached text features and memory bank.
+    """The trainable adapter of KAG-prompt plus its k-shot memory bank.
 
     Args:
         width: raw token width of the tapped backbone blocks.
         dim: joint image-text dimension (the backbone's embed dim).
-        graph_dim: width of the multi-kernel convolutions and the graph; a linear map returns to ``dim`` before the
-            text comparison. ``None`` runs them at ``dim`` (the paper's width, about twice the backbone's cost).
         taps: backbone blocks used as graph layers (1-based, 4 of them).
         variant: ``paper`` or ``code`` (see the module docstring).
         rounds: graph update rounds T (5).
-        gamma: fusion weight γ of Eq. 14 and Eq. 16 (0.1).
-        top_k: pixels averaged for the image score (30, as the released code).
-        score_size: side of the bilinearly upsampled map the top-k is taken from (224, the code's resolution).
-        text_scale: logit scale of the text comparisons (100, as CLIP's trained temperature).
+        gamma: γ of the map fusion, Eq. 14 (0.1). score_gamma: γ of the image score, Eq. 16 (0.1).
+        top_k: pixels of the score-size map averaged for the image score (30).
+        text_scale: logit scale of the text comparisons (100, as the authors).
+        graph_dim: width of the multi-kernel convolutions and the graph, a Linear returning to ``dim`` before the text
+            comparison; ``None`` = ``dim`` (the paper's "same dimension as the text").
+        score_size: side of the maps the fusion and top-k run at (the authors' 224).
+        kernels: the multi-kernel shapes of Eq. 1 (one kernel = the "single-kernel" ablation).
+        use_graph: False = the "w/o graph" ablation, O_i = V_i.
+        use_gate, use_gru, gate_channels, gate_self_loop: see :class:`KernelAwareGraph`.
+        use_memory: False = the "w/o memory bank" ablation, M = M_p.
+        visual_reduction: paper only. How Eq. 13 combines the 4 layers' (1 − max cos): ``sum`` as printed (range
+            [0, 8], clamped to [0, 1] by the batch contract) or ``mean`` (the Norm of Eq. 12, range [0, 2]).
     """
 
     def __init__(
         self, width: int, dim: int, taps: list[int], variant: Variant = "paper", rounds: int = 5,
-        gamma: float = 0.1, top_k: int = 30, text_scale: float = 100.0,
-        graph_dim: int | None = 256, score_size: int = 224,
+        gamma: float = 0.1, score_gamma: float = 0.1, top_k: int = 30, text_scale: float = 100.0,
+        graph_dim: int | None = None, score_size: int = 224, kernels: tuple[tuple[int, int], ...] = PAPER_KERNELS,
+        use_graph: bool = True, use_gate: bool = True, use_gru: bool = True, gate_channels: Literal[1, "dim"] = 1,
+        gate_self_loop: bool = True, use_memory: bool = True, visual_reduction: Literal["sum", "mean"] = "mean",
     ) -> None:  # fmt: skip
         super().__init__()
         if variant not in ("paper", "code"):
             raise ValueError(f"model.variant must be 'paper' or 'code', got {variant!r}")
-        self.variant, self.taps, self.gamma = variant, list(taps), gamma
+        if visual_reduction not in ("sum", "mean"):
+            raise ValueError(f"model.visual_reduction must be 'sum' or 'mean', got {visual_reduction!r}")
+        self.variant, self.taps, self.gamma, self.score_gamma = variant, list(taps), gamma, score_gamma
         self.top_k, self.text_scale, self.score_size = top_k, text_scale, score_size
-        relu = variant == "code"
+        self.use_memory, self.visual_reduction = use_memory, visual_reduction
         inner = graph_dim or dim
         self.projections = nn.ModuleList(
-            nn.Sequential(nn.Linear(width, inner), nn.ReLU()) if relu else nn.Linear(width, inner) for _ in taps
+            nn.Sequential(nn.Linear(width, inner), nn.ReLU()) if variant == "code" else nn.Linear(width, inner)
+            for _ in taps
         )
-        self.multi_kernel = MultiKernelConv(inner, variant)
-        self.graph = KernelAwareGraph(inner, len(taps), rounds, variant)
+        self.multi_kernel = MultiKernelConv(inner, variant, tuple(tuple(k) for k in kernels))
+        self.graph = (
+            KernelAwareGraph(inner, len(taps), rounds, variant, use_gate, use_gru, gate_channels, gate_self_loop)
+            if use_graph else None
+        )  # fmt: skip
         self.to_joint = nn.Identity() if inner == dim else nn.Linear(inner, dim)
-        self.image_head = nn.Linear(dim, dim)  # Eq. 15: adapted CLS
+        self.image_head = nn.Linear(dim, dim)  # Eq. 15: FC (the authors' Adapter)
         self.memory = MemoryBank()
 
     def adapt(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-layer outputs for the maps: (O [B,L,D,H,W], V [B,L,D,H,W]) (graph outputs and multi-kernel features)."""
+        """(O [B,L,D,H,W], V [B,L,D,H,W]): graph outputs (Eq. 11) and multi-kernel features (Eq. 1), joint width."""
         h, w = features.grid
-        projected = torch.stack([proj(features.taps[t]) for proj, t in zip(self.projections, self.taps, strict=True)], 1)
+        projected = torch.stack(
+            [proj(features.taps[t]) for proj, t in zip(self.projections, self.taps, strict=True)], 1
+        )
         b, layers, n, d = projected.shape
         maps = projected.transpose(-1, -2).reshape(b * layers, d, h, w)
         kernels = self.multi_kernel(maps).reshape(b, layers, d, h, w)
+        graph_out = kernels if self.graph is None else self.graph(kernels)
         joint = lambda t: self.to_joint(t.movedim(2, -1)).movedim(-1, 2)  # noqa: E731
-        return joint(self.graph(kernels)), joint(kernels)
+        return joint(graph_out), joint(kernels)
+
+    def upsample(self, maps: torch.Tensor) -> torch.Tensor:
+        """Up(·): bilinear to the score size, ``align_corners=True`` as the authors (C4/C5); [B,C,h,w]."""
+        return F.interpolate(maps, size=self.score_size, mode="bilinear", align_corners=True)
 
     def text_maps(self, map_features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Eq. 12 per map: softmax(s·[cos(O,F_n), cos(O,F_a)])₁ → [B,M,H,W]; text: [B,2,D] (normal, abnormal)."""
+        """Per-map [normal, abnormal] probabilities at the score size [B,M,2,S,S]; map_features [B,M,D,h,w], text
+        [B,2,D].
+
+        Paper (Eq. 12, M_pi): softmax(s·cos(O_i, [F_n, F_a])) on the grid, then Up. Code: Up of the two logits,
+        then the softmax (C4).
+        """
         normalised = F.normalize(map_features, dim=2)
         logits = self.text_scale * torch.einsum("bmdhw,btd->bmthw", normalised, F.normalize(text, dim=-1))
-        return logits.softmax(dim=2)[:, :, 1]
+        b, m = logits.shape[:2]
+        if self.variant == "paper":
+            probabilities = self.upsample(logits.softmax(dim=2).flatten(1, 2))
+        else:
+            probabilities = self.upsample(logits.flatten(0, 1)).softmax(dim=1)
+        return probabilities.reshape(b, m, 2, self.score_size, self.score_size)
 
-    def fit(self, support: BackboneOutput) -> None:
-        """Memory bank (Eq. 13): post-graph outputs O_i (paper) or raw backbone tokens (code)."""
+    def memory_tokens(self, features: BackboneOutput, graph_out: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """The tokens the memory bank holds: raw backbone tokens (code) or the graph outputs O_i (paper, Eq. 13)."""
         if self.variant == "code":
-            self.memory.fit({t: support.taps[t] for t in self.taps})
-            return
-        with torch.no_grad():
-            graph_out, _ = self.adapt(support)
-        self.memory.fit({i: graph_out[:, i].flatten(2).transpose(1, 2) for i in range(len(self.taps))})
+            return {t: features.taps[t] for t in self.taps}
+        if graph_out is None:
+            graph_out, _ = self.adapt(features)
+        return {i: graph_out[:, i].flatten(2).transpose(1, 2) for i in range(len(self.taps))}
+
+    @torch.no_grad()
+    def fit(self, support: BackboneOutput) -> None:
+        """Store the support tokens of every layer (Eq. 13's R); nothing without the memory bank."""
+        if self.use_memory:
+            self.memory.fit(self.memory_tokens(support))
 
     def visual_map(self, features: BackboneOutput, graph_out: torch.Tensor) -> torch.Tensor:
-        """Eq. 13: M_v = softmax([sim, 1−sim])₁ = σ(1 − 2·sim), sim = mean over layers of the max cosine to the memory."""
-        if self.variant == "code":
-            distance = self.memory({t: features.taps[t] for t in self.taps})
-        else:
-            distance = self.memory({i: graph_out[:, i].flatten(2).transpose(1, 2) for i in range(len(self.taps))})
-        similarity = 1.0 - 2.0 * distance  # the bank stores (1 − cos)/2
-        return torch.sigmoid(1.0 - 2.0 * similarity).reshape(-1, *features.grid)
+        """M_v at the score size [B,S,S].
 
-    def image_probability(self, cls: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Eq. 15: s₁ = softmax(s·[cos(FC(cls),F_n), cos(FC(cls),F_a)])₁; text: [B,2,D]."""
+        Paper (Eq. 13): Up(Σ_i or mean_i (1 − max_r cos(O_i, r_i))). Code: sim = mean_i max cos on raw tokens, Up,
+        then softmax([sim, 1 − sim])₁ (C5).
+        """
+        distance = self.memory(self.memory_tokens(features, graph_out))  # mean_i (1 − max cos)/2, [B,N]
+        grid = distance.reshape(-1, 1, *features.grid)
+        if self.variant == "paper":
+            layers = len(self.taps) if self.visual_reduction == "sum" else 1
+            return self.upsample(2.0 * layers * grid)[:, 0]
+        similarity = self.upsample(1.0 - 2.0 * grid)
+        return torch.cat([similarity, 1.0 - similarity], dim=1).softmax(dim=1)[:, 1]
+
+    def image_logits(self, cls: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Eq. 15: [cos(FC(cls), F_n), cos(FC(cls), F_a)] [B,2]; s₁ is the second column (raw cosine)."""
         adapted = F.normalize(self.image_head(cls), dim=-1)
-        logits = self.text_scale * torch.einsum("bd,btd->bt", adapted, F.normalize(text, dim=-1))
-        return logits.softmax(dim=-1)[:, 1]
+        return torch.einsum("bd,btd->bt", adapted, F.normalize(text, dim=-1))
 
     def forward(self, features: BackboneOutput, text: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-map text maps and image probabilities; with a fitted memory also the fused map and image scores.
+        """Per-map text maps and image logits; when ready to score (memory fitted, or no memory) also M and s.
 
         text: [B,2,D] normal and abnormal text features of each sample's category.
         """
         graph_out, kernels = self.adapt(features)
         mapped = graph_out if self.variant == "paper" else torch.cat([graph_out, kernels], dim=1)
-        layer_maps = self.text_maps(mapped, text)  # [B,M,H,W]
-        outputs = {"layer_maps": layer_maps, "image_probability": self.image_probability(features.cls, text)}
-        if self.memory.is_fitted:
-            textual = layer_maps.mean(dim=1)
-            fused = self.gamma * textual + (1 - self.gamma) * self.visual_map(features, graph_out)  # Eq. 14
-            outputs["anomaly_map"] = fused
-            upsampled = F.interpolate(fused.unsqueeze(1), size=self.score_size, mode="bilinear", align_corners=False)
-            outputs["score"] = image_score(
-                outputs["image_probability"], upsampled.squeeze(1), self.gamma, self.top_k
-            )
+        probabilities = self.text_maps(mapped, text)  # [B,M,2,S,S]
+        layer_maps = probabilities[:, :, 1]
+        outputs = {
+            "layer_maps": layer_maps, "normal_maps": probabilities[:, :, 0],
+            "image_logits": self.image_logits(features.cls, text),
+        }  # fmt: skip
+        if self.use_memory and not self.memory.is_fitted:
+            return outputs
+        textual = layer_maps.mean(dim=1)  # Eq. 12's Norm Σ (paper) / the mean of the 8 maps (code)
+        outputs["textual_map"] = textual
+        if self.use_memory:
+            visual = self.visual_map(features, graph_out)
+            outputs["visual_map"] = visual
+            outputs["anomaly_map"] = self.gamma * textual + (1 - self.gamma) * visual  # Eq. 14
+        else:
+            outputs["anomaly_map"] = textual
+        outputs["score"] = image_score(
+            outputs["image_logits"][:, 1], outputs["anomaly_map"], self.score_gamma, self.top_k
+        )
         return outputs
 
 
-def image_score(image_probability: torch.Tensor, maps: torch.Tensor, gamma: float, top_k: int) -> torch.Tensor:
+def image_score(image_similarity: torch.Tensor, maps: torch.Tensor, gamma: float, top_k: int) -> torch.Tensor:
     """Eq. 16: s = γ·s₁ + (1−γ)·mean(top-k pixels of M)."""
     top = maps.flatten(1).topk(min(top_k, maps[0].numel()), dim=1).values
-    return gamma * image_probability + (1 - gamma) * top.mean(dim=1)
+    return gamma * image_similarity + (1 - gamma) * top.mean(dim=1)
+
+
+def authors_focal_loss(
+    abnormal: torch.Tensor, normal: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5
+) -> torch.Tensor:
+    """The authors' focal loss on [normal, abnormal] (C9): one-hot clamped to [smooth, 1−smooth],
+    p_t = Σ onehot·p + smooth, mean of −(1−p_t)^γ log p_t."""
+    one_hot = target.clamp(smooth, 1 - smooth)
+    p_true = (1 - one_hot) * normal + one_hot * abnormal + smooth
+    return (-(1 - p_true).pow(gamma) * p_true.log()).mean()
+
+
+def focal_loss(
+    abnormal: torch.Tensor, normal: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, eps: float = 1e-6
+) -> torch.Tensor:
+    """Focal loss (Lin et al.) on [normal, abnormal] against {0,1} targets: mean of −(1−p_t)^γ log p_t, p_t ≥ ε."""
+    p_true = torch.where(target > 0.5, abnormal, normal).clamp(eps, 1.0)
+    return (-(1 - p_true).pow(gamma) * p_true.log()).mean()
+
+
+def dice_loss(probabilities: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice per sample, averaged: 1 − mean_b (2Σpg + 1) / (Σp + Σg + 1) (the authors' BinaryDiceLoss)."""
+    p, g = probabilities.flatten(1), target.flatten(1)
+    return 1 - ((2 * (p * g).sum(1) + smooth) / (p.sum(1) + g.sum(1) + smooth)).mean()
+
+
+def kag_loss(
+    outputs: dict[str, torch.Tensor], target: torch.Tensor, labels: torch.Tensor, variant: Variant,
+    focal_weight: float = 1.0, dice_weight: float | None = None, image_weight: float = 1.0, focal_gamma: float = 2.0,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Eq. 17 summed over the maps: image term + λ₁ Σ_m Focal([1−M_m, M_m], G) + λ₂ Σ_m (Dice(M_m, G) + Dice(1−M_m, 1−G)).
+
+    target: [B,S,S] {0,1} masks at the score size; labels: [B] image labels c.
+    Paper: image term = CE(s₁, c) = BCE(σ(s₁), c), focal with ε = 1e-6, λ₂ = 1. Code (C6–C9): BCE(σ([s_n, s₁]),
+    one-hot(c)) over both columns, the authors' focal floor, λ₂ = 0.3, the sum running over all 8 maps.
+    "1 − M" is the softmax's normal channel (``normal_maps``), equal to 1 − M up to rounding, as the authors use it.
+    """
+    maps, normal = outputs["layer_maps"], outputs["normal_maps"]
+    target = target.float()
+    dice_weight = (1.0 if variant == "paper" else 0.3) if dice_weight is None else dice_weight
+    if variant == "paper":
+        image = F.binary_cross_entropy_with_logits(outputs["image_logits"][:, 1], labels.float())
+        focal_fn = focal_loss
+    else:
+        one_hot = F.one_hot(labels.long(), 2).float()
+        image = F.binary_cross_entropy(torch.sigmoid(outputs["image_logits"]), one_hot)
+        focal_fn = authors_focal_loss
+    focal = sum(focal_fn(maps[:, m], normal[:, m], target, focal_gamma) for m in range(maps.shape[1]))
+    dice = sum(dice_loss(maps[:, m], target) + dice_loss(normal[:, m], 1 - target) for m in range(maps.shape[1]))
+    loss = image_weight * image + focal_weight * focal + dice_weight * dice
+    return {"loss": loss, "image": image, "focal": focal, "dice": dice}

@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from fsad.batch import Batch
 from fsad.lightning_modules.base import FewShotAnomalyModule
 from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec
-from fsad.lightning_modules.components.losses import dice_loss, focal_loss, image_cross_entropy
 from fsad.lightning_modules.components.prompt_states import display_name
-from fsad.lightning_modules.kagprompt.model import KAGPromptModel
+from fsad.lightning_modules.kagprompt.model import PAPER_KERNELS, KAGPromptModel, kag_loss
 
 NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
                  "{} without damage")  # fmt: skip
@@ -21,13 +20,19 @@ TEMPLATES = ("a photo of a {}.", "a photo of the {}.")
 
 
 class KAGPrompt(FewShotAnomalyModule):
-    """KAG-prompt (methods.md §3) on OpenCLIP; see this folder's README.
+    """KAG-prompt (methods.md §3) on OpenCLIP; see this folder's README for the equation table and every option.
 
     Args:
-        variant: ``paper`` or ``code`` (the released code's choices).
-        graph_dim: width of the adapter (multi-kernel convolutions and graph); ``null`` = the joint width.
-        rounds: graph rounds T (5). gamma: γ of Eq. 14/16 (0.1). top_k: pixels of the 224² map in the image score.
-        focal_weight, dice_weight, image_loss_weight: λ weights; ``dice_weight=None`` → 1 (paper) or 0.3 (code).
+        variant: ``paper`` (Eq. 1–17 as printed) or ``code`` (the authors' released head, number for number).
+        graph_dim: width of the adapter (multi-kernel convolutions and graph); ``null`` = the text width (paper).
+        rounds: graph rounds T (5). gamma: γ of Eq. 14 (0.1). score_gamma: γ of Eq. 16 (0.1).
+        top_k: pixels of the score-size map averaged for the image score (30).
+        text_scale: logit scale of the text comparisons (100).
+        score_size: side of the maps fused and top-k'd; ``null`` = ``eval_size`` (paper) or 224 (code, the authors').
+        kernels: Eq. 1 kernel shapes. use_graph, use_gate, use_gru, use_memory: Table 2 ablation switches.
+        gate_channels, gate_self_loop, visual_reduction: readings of ambiguous paper equations (README).
+        focal_weight, dice_weight, image_loss_weight: λ₁, λ₂ and the image-term weight of Eq. 17;
+            ``dice_weight=None`` → 1 (paper) or 0.3 (code). focal_gamma: the focal exponent (2).
         lr, betas, weight_decay, warmup_fraction: Adam with linear warm-up then cosine decay over the fit.
     """
 
@@ -42,12 +47,24 @@ class KAGPrompt(FewShotAnomalyModule):
         gaussian_sigma: float = 0.0,
         variant: Literal["paper", "code"] = "paper",
         rounds: int = 5,
-        graph_dim: int | None = 256,
+        graph_dim: int | None = None,
         gamma: float = 0.1,
+        score_gamma: float = 0.1,
         top_k: int = 30,
+        text_scale: float = 100.0,
+        score_size: int | None = None,
+        kernels: list[list[int]] | None = None,
+        use_graph: bool = True,
+        use_gate: bool = True,
+        use_gru: bool = True,
+        use_memory: bool = True,
+        gate_channels: Literal[1, "dim"] = 1,
+        gate_self_loop: bool = True,
+        visual_reduction: Literal["sum", "mean"] = "mean",
         focal_weight: float = 1.0,
         dice_weight: float | None = None,
         image_loss_weight: float = 1.0,
+        focal_gamma: float = 2.0,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 1e-3,
@@ -57,11 +74,13 @@ class KAGPrompt(FewShotAnomalyModule):
         super().__init__(backbone=backbone, image_size=image_size, eval_size=eval_size, gaussian_sigma=gaussian_sigma)
         if len(backbone.taps) != 4:
             raise ValueError(f"backbone.taps: KAG-prompt uses 4 layers, got {backbone.taps}")
+        if score_size is None:
+            score_size = eval_size if variant == "paper" else 224
         self.model = KAGPromptModel(
-            self.backbone.width, self.backbone.embed_dim, backbone.taps, variant, rounds, gamma, top_k,
-            graph_dim=graph_dim,
-        )
-        self.dice_weight = dice_weight if dice_weight is not None else (1.0 if variant == "paper" else 0.3)
+            self.backbone.width, self.backbone.embed_dim, backbone.taps, variant, rounds, gamma, score_gamma, top_k,
+            text_scale, graph_dim, score_size, tuple(tuple(k) for k in (kernels or PAPER_KERNELS)), use_graph,
+            use_gate, use_gru, gate_channels, gate_self_loop, use_memory, visual_reduction,
+        )  # fmt: skip
         self.text_by_category: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -83,21 +102,20 @@ class KAGPrompt(FewShotAnomalyModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         features = self.backbone(batch.image)
         outputs = self.model(features, self.batch_text(batch.category))
-        size = batch.gt_mask.shape[-2:]
-        maps = F.interpolate(outputs["layer_maps"], size=size, mode="bilinear", align_corners=False)
-        target = batch.gt_mask.float().unsqueeze(1).expand_as(maps)
-        focal = focal_loss(maps, target)
-        if self.model.variant == "paper":
-            dice = dice_loss(maps.flatten(0, 1), target.flatten(0, 1))
-        else:  # the released code: Dice on the anomaly map and on its complement
-            dice = dice_loss(maps.flatten(0, 1), target.flatten(0, 1)) + dice_loss(
-                1 - maps.flatten(0, 1), 1 - target.flatten(0, 1)
-            )
-        image = image_cross_entropy(outputs["image_probability"], batch.gt_label)
-        loss = self.hparams.focal_weight * focal + self.dice_weight * dice + self.hparams.image_loss_weight * image
-        self.log_dict({"train/focal": focal, "train/dice": dice, "train/image_ce": image}, batch_size=len(batch))
-        self.log("train_loss", loss, batch_size=len(batch), prog_bar=True)
-        return loss
+        size = self.model.score_size
+        # the authors' ground truth: the mask at the map size, G > 0.3
+        target = F.interpolate(batch.gt_mask.float().unsqueeze(1), size=size, mode="bilinear") > 0.3
+        hp = self.hparams
+        labels = (
+            batch.gt_label if self.model.variant == "paper" else target.flatten(1).amax(1).long()
+        )  # code: c = max G
+        terms = kag_loss(
+            outputs, target[:, 0], labels, self.model.variant, hp.focal_weight, hp.dice_weight,
+            hp.image_loss_weight, hp.focal_gamma,
+        )  # fmt: skip
+        self.log_dict({f"train/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=len(batch))
+        self.log("train_loss", terms["loss"], batch_size=len(batch), prog_bar=True)
+        return terms["loss"]
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.Adam(
