@@ -89,9 +89,9 @@ def test_killed_sweep_resumes_with_only_the_remaining_cells(tmp_path: Path) -> N
     from fsad.benchmark import Sweep, load_config
 
     sweep = Sweep(load_config(str(config)))
-    ran = sweep.run()
+    ran, failed = sweep.run()
     expected = [c.index for c in sweep.cells if (c.category, str(c.k), str(c.seed)) not in finished]
-    assert ran == expected and len(ran) == 8 - len(finished)
+    assert ran == expected and len(ran) == 8 - len(finished) and failed == []
     assert len(rows_of(tmp_path / "killed")) == 8
 
 
