@@ -31,12 +31,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 # (``--model FineGrainedAD``, ``--data MVTecDataModule``) among those.
 from fsad.callbacks import heatmaps, metrics, paper_protocol, predictions, results  # noqa: F401
 from fsad.datamodules import auxiliary, folder, mvtec, predict, realiad, synthetic, visa  # noqa: F401
-from fsad.errors import FsadError
 from fsad.lightning_modules.finegrainedad import module as finegrainedad_module  # noqa: F401
 from fsad.lightning_modules.kagprompt import module as kagprompt_module  # noqa: F401
 from fsad.lightning_modules.membank import module as membank_module  # noqa: F401
 from fsad.lightning_modules.promptad import module as promptad_module  # noqa: F401
 from fsad.network import host_reachable
+from fsad.signals import CheckpointOnSignal, SignalGuard, run_guarded
 
 RUN_DIR_PLACEHOLDER = "{run_dir}"
 
@@ -82,7 +82,10 @@ class RunConfigSaver(SaveConfigCallback):
 class FsadCLI(LightningCLI):
     """LightningCLI over any :class:`FewShotAnomalyModule` and :class:`FewShotDataModule` subclass."""
 
-    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, args: list[str] | None = None, run: bool = True, signal_guard: SignalGuard | None = None, **kwargs: Any
+    ) -> None:
+        self.signal_guard = signal_guard
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -160,37 +163,22 @@ class FsadCLI(LightningCLI):
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+        if self.signal_guard is not None:
+            trainer.callbacks.append(CheckpointOnSignal(self.signal_guard))
         return trainer
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: ``fsad <subcommand> ...``."""
+    """Console entry point: ``fsad <subcommand> ...``; exit codes and one-line endings from :func:`run_guarded`."""
     args = list(sys.argv[1:] if argv is None else argv)
+    guard = SignalGuard()
     if args and args[0] in EXTENSION_COMMANDS:
         module_name, _, function = EXTENSION_COMMANDS[args[0]].partition(":")
-        return int(getattr(importlib.import_module(module_name), function)(args[1:]) or 0)
-    try:
-        FsadCLI(args=argv)
-    except Exception as err:
-        cause = user_facing_error(err)
-        if cause is None:
-            raise
-        print(f"error: {cause}", file=sys.stderr)
-        return 1
-    return 0
+        command = getattr(importlib.import_module(module_name), function)
+        return run_guarded(lambda: command(args[1:]), guard)
 
+    def lightning_command() -> int:
+        FsadCLI(args=args, signal_guard=guard)
+        return 0
 
-def user_facing_error(err: BaseException) -> BaseException | None:
-    """The :class:`FsadError` (missing weights, bad data, bad captions, ...) behind ``err``, if any.
-
-    jsonargparse wraps exceptions raised while instantiating the model or data in its own ``ValueError``; the
-    original is on the ``__cause__``/``__context__`` chain. Such errors are printed as one line, no traceback.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        if isinstance(current, FsadError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+    return run_guarded(lightning_command, guard)
