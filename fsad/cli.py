@@ -40,7 +40,7 @@ from fsad.lightning_modules.finegrainedad import module as finegrainedad_module 
 from fsad.lightning_modules.kagprompt import module as kagprompt_module  # noqa: F401
 from fsad.lightning_modules.membank import module as membank_module  # noqa: F401
 from fsad.lightning_modules.promptad import module as promptad_module  # noqa: F401
-from fsad.network import host_reachable
+from fsad.network import wandb_reachable
 from fsad.run_folder import RunFolder
 from fsad.signals import CheckpointOnSignal, SignalGuard, run_guarded
 
@@ -53,16 +53,17 @@ EXTENSION_COMMANDS: dict[str, str] = {
     "captions": "fsad.captions:main",
     "benchmark": "fsad.benchmark:main",
 }
+#: One line each for ``fsad --help``; their own ``--help`` has the details.
+EXTENSION_HELP: dict[str, str] = {
+    "data": "Check a dataset tree before a run: fsad data check -c <config>",
+    "captions": "Validate, show, import and generate MFSC caption records",
+    "benchmark": "Sweep categories x k x seeds, resumable, with the paper-style table",
+}
 
 
 def run_directory(run_root: str | Path, method: str, dataset: str, category: str, k_shot: int, seed: int) -> Path:
     """``<run_root>/<method>/<dataset>/<category>/k<k>_s<seed>`` (DESIGN.md, "CLI")."""
     return Path(run_root) / method / dataset / category / f"k{k_shot}_s{seed}"
-
-
-def wandb_reachable(timeout: float = 3.0) -> bool:
-    """Whether the W&B server (``WANDB_BASE_URL``, default api.wandb.ai) accepts a TCP connection."""
-    return host_reachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"), timeout)
 
 
 def _import_class(class_path: str) -> type:
@@ -112,6 +113,18 @@ class FsadCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, test and predict. ``validate`` is not offered: no method has a validation step and no dataset a
+        labelled validation split (the F1 threshold is fitted by ``predict``'s validation folders instead)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "validate"}
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Lightning's subcommands, plus the extension commands listed so that ``fsad --help`` shows every one."""
+        super()._add_subcommands(parser, **kwargs)
+        for name, description in EXTENSION_HELP.items():
+            parser._subcommands_action.add_subcommand(name, self.init_parser(description=description), help=description)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_root", type=str, default="runs", help="Folder under which run directories go.")

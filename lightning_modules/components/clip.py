@@ -8,7 +8,6 @@ tag, then random initialisation when ``pretrained`` is ``None``. Offline with no
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsad.errors import FsadError
-from fsad.network import host_reachable
+from fsad.network import hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +129,7 @@ def tagged_weights_available(spec: BackboneSpec) -> bool:
         isinstance(huggingface_hub.try_to_load_from_cache(repo, name, cache_dir=spec.cache_dir), str)
         for name in HUB_FILES
     )
-    return cached or host_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return cached or hub_reachable()
 
 
 def _create_clip(spec: BackboneSpec, image_size: int | None) -> nn.Module:

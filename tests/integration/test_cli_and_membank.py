@@ -167,7 +167,7 @@ def test_cli_reports_missing_weights_as_one_error_line(tmp_path: Path, monkeypat
     """The backbone error raised inside jsonargparse's instantiation still reaches the user as one line."""
     import fsad.lightning_modules.components.clip as clip_module
 
-    monkeypatch.setattr(clip_module, "host_reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(clip_module, "hub_reachable", lambda timeout=3.0: False)
     config = str(REPO / "configs" / "membank" / "mvtec.yaml")
     args = ["test", "-c", config, "--data.init_args.root", str(tmp_path), "--model.init_args.backbone.cache_dir",
             str(tmp_path / "hub"), "--run_root", str(tmp_path / "runs")]  # fmt: skip
