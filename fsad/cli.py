@@ -41,6 +41,7 @@ from fsad.lightning_modules.kagprompt import module as kagprompt_module  # noqa:
 from fsad.lightning_modules.membank import module as membank_module  # noqa: F401
 from fsad.lightning_modules.promptad import module as promptad_module  # noqa: F401
 from fsad.network import wandb_reachable
+from fsad.quiet import quiet_output
 from fsad.run_folder import RunFolder
 from fsad.signals import CheckpointOnSignal, SignalGuard, run_guarded
 
@@ -246,6 +247,7 @@ def check_checkpoint(path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: ``fsad <subcommand> ...``; exit codes and one-line endings from :func:`run_guarded`."""
     args = list(sys.argv[1:] if argv is None else argv)
+    quiet_output()
     guard = SignalGuard()
     if args and args[0] in EXTENSION_COMMANDS:
         module_name, _, function = EXTENSION_COMMANDS[args[0]].partition(":")
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_guarded(lambda: command(args[1:]), guard)
 
     def lightning_command() -> int:
-        FsadCLI(args=args, signal_guard=guard)
+        FsadCLI(args=argv, signal_guard=guard)
         return 0
 
     return run_guarded(lightning_command, guard)

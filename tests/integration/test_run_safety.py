@@ -158,3 +158,17 @@ def test_benchmark_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFix
     )
     assert main(["benchmark", "-c", str(config)]) == 1
     assert "k_shot" in one_error_line(capsys)
+
+
+@pytest.mark.slow
+def test_output_is_quiet_tips_off_and_each_warning_once(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "fsad", "fit", "-c", TINY, "--run_root", str(tmp_path / "runs"),
+         "--trainer.max_epochs", "1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "Tip:" not in output and "litlogger" not in output and "LeafSpec" not in output
+    assert output.count("RANDOM weights") == 1 and "No pretrained weights loaded" not in output
