@@ -75,7 +75,7 @@ def _auroc_from_sorted(positives: np.ndarray, negatives: np.ndarray) -> float:
 def _positive_thresholds(positives: np.ndarray, negatives: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every distinct positive score t, descending: (t, TP(t), FP(t)) of the rule ``score ≥ t``.
 
-    Precision and recall change their recall only at a positive's score, so these thresholds are the only ones that
+    Recall changes only at a positive's score, so these thresholds are the only ones that
     matter for F1-max (raising any other threshold to the next positive score keeps TP and lowers FP) and for AP
     (a threshold that adds only negatives adds nothing to Σ ΔR·P).
     """
