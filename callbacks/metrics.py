@@ -34,9 +34,15 @@ def _binary_inputs(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, 
     return scores, labels
 
 
-def _split_sorted(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(positives' scores, negatives' scores), each a float32 copy sorted ascending in place."""
-    return _split_sorted_parts([scores], [labels])
+def _split_sorted(scores: np.ndarray, labels: np.ndarray, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """(positives' scores, negatives' scores), each a float32 copy sorted ascending in place.
+
+    The flat arrays are split in chunks first: boolean indexing of one huge array builds int64 indices of every
+    selected element (8 bytes each), twice the float32 copy it fills.
+    """
+    scores, labels = _binary_inputs(scores, labels)
+    starts = range(0, max(scores.size, 1), chunk)
+    return _split_sorted_parts([scores[i : i + chunk] for i in starts], [labels[i : i + chunk] for i in starts])
 
 
 def _split_sorted_parts(
@@ -44,19 +50,15 @@ def _split_sorted_parts(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Like :func:`_split_sorted` over several arrays (e.g. one map per image) without stacking them first."""
     pairs = [_binary_inputs(scores, labels) for scores, labels in zip(score_parts, label_parts, strict=True)]
-    if len(pairs) == 1:  # one array: index it directly rather than through a second full-size buffer
-        scores, labels = pairs[0]
-        positives, negatives = scores[labels], scores[~labels]
-    else:  # per-part temporaries only
-        positive_counts = [int(np.count_nonzero(labels)) for _, labels in pairs]
-        positives = np.empty(sum(positive_counts), dtype=np.float32)
-        negatives = np.empty(sum(labels.size for _, labels in pairs) - positives.size, dtype=np.float32)
-        filled_positive = filled_negative = 0
-        for (scores, labels), count in zip(pairs, positive_counts, strict=True):
-            positives[filled_positive : filled_positive + count] = scores[labels]
-            negatives[filled_negative : filled_negative + labels.size - count] = scores[~labels]
-            filled_positive += count
-            filled_negative += labels.size - count
+    positive_counts = [int(np.count_nonzero(labels)) for _, labels in pairs]
+    positives = np.empty(sum(positive_counts), dtype=np.float32)
+    negatives = np.empty(sum(labels.size for _, labels in pairs) - positives.size, dtype=np.float32)
+    filled_positive = filled_negative = 0
+    for (scores, labels), count in zip(pairs, positive_counts, strict=True):  # per-part temporaries only
+        positives[filled_positive : filled_positive + count] = scores[labels]
+        negatives[filled_negative : filled_negative + labels.size - count] = scores[~labels]
+        filled_positive += count
+        filled_negative += labels.size - count
     positives.sort()
     negatives.sort()  # the only large allocation: one float32 copy of the negatives, no argsort indices
     return positives, negatives
