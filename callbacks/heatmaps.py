@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from fsad.batch import Batch
 from fsad.callbacks.metrics import gather_to_rank_zero
+from fsad.callbacks.results import fresh_directory, replace_directory
 from fsad.datamodules.transforms import DataError, load_rgb
 
 CONTOUR_RGB = (255, 255, 0)
@@ -110,8 +111,8 @@ class HeatmapLogger(Callback):
         items: dict[int, dict[str, Any]] = {}
         for shard in shards:
             items.update(shard)
-        out_dir = Path(trainer.default_root_dir) / "heatmaps"
-        out_dir.mkdir(parents=True, exist_ok=True)
+        target_dir = Path(trainer.default_root_dir) / "heatmaps"
+        out_dir = fresh_directory(target_dir.with_name("heatmaps.partial"))  # this run's maps only
         panels, captions = [], []
         self.written = []
         value_range = (0.0, 1.0)
@@ -127,13 +128,11 @@ class HeatmapLogger(Callback):
                 continue
             panel = render_heatmap(image, item["map"], item["mask"], value_range)
             name = f"{index:05d}_{Path(item['path']).stem}.png"
-            target = out_dir / name
-            tmp = target.with_name(target.name + ".tmp.png")
-            cv2.imwrite(str(tmp), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
-            tmp.replace(target)
-            self.written.append(target)
+            cv2.imwrite(str(out_dir / name), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
+            self.written.append(target_dir / name)
             panels.append(panel)
             captions.append(f"{Path(item['path']).name} label={item['label']} score={item['score']:.4f}")
+        replace_directory(out_dir, target_dir)
         self._log_to_wandb(trainer, panels, captions)
 
     def _log_to_wandb(self, trainer: Trainer, panels: list[np.ndarray], captions: list[str]) -> None:

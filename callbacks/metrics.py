@@ -1,6 +1,6 @@
 """Exact, memory-lean anomaly metrics that give the same numbers on one process or N DDP ranks.
 
-Pure functions first (image/pixel AUROC, F1-max, AUPRO), then :class:`AnomalyMetrics`, the callback that buffers
+Pure functions first (image/pixel AUROC, F1-max, AP, AUPRO), then :class:`AnomalyMetrics`, the callback that buffers
 per-rank results keyed by the sample index, drops DDP padding duplicates, gathers to rank 0, computes there and
 broadcasts the numbers so every rank logs the same values (DESIGN.md, "Metrics and callbacks").
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -33,23 +34,101 @@ def _binary_inputs(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, 
     return scores, labels
 
 
-def exact_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Exact ROC AUC with ties counted ½, in O(N log N) time and about 4 bytes per negative.
+def _split_sorted(scores: np.ndarray, labels: np.ndarray, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """(positives' scores, negatives' scores), each a float32 copy sorted ascending in place.
 
-    AUROC = P(s⁺ > s⁻) + ½·P(s⁺ = s⁻). The negatives' float32 scores are sorted once; for each positive,
-    ``searchsorted`` gives the negatives strictly below it (left side) and at most equal to it (right side).
-    No argsort indices over all elements are ever held.
+    The flat arrays are split in chunks first: boolean indexing of one huge array builds int64 indices of every
+    selected element (8 bytes each), twice the float32 copy it fills.
     """
     scores, labels = _binary_inputs(scores, labels)
-    positives = scores[labels]
-    negatives = scores[~labels]
-    negatives.sort()  # in place: the only large allocation is this one float32 copy of the negatives
+    starts = range(0, max(scores.size, 1), chunk)
+    return _split_sorted_parts([scores[i : i + chunk] for i in starts], [labels[i : i + chunk] for i in starts])
+
+
+def _split_sorted_parts(
+    score_parts: Sequence[np.ndarray], label_parts: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Like :func:`_split_sorted` over several arrays (e.g. one map per image) without stacking them first."""
+    pairs = [_binary_inputs(scores, labels) for scores, labels in zip(score_parts, label_parts, strict=True)]
+    positive_counts = [int(np.count_nonzero(labels)) for _, labels in pairs]
+    positives = np.empty(sum(positive_counts), dtype=np.float32)
+    negatives = np.empty(sum(labels.size for _, labels in pairs) - positives.size, dtype=np.float32)
+    filled_positive = filled_negative = 0
+    for (scores, labels), count in zip(pairs, positive_counts, strict=True):  # per-part temporaries only
+        positives[filled_positive : filled_positive + count] = scores[labels]
+        negatives[filled_negative : filled_negative + labels.size - count] = scores[~labels]
+        filled_positive += count
+        filled_negative += labels.size - count
+    positives.sort()
+    negatives.sort()  # the only large allocation: one float32 copy of the negatives, no argsort indices
+    return positives, negatives
+
+
+def _auroc_from_sorted(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """AUROC = P(s⁺ > s⁻) + ½·P(s⁺ = s⁻), counted with ``searchsorted`` of each positive into the sorted negatives."""
     if positives.size == 0 or negatives.size == 0:
         return float("nan")
     below = np.searchsorted(negatives, positives, side="left").astype(np.float64)
     at_most = np.searchsorted(negatives, positives, side="right").astype(np.float64)
     wins = below.sum() + 0.5 * (at_most - below).sum()
     return float(wins / (positives.size * negatives.size))
+
+
+def _positive_thresholds(positives: np.ndarray, negatives: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every distinct positive score t, descending: (t, TP(t), FP(t)) of the rule ``score ≥ t``.
+
+    Recall changes only at a positive's score, so these thresholds are the only ones that
+    matter for F1-max (raising any other threshold to the next positive score keeps TP and lowers FP) and for AP
+    (a threshold that adds only negatives adds nothing to Σ ΔR·P).
+    """
+    first = np.flatnonzero(np.r_[True, positives[1:] != positives[:-1]])  # first index of each distinct value
+    distinct = positives[first]
+    true_positives = (positives.size - first).astype(np.float64)  # positives ≥ t
+    false_positives = (negatives.size - np.searchsorted(negatives, distinct, side="left")).astype(np.float64)
+    return distinct[::-1], true_positives[::-1], false_positives[::-1]
+
+
+def _f1_from_sorted(positives: np.ndarray, negatives: np.ndarray) -> tuple[float, float]:
+    if positives.size == 0:
+        return float("nan"), float("nan")
+    thresholds, tp, fp = _positive_thresholds(positives, negatives)
+    f1 = 2 * tp / (tp + fp + positives.size)  # F1 = 2TP / (2TP + FP + FN), with TP + FN = all positives
+    best = int(f1.argmax())
+    return float(f1[best]), float(thresholds[best])
+
+
+def _ap_from_sorted(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """AP = Σₙ (Rₙ − Rₙ₋₁)·Pₙ over thresholds from high to low (sklearn's step-wise definition, ties grouped)."""
+    if positives.size == 0:
+        return float("nan")
+    _, tp, fp = _positive_thresholds(positives, negatives)
+    recall_step = np.diff(tp, prepend=0.0) / positives.size
+    return float((recall_step * tp / (tp + fp)).sum())
+
+
+def exact_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Exact ROC AUC with ties counted ½, in O(N log N) time and about 4 bytes per element (sorted float32 copies)."""
+    return _auroc_from_sorted(*_split_sorted(scores, labels))
+
+
+def binary_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """AUROC, F1-max (with its threshold) and AP from one sort of the negatives: the lean path for pixel metrics."""
+    return _metrics_from_sorted(*_split_sorted(scores, labels))
+
+
+def pixel_metrics(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> dict[str, float]:
+    """:func:`binary_metrics` over per-image maps and masks, without stacking them into one more full copy."""
+    return _metrics_from_sorted(*_split_sorted_parts(maps, masks))
+
+
+def _metrics_from_sorted(positives: np.ndarray, negatives: np.ndarray) -> dict[str, float]:
+    best_f1, threshold = _f1_from_sorted(positives, negatives)
+    return {
+        "AUROC": _auroc_from_sorted(positives, negatives),
+        "F1max": best_f1,
+        "F1_threshold": threshold,
+        "AP": _ap_from_sorted(positives, negatives),
+    }
 
 
 def histogram_counts(scores: np.ndarray, labels: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,20 +153,12 @@ def histogram_auroc(negative_counts: np.ndarray, positive_counts: np.ndarray) ->
 
 
 def f1_max_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(best F1, its threshold) over all rules ``score ≥ t``; (nan, nan) without positives."""
-    scores, labels = _binary_inputs(scores, labels)
-    if labels.sum() == 0:
-        return float("nan"), float("nan")
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores = scores[order]
-    true_positives = np.cumsum(labels[order], dtype=np.float64)
-    # only the last index of each run of equal scores is a valid threshold
-    last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
-    tp = true_positives[last_of_run]
-    predicted = (np.nonzero(last_of_run)[0] + 1).astype(np.float64)
-    f1 = 2 * tp / (predicted + labels.sum())
-    best = int(f1.argmax())
-    return float(f1[best]), float(sorted_scores[last_of_run][best])
+    """(best F1, its threshold) over all rules ``score ≥ t``; (nan, nan) without positives.
+
+    Exact and lean: the best threshold is always a positive's score, so only the distinct positive scores are
+    tried, each counted against the sorted negatives with ``searchsorted``.
+    """
+    return _f1_from_sorted(*_split_sorted(scores, labels))
 
 
 def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -95,44 +166,74 @@ def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
     return f1_max_threshold(scores, labels)[0]
 
 
-def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Average precision exactly as sklearn's ``average_precision_score`` (ties grouped); nan without positives."""
+    return _ap_from_sorted(*_split_sorted(scores, labels))
+
+
+def aupro(
+    maps: np.ndarray | Sequence[np.ndarray],
+    masks: np.ndarray | Sequence[np.ndarray],
+    fpr_limit: float = 0.3,
+    chunk: int = 1 << 16,
+) -> float:
     """Area under the per-region-overlap curve up to ``fpr_limit`` FPR, divided by ``fpr_limit`` (MVTec AUPRO).
 
-    Regions are the 8-connected components of each ground-truth mask (scipy). For each threshold, PRO is the mean
-    over regions of the fraction of region pixels above it; FPR is the fraction of normal pixels above it. The curve
-    is integrated with the trapezoid rule and cut exactly at ``fpr_limit`` by linear interpolation.
+    Regions are the 8-connected components of each ground-truth mask (scipy). At threshold t, PRO is the mean over
+    regions of the fraction of region pixels ≥ t and FPR the fraction of normal pixels ≥ t; the curve through every
+    distinct score is integrated with the trapezoid rule and cut at ``fpr_limit`` by linear interpolation.
+
+    Memory bound: only the normal pixels' float32 scores are held in full (sorted in place). PRO moves only at
+    defect pixels and FPR only at normal ones, so the area is a sum over normal pixels n ranked above the cut of
+    (PRO(> sₙ) + PRO(≥ sₙ)) / 2 / N⁻, evaluated in chunks of ``chunk`` pixels with ``searchsorted`` into the
+    defect pixels' scores (each weighted 1 / (its region's size · number of regions)).
     """
-    maps = np.asarray(maps, dtype=np.float32)
-    masks = np.asarray(masks).astype(bool)
-    region_ids = np.zeros(masks.shape, dtype=np.int64)
-    next_id = 0
-    for i in range(masks.shape[0]):
-        labelled, count = ndimage.label(masks[i], structure=np.ones((3, 3)))
-        region_ids[i] = np.where(labelled > 0, labelled + next_id, 0)
-        next_id += count
-    if next_id == 0 or masks.all():
+    negative_count = sum(int(np.size(mask) - np.count_nonzero(mask)) for mask in masks)
+    negatives = np.empty(negative_count, dtype=np.float32)
+    positive_scores, positive_weights = [], []
+    filled, region_count = 0, 0
+    for image_map, image_mask in zip(maps, masks, strict=True):
+        image_map = np.asarray(image_map, dtype=np.float32)
+        defect = np.asarray(image_mask) != 0
+        labelled, count = ndimage.label(defect, structure=np.ones((3, 3)))
+        normal_scores = image_map[~defect]
+        negatives[filled : filled + normal_scores.size] = normal_scores
+        filled += normal_scores.size
+        if count:
+            region_of_pixel = labelled[defect]
+            positive_scores.append(image_map[defect])
+            positive_weights.append(1.0 / np.bincount(region_of_pixel)[region_of_pixel])
+            region_count += count
+    if region_count == 0 or negative_count == 0:
         return float("nan")
-    flat_scores = maps.ravel()
-    flat_regions = region_ids.ravel()
-    normal = flat_regions == 0
-    region_sizes = np.bincount(flat_regions, minlength=next_id + 1).astype(np.float64)
-    # sweep thresholds from high to low over every distinct score: each pixel adds to FPR or to its region's overlap
-    order = np.argsort(-flat_scores, kind="stable")
-    sorted_scores = flat_scores[order]
-    sorted_regions = flat_regions[order]
-    fpr = np.cumsum(normal[order], dtype=np.float64) / normal.sum()
-    weights = np.where(sorted_regions > 0, 1.0 / region_sizes[sorted_regions], 0.0) / next_id
-    pro = np.cumsum(weights)
-    last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
-    fpr = np.r_[0.0, fpr[last_of_run]]
-    pro = np.r_[0.0, pro[last_of_run]]
-    cut = np.searchsorted(fpr, fpr_limit, side="right")
-    fpr_cut, pro_cut = fpr[:cut], pro[:cut]
-    if cut < fpr.size and fpr[cut - 1] < fpr_limit:
-        step = (fpr_limit - fpr[cut - 1]) / (fpr[cut] - fpr[cut - 1])
-        fpr_cut = np.r_[fpr_cut, fpr_limit]
-        pro_cut = np.r_[pro_cut, pro[cut - 1] + step * (pro[cut] - pro[cut - 1])]
-    return float(np.trapezoid(pro_cut, fpr_cut) / fpr_limit)
+    negatives.sort()
+    scores = np.concatenate(positive_scores)
+    order = np.argsort(scores, kind="stable")  # defect pixels only
+    scores = scores[order]
+    cumulative = np.r_[0.0, np.cumsum(np.concatenate(positive_weights)[order] / region_count)]
+    total = cumulative[-1]
+
+    def pro_above(values: np.ndarray, side: Literal["left", "right"]) -> np.ndarray:
+        """PRO of the rule ``score > v`` (side ``right``) or ``score ≥ v`` (side ``left``)."""
+        return total - cumulative[np.searchsorted(scores, values, side=side)]
+
+    # the normal pixel at which FPR crosses the limit: its tie group is cut, those strictly above it count fully
+    limit_count = fpr_limit * negative_count
+    cut_value = negatives[negative_count - max(math.ceil(limit_count), 1)]
+    group_start = int(np.searchsorted(negatives, cut_value, side="left"))
+    group_end = int(np.searchsorted(negatives, cut_value, side="right"))
+    area = 0.0
+    for start in range(group_end, negative_count, chunk):
+        values = negatives[start : min(start + chunk, negative_count)]
+        area += float((pro_above(values, "right") + pro_above(values, "left")).sum()) / 2
+    area /= negative_count
+    above_count = negative_count - group_end
+    cut_values = np.array([cut_value])
+    pro_before, pro_after = float(pro_above(cut_values, "right")[0]), float(pro_above(cut_values, "left")[0])
+    fraction = (limit_count - above_count) / (group_end - group_start)  # share of the tie group's FPR step used
+    width = (limit_count - above_count) / negative_count
+    area += width * (pro_before + fraction * (pro_after - pro_before) / 2)
+    return float(area / fpr_limit)
 
 
 # --------------------------------------------------------------------------- distributed helpers
@@ -160,7 +261,7 @@ def broadcast_from_rank_zero(obj: Any) -> Any:
 
 # --------------------------------------------------------------------------- callback
 class AnomalyMetrics(Callback):
-    """Image/pixel AUROC, F1-max and optional AUPRO of one category's test set, exact under DDP.
+    """Image/pixel AUROC, AP, F1-max and optional AUPRO of one category's test set, exact under DDP.
 
     Args:
         pixel_mode: ``exact`` (gather maps to rank 0, exact AUROC) or ``histogram`` (``bins`` summed across ranks,
@@ -259,28 +360,24 @@ class AnomalyMetrics(Callback):
         order = sorted(scores)
         image_scores = np.array([scores[i] for i in order], dtype=np.float32)
         image_labels = np.array([labels[i] for i in order], dtype=np.int64)
-        results = {"image_AUROC": self._checked(exact_auroc, image_scores, image_labels, "image")}
-        if self.f1:
-            results["image_F1max"] = self._checked(f1_max, image_scores, image_labels, "image")
+        results = self._named("image", binary_metrics(image_scores, image_labels))
         if self.pixel_mode == "histogram":
             results["pixel_AUROC_hist"] = histogram_auroc(negative_counts, positive_counts)
             return results
-        pixel_scores = np.stack([maps[i] for i in order])
-        pixel_masks = np.stack([masks[i] for i in order])
-        results["pixel_AUROC"] = self._checked(exact_auroc, pixel_scores, pixel_masks, "pixel")
-        if self.f1:
-            results["pixel_F1max"] = self._checked(f1_max, pixel_scores, pixel_masks, "pixel")
+        pixel_maps = [maps.pop(i) for i in order]  # hand each map over, so no second copy of them all is held
+        pixel_masks = [masks.pop(i) for i in order]
+        results |= self._named("pixel", pixel_metrics(pixel_maps, pixel_masks))
         if self.aupro:
-            results["pixel_AUPRO"] = aupro(pixel_scores, pixel_masks)
+            results["pixel_AUPRO"] = aupro(pixel_maps, pixel_masks)
         return results
 
-    @staticmethod
-    def _checked(metric: Any, scores: np.ndarray, labels: np.ndarray, level: str) -> float:
-        value = metric(scores, labels)
-        if math.isnan(value):
+    def _named(self, level: str, metrics: dict[str, float]) -> dict[str, float]:
+        """``<level>_AUROC``, ``<level>_AP`` and (when ``f1``) ``<level>_F1max``; warns once where one is undefined."""
+        names = ["AUROC", "AP"] + (["F1max"] if self.f1 else [])
+        if math.isnan(metrics["AUROC"]):
             warnings.warn(
-                f"{level}-level {metric.__name__} is undefined: the test set has only one class at {level} level",
+                f"{level}-level AUROC is undefined: the test set has only one class at {level} level",
                 UserWarning,
                 stacklevel=3,
             )
-        return value
+        return {f"{level}_{name}": metrics[name] for name in names}

@@ -1,5 +1,12 @@
 """Prediction outputs: overlay PNGs, raw anomaly maps and ``scores.csv`` under ``<run_dir>/predictions/``.
 
+Outputs mirror the input tree: an image at ``<path>/a/b/x.jpg`` gives ``predictions/a/b/x_map.npy`` and
+``predictions/a/b/x.png``, and its ``scores.csv`` row names ``a/b/x.jpg`` (relative to ``data.path``). Maps are
+saved at each image's own size (``map_size: eval`` keeps the evaluation size). Everything is written into
+``predictions.partial/`` and swapped into place at the end, so ``predictions/`` holds exactly one run's files and
+a failed run leaves the previous run's intact. Under DDP every rank writes its own images' maps, rank 0 gathers
+the rows (dropping the sampler's padding duplicates) and alone writes ``scores.csv``.
+
 Thresholds: a fixed ``threshold: <float>``, or ``threshold: f1`` fitted on the datamodule's labelled validation
 folders and saved into ``<run_dir>/checkpoints/threshold.ckpt``; a later ``fsad predict --ckpt_path`` of that file
 reuses it. A validation set without anomalies gives a warning and no threshold, never a silent minimum
@@ -19,11 +26,12 @@ import cv2
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from PIL import Image
 
 from fsad.batch import Batch
 from fsad.callbacks.heatmaps import render_heatmap
-from fsad.callbacks.metrics import f1_max_threshold
-from fsad.callbacks.results import write_text_atomically
+from fsad.callbacks.metrics import f1_max_threshold, gather_to_rank_zero
+from fsad.callbacks.results import fresh_directory, replace_directory, write_text_atomically
 from fsad.datamodules.transforms import load_rgb
 
 
@@ -35,6 +43,7 @@ class PredictionWriter(Callback):
             (the checkpoint's threshold if it has one, else no labels).
         map_format: raw maps as ``npy`` (float32) or ``png16`` (16-bit PNG, 0..65535 for 0..1).
         overlays: also write image | heatmap-overlay PNGs.
+        map_size: ``image`` (each image's own size, bilinear) or ``eval`` (the model's evaluation size).
     """
 
     def __init__(
@@ -42,19 +51,32 @@ class PredictionWriter(Callback):
         threshold: float | Literal["f1"] | None = None,
         map_format: Literal["npy", "png16"] = "npy",
         overlays: bool = True,
+        map_size: Literal["image", "eval"] = "image",
     ) -> None:
         if map_format not in ("npy", "png16"):
             raise ValueError(f"PredictionWriter.map_format must be 'npy' or 'png16', got {map_format!r}")
+        if map_size not in ("image", "eval"):
+            raise ValueError(f"PredictionWriter.map_size must be 'image' or 'eval', got {map_size!r}")
+        self.map_size = map_size
         if isinstance(threshold, str) and threshold != "f1":
             raise ValueError(f"PredictionWriter.threshold must be a number, 'f1' or null, got {threshold!r}")
         self.threshold, self.map_format, self.overlays = threshold, map_format, overlays
-        self.rows: list[dict[str, Any]] = []
+        self.rows: dict[int, dict[str, Any]] = {}
+
+    @staticmethod
+    def _relative(trainer: Trainer, path: str) -> Path:
+        """``path`` relative to the datamodule's ``path`` folder (its name alone when a single file was given)."""
+        root = Path(getattr(trainer.datamodule, "path", Path(path).parent))
+        return Path(path).relative_to(root) if root.is_dir() else Path(Path(path).name)
+
+    def _staging(self, trainer: Trainer) -> Path:
+        return Path(trainer.default_root_dir) / "predictions.partial"
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.rows = [
-            {"path": path, "score": "", "label": "", "error": error}
-            for path, error in getattr(trainer.datamodule, "bad_files", [])
-        ]
+        self.rows = {}
+        if trainer.is_global_zero:
+            fresh_directory(self._staging(trainer))
+        trainer.strategy.barrier("PredictionWriter.staging")
 
     def active_threshold(self, pl_module: LightningModule) -> float:
         if isinstance(self.threshold, float | int) and not isinstance(self.threshold, bool):
@@ -94,13 +116,20 @@ class PredictionWriter(Callback):
         dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
         result = outputs if isinstance(outputs, Batch) else batch
-        out_dir = Path(trainer.default_root_dir) / "predictions"
-        out_dir.mkdir(parents=True, exist_ok=True)
         threshold = self.active_threshold(pl_module)
         for row, path in enumerate(result.image_path):
+            index = int(result.index[row])
+            if index % trainer.world_size != trainer.global_rank:  # a DDP padding copy of another rank's image
+                continue
             anomaly_map = result.anomaly_map[row].float().cpu().numpy()
+            if self.map_size == "image":
+                with Image.open(path) as image:
+                    anomaly_map = cv2.resize(anomaly_map, image.size, interpolation=cv2.INTER_LINEAR)
             score = float(result.pred_score[row])
-            name = f"{int(result.index[row]):05d}_{Path(path).stem}"
+            relative = self._relative(trainer, path)
+            out_dir = self._staging(trainer) / relative.parent
+            out_dir.mkdir(parents=True, exist_ok=True)
+            name = relative.stem
             if self.map_format == "npy":
                 buffer = io.BytesIO()
                 np.save(buffer, anomaly_map.astype(np.float32))
@@ -113,14 +142,25 @@ class PredictionWriter(Callback):
                 keep = np.r_[0:width, 2 * width + 8 : 3 * width + 8]  # image | overlay (drop the contour panel)
                 cv2.imwrite(str(out_dir / f"{name}.png"), cv2.cvtColor(panel[:, keep], cv2.COLOR_RGB2BGR))
             label = "" if math.isnan(threshold) else int(score >= threshold)
-            self.rows.append({"path": path, "score": repr(score), "label": label, "error": ""})
+            self.rows[index] = {"path": relative.as_posix(), "score": repr(score), "label": label, "error": ""}
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        shards = gather_to_rank_zero(self.rows)  # also the barrier after which every rank's maps are on disk
+        if shards is None:
+            return
+        rows = {index: row for shard in shards for index, row in shard.items()}
+        bad = [
+            {"path": self._relative(trainer, path).as_posix(), "score": "", "label": "", "error": error}
+            for path, error in getattr(trainer.datamodule, "bad_files", [])
+        ]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=["path", "score", "label", "error"])
         writer.writeheader()
-        writer.writerows(sorted(self.rows, key=lambda r: r["path"]))
-        target = Path(trainer.default_root_dir) / "predictions" / "scores.csv"
-        write_text_atomically(target, buffer.getvalue())
+        writer.writerows(sorted([*rows.values(), *bad], key=lambda r: r["path"]))
+        staging = self._staging(trainer)
+        write_text_atomically(staging / "scores.csv", buffer.getvalue())
+        target = Path(trainer.default_root_dir) / "predictions"
+        replace_directory(staging, target)
         threshold = self.active_threshold(pl_module)
-        print(f"wrote {len(self.rows)} rows to {target}" + ("" if math.isnan(threshold) else f" (threshold {threshold:.6f})"))
+        count = len(rows) + len(bad)
+        print(f"wrote {count} rows to {target / 'scores.csv'}" + ("" if math.isnan(threshold) else f" (threshold {threshold:.6f})"))

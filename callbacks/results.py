@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import math
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,23 @@ def write_text_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Put the finished ``staging`` folder in place of ``target`` (the previous run's copy goes only now)."""
+    retired = target.with_name(target.name + ".old")
+    shutil.rmtree(retired, ignore_errors=True)
+    if target.exists():
+        target.rename(retired)
+    staging.rename(target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def fresh_directory(path: Path) -> Path:
+    """An empty ``path`` (leftovers of an interrupted attempt removed)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -20,9 +20,9 @@ def sample_support(candidates: Sequence[str], k: int, seed: int) -> list[str]:
     """
     names = sorted(candidates)
     if k <= 0:
-        raise ValueError(f"data.k_shot must be a positive number of support images, got k_shot={k}")
+        raise DataError(f"data.k_shot must be a positive number of support images, got k_shot={k}")
     if k > len(names):
-        raise ValueError(f"data.k_shot={k} exceeds the {len(names)} normal training images available")
+        raise DataError(f"data.k_shot={k} exceeds the {len(names)} normal training images available")
     picks = np.random.default_rng(seed).choice(len(names), size=k, replace=False)
     return sorted(names[i] for i in picks)
 
@@ -49,12 +49,12 @@ def resolve_support_files(candidates: Sequence[str], requested: Sequence[str]) -
         else:
             unknown.append(entry if not matches else f"{entry} (ambiguous: {len(matches)} matches)")
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"data.support_files: {unknown} not found among the {len(candidates)} normal training images "
             f"(e.g. {sorted(Path(c).name for c in candidates)[:5]})"
         )
     if len(set(chosen)) != len(chosen):
-        raise ValueError(f"data.support_files lists an image twice: {list(requested)}")
+        raise DataError(f"data.support_files lists an image twice: {list(requested)}")
     return chosen
 
 

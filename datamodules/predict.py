@@ -1,4 +1,6 @@
-"""Inference on new images: a folder (or one file) of any size and colour mode, plus the normal references.
+"""Inference on new images: a folder tree (or one file) of any size and colour mode, plus the normal references.
+
+``path`` is searched recursively; the prediction writer mirrors its subfolders.
 
 The model needs its k-shot support set at predict time, so ``normal_dir`` names the user's normal reference images
 (the k-shot draw and ``support.txt`` work as in training). Unreadable files are reported and skipped up-front: one
@@ -15,8 +17,13 @@ from torch.utils.data import DataLoader
 
 from fsad.datamodules.base import Sample
 from fsad.datamodules.folder import FolderDataModule
-from fsad.datamodules.mvtec import list_images
+from fsad.datamodules.mvtec import IMAGE_SUFFIXES, list_images
 from fsad.datamodules.transforms import DataError, load_rgb
+
+
+def images_in_tree(folder: Path) -> list[Path]:
+    """Image files anywhere under ``folder`` (factory dumps are nested), sorted by their path."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 class PredictFolderDataModule(FolderDataModule):
@@ -62,9 +69,9 @@ class PredictFolderDataModule(FolderDataModule):
         if not self.path.exists():
             raise DataError(f"data.path: {self.path} does not exist")
         super().setup(stage)
-        files = [self.path] if self.path.is_file() else list_images(self.path)
+        files = [self.path] if self.path.is_file() else images_in_tree(self.path)
         if not files:
-            raise DataError(f"data.path: no JPG/PNG/BMP/TIFF images in {self.path}")
+            raise DataError(f"data.path: no JPG/PNG/BMP/TIFF images in {self.path} or its subfolders")
         self.predict_samples = self._readable_images(files, label=0)
 
     def collect_samples(self, split: str) -> list[Sample]:

@@ -1,9 +1,16 @@
 """Real-IAD: splits from ``realiad_jsons``, images under ``realiad_<resolution>/``, optional camera-view filter.
 
-``root/realiad_jsons/realiad_jsons/<cat>.json`` (multi-view) or ``root/realiad_jsons/realiad_jsons_sv/<cat>.json``
-(single view) hold ``meta`` (``prefix``, ``normal_class``) and ``train``/``test`` entries with ``category``,
+The JSON splits are found in either published layout: side by side, ``root/realiad_jsons/<cat>.json`` (multi-view)
+and ``root/realiad_jsons_sv/<cat>.json`` (single view), as the dataset's README and configs put them; or nested,
+``root/realiad_jsons/realiad_jsons{,_sv}/<cat>.json``, as one toolkit unpacks them. Each file holds ``meta`` (``prefix``, ``normal_class``) and ``train``/``test`` entries with ``category``,
 ``anomaly_class``, ``image_path`` and ``mask_path``. A file lives at ``root/realiad_<res>/<prefix>/<image_path>``.
 The camera view ``C1``…``C5`` is part of each file name; ``views: [C1]`` keeps camera 1 only (FineGrainedAD's setup).
+
+Two things the dataset does that MVTec never does, handled as the dataset's own loader does:
+
+* an NG entry whose ``mask_path`` is null is a normal test image (label 0), counted in ``notes["ng_without_mask"]``;
+* an NG mask that is all zero (the defect is not visible from that camera) keeps its NG label with an empty mask,
+  counted by ``fsad data check`` and never reported as a problem.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ class RealIADDataModule(FewShotDataModule):
     """
 
     dataset_name = "realiad"
+    empty_defect_masks_allowed = True
 
     def __init__(
         self,
@@ -55,12 +63,21 @@ class RealIADDataModule(FewShotDataModule):
         self.single_view = single_view
         bad_views = [v for v in views or [] if not re.fullmatch(r"C[1-5]", v)]
         if bad_views:
-            raise ValueError(f"data.views: {bad_views} are not camera views C1..C5")
+            raise DataError(f"data.views: {bad_views} are not camera views C1..C5")
         self.views = views
+        self.notes: dict[str, int] = {"ng_without_mask": 0}
+
+    @property
+    def json_dir_candidates(self) -> tuple[Path, Path]:
+        """(nested, side by side) locations of the split folder for the chosen view mode."""
+        name = "realiad_jsons_sv" if self.single_view else "realiad_jsons"
+        return self.root / "realiad_jsons" / name, self.root / name
 
     @property
     def json_dir(self) -> Path:
-        return self.root / "realiad_jsons" / ("realiad_jsons_sv" if self.single_view else "realiad_jsons")
+        """The first candidate folder that holds JSON splits (the nested one when neither does, for messages)."""
+        nested, side_by_side = self.json_dir_candidates
+        return next((d for d in (nested, side_by_side) if d.is_dir() and any(d.glob("*.json"))), nested)
 
     @property
     def image_root(self) -> Path:
@@ -68,7 +85,11 @@ class RealIADDataModule(FewShotDataModule):
 
     def available_categories(self) -> list[str]:
         if not self.json_dir.is_dir():
-            raise DataError(f"data.root: split folder {self.json_dir} does not exist (Real-IAD needs realiad_jsons)")
+            nested, side_by_side = self.json_dir_candidates
+            raise DataError(
+                f"data.root: no Real-IAD split folder with JSON files at {side_by_side} or {nested} "
+                "(unpack realiad_jsons.zip / realiad_jsons_sv.zip under the root)"
+            )
         return sorted(p.stem for p in self.json_dir.glob("*.json"))
 
     def _split_file(self) -> dict[str, Any]:
@@ -91,6 +112,8 @@ class RealIADDataModule(FewShotDataModule):
         if not base.is_dir():
             raise DataError(f"data.resolution: image folder {base} does not exist")
         samples = []
+        if split == "test":
+            self.notes["ng_without_mask"] = 0
         for entry in content[split]:
             if self.views is not None and camera_view(entry["image_path"]) not in self.views:
                 continue
@@ -98,12 +121,13 @@ class RealIADDataModule(FewShotDataModule):
             if not image.is_file():
                 self.problem(f"image {image} listed in {self.json_dir / (self.category + '.json')} does not exist")
                 continue
-            if entry["anomaly_class"] == normal_class:
+            if entry["anomaly_class"] == normal_class or not entry.get("mask_path"):
+                self.notes["ng_without_mask"] += entry["anomaly_class"] != normal_class
                 samples.append(Sample(str(image), 0, self.category))
                 continue
-            mask = base / entry["mask_path"] if entry.get("mask_path") else None
-            if mask is None or not mask.is_file():
-                self.problem(f"mask missing for defect image {image}: {mask or 'no mask_path in the json'}")
+            mask = base / entry["mask_path"]
+            if not mask.is_file():
+                self.problem(f"mask {mask} of defect image {image} does not exist")
                 continue
             samples.append(Sample(str(image), 1, self.category, str(mask), entry["anomaly_class"]))
         return samples

@@ -16,27 +16,34 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_only
 
 # The methods, datamodules and callbacks are imported so that their classes are loaded subclasses of
 # LightningModule, LightningDataModule and Callback: jsonargparse resolves short class names on the command line
 # (``--model FineGrainedAD``, ``--data MVTecDataModule``) among those.
 from fsad.callbacks import heatmaps, metrics, paper_protocol, predictions, results  # noqa: F401
+from fsad.callbacks.results import config_hash
 from fsad.datamodules import auxiliary, folder, mvtec, predict, realiad, synthetic, visa  # noqa: F401
-from fsad.errors import FsadError
+from fsad.errors import CheckpointError
 from fsad.lightning_modules.finegrainedad import module as finegrainedad_module  # noqa: F401
 from fsad.lightning_modules.kagprompt import module as kagprompt_module  # noqa: F401
 from fsad.lightning_modules.membank import module as membank_module  # noqa: F401
 from fsad.lightning_modules.promptad import module as promptad_module  # noqa: F401
-from fsad.network import host_reachable
+from fsad.network import wandb_reachable
+from fsad.quiet import quiet_output
+from fsad.run_folder import RunFolder
+from fsad.signals import CheckpointOnSignal, SignalGuard, run_guarded
 
 RUN_DIR_PLACEHOLDER = "{run_dir}"
 
@@ -47,16 +54,17 @@ EXTENSION_COMMANDS: dict[str, str] = {
     "captions": "fsad.captions:main",
     "benchmark": "fsad.benchmark:main",
 }
+#: One line each for ``fsad --help``; their own ``--help`` has the details.
+EXTENSION_HELP: dict[str, str] = {
+    "data": "Check a dataset tree before a run: fsad data check -c <config>",
+    "captions": "Validate, show, import and generate MFSC caption records",
+    "benchmark": "Sweep categories x k x seeds, resumable, with the paper-style table",
+}
 
 
 def run_directory(run_root: str | Path, method: str, dataset: str, category: str, k_shot: int, seed: int) -> Path:
     """``<run_root>/<method>/<dataset>/<category>/k<k>_s<seed>`` (DESIGN.md, "CLI")."""
     return Path(run_root) / method / dataset / category / f"k{k_shot}_s{seed}"
-
-
-def wandb_reachable(timeout: float = 3.0) -> bool:
-    """Whether the W&B server (``WANDB_BASE_URL``, default api.wandb.ai) accepts a TCP connection."""
-    return host_reachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"), timeout)
 
 
 def _import_class(class_path: str) -> type:
@@ -82,7 +90,18 @@ class RunConfigSaver(SaveConfigCallback):
 class FsadCLI(LightningCLI):
     """LightningCLI over any :class:`FewShotAnomalyModule` and :class:`FewShotDataModule` subclass."""
 
-    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, args: list[str] | None = None, run: bool = True, signal_guard: SignalGuard | None = None, **kwargs: Any
+    ) -> None:
+        self.signal_guard = signal_guard
+        self.run_folder: RunFolder | None = None
+        try:
+            self._construct(args, run, **kwargs)
+        finally:
+            if self.run_folder is not None:
+                self.run_folder.release()
+
+    def _construct(self, args: list[str] | None, run: bool, **kwargs: Any) -> None:
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -96,8 +115,23 @@ class FsadCLI(LightningCLI):
             **kwargs,
         )
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, test and predict. ``validate`` is not offered: no method has a validation step and no dataset a
+        labelled validation split (the F1 threshold is fitted by ``predict``'s validation folders instead)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "validate"}
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Lightning's subcommands, plus the extension commands listed so that ``fsad --help`` shows every one."""
+        super()._add_subcommands(parser, **kwargs)
+        for name, description in EXTENSION_HELP.items():
+            parser._subcommands_action.add_subcommand(name, self.init_parser(description=description), help=description)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_root", type=str, default="runs", help="Folder under which run directories go.")
+        parser.add_argument(
+            "--overwrite", type=bool, default=False, help="Replace a finished run of another config in the run folder."
+        )
         parser.link_arguments("data.init_args.image_size", "model.init_args.image_size")
         parser.link_arguments("data.init_args.eval_size", "model.init_args.eval_size")
         if any(action.dest == "weights_only" for action in parser._actions):  # fit/validate/test/predict --ckpt_path
@@ -129,10 +163,20 @@ class FsadCLI(LightningCLI):
         method = getattr(model_cls, "method_name", model_cls.__name__.lower())
         return run_directory(config.run_root, method, dataset, str(category), int(k_shot), int(seed))
 
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` before Lightning opens it to read its hyper-parameters."""
+        if self.config.get("subcommand") and self._active_config().get("ckpt_path"):
+            check_checkpoint(self._active_config().ckpt_path)
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         config = self._active_config()
         run_dir = self.resolve_run_dir()
         config.trainer.default_root_dir = str(run_dir)
+        if self.subcommand is not None and rank_zero_only.rank == 0:
+            settings = [config.model.as_dict(), config.data.as_dict(), {"seed": config.get("seed_everything")}]
+            self.run_folder = RunFolder(run_dir, config_hash(*settings))
+            self.run_folder.claim(bool(config.get("overwrite")))
         loggers = config.trainer.get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if isinstance(logger, Namespace) and logger.get("init_args") is not None:
@@ -155,42 +199,63 @@ class FsadCLI(LightningCLI):
             )
             init_args.offline = True
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        super()._run_subcommand(subcommand)
+        if self.run_folder is not None and subcommand in ("fit", "test"):
+            self.run_folder.complete(subcommand)
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+        if self.signal_guard is not None:
+            trainer.callbacks.append(CheckpointOnSignal(self.signal_guard))
         return trainer
 
 
+CHECKPOINT_KEYWORDS = ("last", "best", "hpc", "registry")
+
+
+def check_checkpoint(path: str) -> None:
+    """``--ckpt_path`` must be a readable checkpoint (or one of Lightning's keywords); one line if not.
+
+    The file is opened the way the trainer will open it (``weights_only=True``, memory-mapped so it costs no copy),
+    and PyTorch's own message, which suggests ``weights_only=False``, is never shown: that would run arbitrary code
+    from an untrusted file.
+    """
+    if path in CHECKPOINT_KEYWORDS or path.startswith("registry:"):
+        return
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise CheckpointError(f"--ckpt_path: no such file: {file}")
+    try:
+        torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):
+            raise CheckpointError(f"--ckpt_path: cannot read {file}: truncated or not a PyTorch checkpoint") from None
+        raise CheckpointError(
+            f"--ckpt_path: {file} holds objects outside PyTorch's safe-loading list; fsad loads checkpoints with "
+            "weights_only=True only. Use a checkpoint written by `fsad fit` from a source you trust"
+        ) from None
+    except Exception as err:
+        raise CheckpointError(
+            f"--ckpt_path: cannot read {file}: truncated or not a PyTorch checkpoint ({type(err).__name__})"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: ``fsad <subcommand> ...``."""
+    """Console entry point: ``fsad <subcommand> ...``; exit codes and one-line endings from :func:`run_guarded`."""
     args = list(sys.argv[1:] if argv is None else argv)
+    quiet_output()
+    guard = SignalGuard()
     if args and args[0] in EXTENSION_COMMANDS:
         module_name, _, function = EXTENSION_COMMANDS[args[0]].partition(":")
-        return int(getattr(importlib.import_module(module_name), function)(args[1:]) or 0)
-    try:
-        FsadCLI(args=argv)
-    except Exception as err:
-        cause = user_facing_error(err)
-        if cause is None:
-            raise
-        print(f"error: {cause}", file=sys.stderr)
-        return 1
-    return 0
+        command = getattr(importlib.import_module(module_name), function)
+        return run_guarded(lambda: command(args[1:]), guard)
 
+    def lightning_command() -> int:
+        FsadCLI(args=argv, signal_guard=guard)
+        return 0
 
-def user_facing_error(err: BaseException) -> BaseException | None:
-    """The :class:`FsadError` (missing weights, bad data, bad captions, ...) behind ``err``, if any.
-
-    jsonargparse wraps exceptions raised while instantiating the model or data in its own ``ValueError``; the
-    original is on the ``__cause__``/``__context__`` chain. Such errors are printed as one line, no traceback.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        if isinstance(current, FsadError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+    return run_guarded(lightning_command, guard)

@@ -34,9 +34,14 @@ def image_size(path: str, full_decode: bool) -> tuple[int, int]:
         raise DataError(f"cannot read image {path}: {err}") from None
 
 
-def check_samples(samples: list[Sample], full_decode: bool) -> list[str]:
-    """Unreadable images and masks, and masks whose size differs from their image."""
+def check_samples(
+    samples: list[Sample], full_decode: bool, empty_masks_allowed: bool = False
+) -> tuple[list[str], int]:
+    """Unreadable images and masks, masks whose size differs from their image, and empty defect masks (a problem
+    unless the dataset allows them, as Real-IAD does for views that do not show the defect); also the number of
+    empty defect masks."""
     problems = []
+    empty_masks = 0
     for sample in samples:
         try:
             size = image_size(sample.image_path, full_decode)
@@ -56,14 +61,16 @@ def check_samples(samples: list[Sample], full_decode: bool) -> list[str]:
                 f"{size[0]}x{size[1]}"
             )
         elif not np.any(mask):
-            problems.append(f"mask {sample.mask_path} of defect image {sample.image_path} is empty")
-    return problems
+            empty_masks += 1
+            if not empty_masks_allowed:
+                problems.append(f"mask {sample.mask_path} of defect image {sample.image_path} is empty")
+    return problems, empty_masks
 
 
 def check_category(module: FewShotDataModule, full_decode: bool) -> tuple[dict[str, int], list[str]]:
     """Counts and problems of one category (the datamodule records problems instead of raising)."""
     module.problems = []
-    counts = {"train_normal": 0, "test_normal": 0, "test_defect": 0, "masks": 0, "support": 0}
+    counts = {"train_normal": 0, "test_normal": 0, "test_defect": 0, "masks": 0, "support": 0, "empty_masks": 0}
     try:
         train = module.collect_samples("train")
         test = module.collect_samples("test")
@@ -76,7 +83,11 @@ def check_category(module: FewShotDataModule, full_decode: bool) -> tuple[dict[s
         masks=sum(s.mask_path is not None for s in test),
         support=min(module.k_shot, len(train)),
     )
-    problems = [*module.problems, *check_samples(train + test, full_decode)]
+    sample_problems, counts["empty_masks"] = check_samples(
+        train + test, full_decode, getattr(module, "empty_defect_masks_allowed", False)
+    )
+    counts.update(getattr(module, "notes", {}))
+    problems = [*module.problems, *sample_problems]
     if module.k_shot > len(train):
         problems.append(f"k_shot={module.k_shot} exceeds the {len(train)} normal training images")
     return counts, problems
@@ -91,6 +102,8 @@ def main(argv: list[str]) -> int:
     check.add_argument("--category", action="append", help="category to check (repeatable); default: all found")
     check.add_argument("--k-shot", type=int, default=4)
     check.add_argument("--resolution", default="1024", help="Real-IAD image folder: 256, 512, 1024 or raw")
+    check.add_argument("--single-view", action="store_true", help="Real-IAD: the single-view splits (realiad_jsons_sv)")
+    check.add_argument("--views", nargs="+", help="Real-IAD: keep only these camera views, e.g. --views C1")
     check.add_argument("--normal-dir", help="folder dataset: normal images")
     check.add_argument("--abnormal-dir", help="folder dataset: defect images")
     check.add_argument("--mask-dir", help="folder dataset: masks")
@@ -108,13 +121,17 @@ def main(argv: list[str]) -> int:
             )  # fmt: skip
         if not args.root:
             parser.error(f"--root is required for --dataset {args.dataset}")
-        extra = {"resolution": int(args.resolution) if args.resolution.isdigit() else args.resolution}
+        extra = {
+            "resolution": int(args.resolution) if args.resolution.isdigit() else args.resolution,
+            "single_view": args.single_view,
+            "views": args.views,
+        }
         return DATASETS[args.dataset](
             root=args.root, category=category, k_shot=args.k_shot, **(extra if args.dataset == "realiad" else {})
         )
 
-    probe = build((args.category or ["custom"])[0])
     try:
+        probe = build((args.category or ["custom"])[0])
         if args.dataset == "folder":
             probe.check_root()
         elif not probe.root.is_dir():
@@ -133,8 +150,11 @@ def main(argv: list[str]) -> int:
     print(header)
     total_problems = 0
     all_problems = []
+    notes = {"empty_masks": 0, "ng_without_mask": 0}
     for category in categories:
         counts, problems = check_category(build(category), full_decode=not args.quick)
+        for key in notes:
+            notes[key] += counts.get(key, 0)
         total_problems += len(problems)
         all_problems += [f"[{category}] {p}" for p in problems]
         print(
@@ -143,6 +163,11 @@ def main(argv: list[str]) -> int:
         )
     for line in all_problems:
         print(f"  - {line}")
+    if args.dataset == "realiad":
+        print(
+            f"{notes['ng_without_mask']} NG test entries without mask_path (read as normal, as the dataset's loader "
+            f"does); {notes['empty_masks']} empty NG masks (defect not visible in that view; kept as NG)"
+        )
     print(f"{total_problems} problem(s) in {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}")
     return 1 if total_problems else 0
 

@@ -7,3 +7,11 @@ class FsadError(Exception):
     Datamodules, checkpoints, the backbone, captions and the benchmark runner raise subclasses of this; the CLI
     catches it anywhere on an exception's cause chain and prints ``error: <message>``.
     """
+
+
+class CheckpointError(FsadError):
+    """``--ckpt_path`` names a missing, unreadable or unsafe checkpoint file."""
+
+
+class RunFolderError(FsadError):
+    """The run folder holds another config's finished run, or another process is writing into it."""

@@ -8,7 +8,6 @@ tag, then random initialisation when ``pretrained`` is ``None``. Offline with no
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsad.errors import FsadError
-from fsad.network import host_reachable
+from fsad.network import hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +29,10 @@ _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 class BackboneWeightsError(FsadError, RuntimeError):
     """No usable weights for the requested backbone."""
+
+
+class BackboneConfigError(FsadError, ValueError):
+    """A ``backbone`` field that names no architecture, tag, tap or precision open_clip knows."""
 
 
 def register_model_configs() -> None:
@@ -71,7 +74,7 @@ class BackboneSpec:
             if isinstance(getattr(self, name), str) and getattr(self, name).strip().lower() in ("none", "null", ""):
                 setattr(self, name, None)
         if self.precision not in _PRECISIONS:
-            raise ValueError(f"backbone.precision: {self.precision!r} is not one of {sorted(_PRECISIONS)}")
+            raise BackboneConfigError(f"backbone.precision: {self.precision!r} is not one of {sorted(_PRECISIONS)}")
 
 
 @dataclass
@@ -130,13 +133,13 @@ def tagged_weights_available(spec: BackboneSpec) -> bool:
         isinstance(huggingface_hub.try_to_load_from_cache(repo, name, cache_dir=spec.cache_dir), str)
         for name in HUB_FILES
     )
-    return cached or host_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return cached or hub_reachable()
 
 
 def _create_clip(spec: BackboneSpec, image_size: int | None) -> nn.Module:
     register_model_configs()
     if spec.arch not in open_clip.list_models():
-        raise ValueError(f"backbone.arch: unknown open_clip architecture {spec.arch!r}")
+        raise BackboneConfigError(f"backbone.arch: unknown open_clip architecture {spec.arch!r}")
     force_size = image_size if image_size else None
     if spec.checkpoint is not None:
         path = Path(spec.checkpoint).expanduser()
@@ -150,9 +153,14 @@ def _create_clip(spec: BackboneSpec, image_size: int | None) -> nn.Module:
     if spec.pretrained is not None:
         known = open_clip.list_pretrained_tags_by_model(spec.arch)
         if spec.pretrained not in known:
-            raise ValueError(
+            raise BackboneConfigError(
                 f"backbone.pretrained: {spec.pretrained!r} is not an open_clip tag for {spec.arch!r}; "
-                f"known tags: {known or 'none'}"
+                + (
+                    f"known tags: {known}"
+                    if known
+                    else "it has no published weights: set backbone.pretrained: null (random weights, tests only) "
+                    "or backbone.checkpoint: <file>"
+                )
             )
         if not tagged_weights_available(spec):
             raise BackboneWeightsError(
@@ -190,11 +198,13 @@ class ClipBackbone(nn.Module):
         blocks = visual.transformer.resblocks
         bad = [t for t in spec.taps if not 1 <= t <= len(blocks)]
         if bad:
-            raise ValueError(f"backbone.taps: {bad} outside 1..{len(blocks)} for {spec.arch}")
+            raise BackboneConfigError(f"backbone.taps: {bad} outside 1..{len(blocks)} for {spec.arch}")
         if spec.authors_tap_hook and len(blocks) in spec.taps:
-            raise ValueError(f"backbone.taps: the authors' tap hook needs a block after each tap; {len(blocks)} is last")
+            raise BackboneConfigError(
+                f"backbone.taps: the authors' tap hook needs a block after each tap; {len(blocks)} is last"
+            )
         if not all(isinstance(b.attn, nn.MultiheadAttention) for b in blocks):
-            raise ValueError(f"backbone.arch: {spec.arch} has no standard attention blocks; V-V path unsupported")
+            raise BackboneConfigError(f"backbone.arch: {spec.arch} has no standard attention blocks; V-V path unsupported")
         self.dtype = _PRECISIONS[spec.precision]
         self.grid: tuple[int, int] = tuple(visual.grid_size)
         self.image_size: tuple[int, int] = tuple(visual.image_size)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from fsad.cli import FsadCLI, main
 from fsad.datamodules.synthetic import SyntheticDataModule
@@ -125,7 +125,7 @@ def test_linked_image_size_cannot_disagree(tmp_path: Path) -> None:
 
 @pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
 def test_real_bottle_four_shot_end_to_end_matches_sklearn(tmp_path: Path, mvtec_root: Path) -> None:
-    """Real MVTec bottle, 4-shot, fsad-tiny: support.txt written, AUROCs equal sklearn's on the same maps."""
+    """Real MVTec bottle, 4-shot, fsad-tiny: support.txt written, AUROCs and APs equal sklearn's on the same maps."""
     from fsad.callbacks.metrics import AnomalyMetrics
     from fsad.callbacks.results import ResultsWriter
     from fsad.datamodules.mvtec import MVTecDataModule
@@ -144,6 +144,10 @@ def test_real_bottle_four_shot_end_to_end_matches_sklearn(tmp_path: Path, mvtec_
     assert len(labels) == 83 and labels.sum() == 63
     assert abs(metrics.results["image_AUROC"] - roc_auc_score(labels, torch.cat(collector.scores).numpy())) < 1e-9
     assert abs(metrics.results["pixel_AUROC"] - roc_auc_score(masks, torch.cat(collector.maps).numpy())) < 1e-9
+    image_ap = average_precision_score(labels, torch.cat(collector.scores).numpy())
+    assert abs(metrics.results["image_AP"] - image_ap) < 1e-9
+    pixel_ap = average_precision_score(masks.ravel(), torch.cat(collector.maps).numpy().ravel())
+    assert abs(metrics.results["pixel_AP"] - pixel_ap) < 1e-9
     support = (tmp_path / "support.txt").read_text().splitlines()
     assert len(support) == 4 and all("bottle/train/good/" in p for p in support)
     assert f"{metrics.results['pixel_AUROC']}"[:6] in (tmp_path / "results.csv").read_text()
@@ -163,7 +167,7 @@ def test_cli_reports_missing_weights_as_one_error_line(tmp_path: Path, monkeypat
     """The backbone error raised inside jsonargparse's instantiation still reaches the user as one line."""
     import fsad.lightning_modules.components.clip as clip_module
 
-    monkeypatch.setattr(clip_module, "host_reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(clip_module, "hub_reachable", lambda timeout=3.0: False)
     config = str(REPO / "configs" / "membank" / "mvtec.yaml")
     args = ["test", "-c", config, "--data.init_args.root", str(tmp_path), "--model.init_args.backbone.cache_dir",
             str(tmp_path / "hub"), "--run_root", str(tmp_path / "runs")]  # fmt: skip

@@ -40,6 +40,8 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
         assert rank["binned"] == single["binned"]  # histogram counts summed across ranks give the same value
         assert set(rank["logged"]) == set(single["logged"]) and rank["logged"] == single["logged"]
     assert abs(single["binned"]["pixel_AUROC_hist"] - single["results"]["pixel_AUROC"]) < 1e-3
-    assert {"image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1max", "pixel_F1max"} <= set(single["results"])
+    assert {"image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1max", "pixel_F1max", "image_AP", "pixel_AP"} <= set(
+        single["results"]
+    )
     # the watchlist items held by rank 1 were gathered: rank 0 wrote all six heatmaps
     assert len(list((tmp_path / "ddp" / "heatmaps").glob("*.png"))) == 6

@@ -118,7 +118,7 @@ def test_offline_without_cached_weights_fails_fast(tmp_path: Path, monkeypatch: 
     """No cache and no route to the hub: one clear error at once, without starting the hub client's retries."""
     import fsad.lightning_modules.components.clip as clip_module
 
-    monkeypatch.setattr(clip_module, "host_reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(clip_module, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr(clip_module.open_clip, "create_model", lambda *a, **k: pytest.fail("must not try to download"))
     spec = BackboneSpec(arch="ViT-B-16-plus-240", pretrained="laion400m_e32", cache_dir=str(tmp_path))
     with pytest.raises(BackboneWeightsError, match=r"huggingface\.co is unreachable.*backbone\.checkpoint"):

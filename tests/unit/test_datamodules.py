@@ -298,3 +298,38 @@ def test_authors_resize_is_cv2_bilinear_1024_then_pil_bicubic(mvtec_root: Path) 
     assert np.array_equal(resize_image(image, 240, "authors"), np.asarray(by_hand).astype(np.float32))
     with pytest.raises(DataError, match="data.resize"):
         resize_image(image, 240, "nearest")
+
+
+@pytest.mark.parametrize("layout", ["nested", "side_by_side"])
+def test_realiad_both_json_layouts_and_the_datasets_own_mask_rules(tmp_path: Path, layout: str) -> None:
+    root = make_realiad(tmp_path / "realiad", layout=layout, quirks=True)
+    if layout == "side_by_side":
+        assert (root / "realiad_jsons/audiojack.json").is_file() and (root / "realiad_jsons_sv/audiojack.json").is_file()
+    data = RealIADDataModule(root=str(root), category="audiojack", k_shot=2, resolution=256, image_size=32)
+    data.setup()
+    assert data.available_categories() == ["audiojack"]
+    # the NG view with a null mask_path is a normal test image; the all-zero mask keeps its NG label
+    assert len(data.test_samples) == 20 and sum(s.label for s in data.test_samples) == 9
+    null_view = next(s for s in data.test_samples if "0004_NG_AK_C3" in Path(s.image_path).name)
+    assert null_view.label == 0 and data.notes == {"ng_without_mask": 1}
+    single = RealIADDataModule(root=str(root), category="audiojack", k_shot=1, resolution=256, single_view=True)
+    single.setup()
+    assert len(single.normal_pool) == 2 and len(single.test_samples) == 4
+
+
+def test_realiad_data_check_takes_views_and_counts_empty_and_null_masks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fsad.data_check import main
+
+    root = make_realiad(tmp_path / "realiad", layout="side_by_side", quirks=True)
+    check = ["check", "--dataset", "realiad", "--root", str(root), "--resolution", "256", "--k-shot", "1"]
+    assert main(check) == 0  # neither quirk is a problem in Real-IAD
+    out = capsys.readouterr().out
+    assert "0 problem(s)" in out
+    assert "1 NG test entries without mask_path" in out and "1 empty NG masks" in out
+    assert main([*check, "--views", "C1"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("audiojack"))
+    assert row.split()[1:6] == ["2", "2", "2", "2", "1"]  # train, test ok, defect, masks, support: camera 1 only
+    assert main([*check, "--single-view"]) == 0
+    assert "0 NG test entries without mask_path" in capsys.readouterr().out
