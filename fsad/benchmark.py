@@ -37,9 +37,10 @@ from tqdm import tqdm
 
 from fsad.callbacks.metrics import AnomalyMetrics
 from fsad.callbacks.results import config_hash, markdown_table, write_text_atomically
-from fsad.cli import FsadCLI, _import_class, user_facing_error
+from fsad.cli import FsadCLI, _import_class
 from fsad.errors import FsadError
 from fsad.lightning_modules.components.feature_cache import FeatureCache
+from fsad.signals import user_facing_error
 
 KEY_COLUMNS = ("method", "dataset", "category", "k", "seed")
 HASH_COLUMN = "config_hash"
@@ -548,8 +549,9 @@ def collect(
     return markdown
 
 
-def run_benchmark(argv: list[str]) -> int:
-    """``fsad benchmark``; returns the exit code (1 when any cell failed)."""
+def main(argv: list[str]) -> int:
+    """``fsad benchmark``; returns the exit code (1 when any cell failed). The ``fsad`` entry point's guard prints
+    user mistakes (an FsadError anywhere on the cause chain) as one line and turns signals into 143/130."""
     parser = argparse.ArgumentParser(prog="fsad benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", required=True, help="benchmark config YAML (configs/benchmark/*.yaml)")
     parser.add_argument("--cell-index", type=int, help="run only this cell (e.g. $SLURM_ARRAY_TASK_ID)")
@@ -584,15 +586,3 @@ def run_benchmark(argv: list[str]) -> int:
     if args.cell_index is None and any(key[0] == sweep.config_hash for key in sweep.finished()):
         print(collect(output, config.wandb_project, config_hash=sweep.config_hash))
     return 1 if failed else 0
-
-
-def main(argv: list[str]) -> int:
-    """Entry point: user mistakes (FsadError anywhere on the cause chain) print as one line and exit 1."""
-    try:
-        return run_benchmark(argv)
-    except Exception as err:
-        cause = user_facing_error(err)
-        if cause is None:
-            raise
-        print(f"error: {cause}", file=sys.stderr)
-        return 1
