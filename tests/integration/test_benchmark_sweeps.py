@@ -210,7 +210,7 @@ def test_fewshot_fit_cells_fit_then_test_and_record_the_paper_protocol(tmp_path:
     config = write(tmp_path, "pad", method_config=[str(REPO / "configs/promptad/synthetic_tiny.yaml")],
                    categories=["disc"], shots=[2], seeds=[0],
                    extra_args=["--data.init_args.root", str(tmp_path / "synthetic"), "--trainer.max_epochs", "2",
-                               "--model.init_args.mode", "paper"])  # fmt: skip
+                               "--model.init_args.protocol", "paper"])  # fmt: skip
     assert main(["benchmark", "-c", str(config)]) == 0
     assert fits == ["SyntheticDataModule"]
     (row,) = read_rows(tmp_path / "pad")

@@ -157,7 +157,10 @@ def test_benchmark_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFix
         f"extra_args: ['--run_root', '{tmp_path / 'runs'}', '--data.init_args.root', '{tmp_path / 'synthetic'}']\n"
     )
     assert main(["benchmark", "-c", str(config)]) == 1
-    assert "k_shot" in one_error_line(capsys)
+    printed = capsys.readouterr()
+    assert "Traceback" not in printed.out + printed.err and "failed cells: [0]" in printed.out
+    (failure,) = (tmp_path / "out" / "failures.log").read_text().splitlines()
+    assert "DataError" in failure and "k_shot" in failure
 
 
 @pytest.mark.slow
