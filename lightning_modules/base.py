@@ -10,8 +10,14 @@ import torch
 from lightning.pytorch import LightningModule
 
 from fsad.batch import Batch
+from fsad.errors import FsadError
 from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec, ClipBackbone
 from fsad.lightning_modules.components.postprocess import upsample_and_smooth
+from fsad.lightning_modules.components.thresholds import DecisionThresholds
+
+
+class SizeMismatchError(FsadError, ValueError):
+    """Images or masks do not have the size the model was built for (``data.*_size`` versus ``model.*_size``)."""
 
 
 class FewShotAnomalyModule(LightningModule, ABC):
@@ -19,10 +25,11 @@ class FewShotAnomalyModule(LightningModule, ABC):
 
     Subclasses implement :meth:`fit_support` (cache what the k-shot normal images give) and :meth:`score`
     (grid-resolution maps and image scores from one backbone pass). This class owns the backbone, the support pass at
-    ``on_test_start``/``on_predict_start`` and the post-processing to ``eval_size``.
+    ``on_test_start``/``on_predict_start``, the post-processing to ``eval_size`` and the decision thresholds.
+    After :meth:`fit_support`, ``module(images)`` scores normalised images without a trainer.
 
     Args:
-        backbone: which OpenCLIP model to load and how (see :class:`BackboneSpec`).
+        backbone: which OpenCLIP model to load and how (a :class:`BackboneSpec` or a dict of its fields).
         image_size: input side in pixels; linked from ``data.image_size`` by the CLI.
         eval_size: side of the maps written to the batch; linked from ``data.eval_size`` by the CLI.
         gaussian_sigma: smoothing of the upsampled map, in eval-size pixels (0 disables it).
@@ -39,11 +46,17 @@ class FewShotAnomalyModule(LightningModule, ABC):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = ClipBackbone(backbone or BackboneSpec(), image_size=image_size)
+        self.backbone = ClipBackbone(BackboneSpec.coerce(backbone), image_size=image_size)
+        self.image_size = image_size
         self.eval_size = eval_size
         self.gaussian_sigma = gaussian_sigma
-        # image-score threshold fitted for prediction (callbacks/predictions.py); NaN = none, saved in checkpoints
-        self.register_buffer("image_threshold", torch.tensor(float("nan")))
+        # image/pixel thresholds and normalisation statistics (NaN = not fitted), saved in checkpoints and exports
+        self.thresholds = DecisionThresholds()
+
+    @property
+    def image_threshold(self) -> torch.Tensor:
+        """The fitted raw image-score threshold (a buffer of :attr:`thresholds`; NaN when none)."""
+        return self.thresholds.image_threshold
 
     # ----------------------------------------------------------------- method hooks
     @abstractmethod
@@ -78,11 +91,34 @@ class FewShotAnomalyModule(LightningModule, ABC):
         self.prepare_support()
 
     # ----------------------------------------------------------------- evaluation
-    def predict_batch(self, batch: Batch) -> Batch:
-        """One backbone pass, the method's scoring, then upsampling and smoothing to ``eval_size``."""
-        grid_maps, image_scores = self.score(self.backbone(batch.image))
+    def check_image_size(self, images: torch.Tensor) -> None:
+        """Fail with both fields named when images do not have the side the backbone was built for."""
+        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            raise SizeMismatchError(
+                f"images are {tuple(images.shape[-2:])} pixels but model.image_size is {self.image_size}: set "
+                f"data.image_size and model.image_size to the same value (the fsad CLI links them)"
+            )
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images [B,3,S,S] → anomaly maps [B,E,E] and image scores [B], in [0,1], after :meth:`fit_support`.
+
+        One backbone pass, the method's scoring, then upsampling and smoothing to ``eval_size``.
+        """
+        if not torch.jit.is_tracing():
+            self.check_image_size(images)
+        grid_maps, image_scores = self.score(self.backbone(images))
         anomaly_map = upsample_and_smooth(grid_maps, self.eval_size, self.gaussian_sigma)
-        return batch.update(anomaly_map=anomaly_map.float(), pred_score=image_scores.float().clamp(0.0, 1.0))
+        return anomaly_map.float(), image_scores.float().clamp(0.0, 1.0)
+
+    def predict_batch(self, batch: Batch) -> Batch:
+        """Score a batch and write ``anomaly_map`` and ``pred_score`` on it."""
+        if batch.gt_mask is not None and tuple(batch.gt_mask.shape[-2:]) != (self.eval_size, self.eval_size):
+            raise SizeMismatchError(
+                f"masks are {tuple(batch.gt_mask.shape[-2:])} pixels but model.eval_size is {self.eval_size}: set "
+                f"data.eval_size and model.eval_size to the same value (the fsad CLI links them)"
+            )
+        anomaly_map, pred_score = self(batch.image)
+        return batch.update(anomaly_map=anomaly_map, pred_score=pred_score)
 
     def test_step(self, batch: Batch, batch_idx: int) -> Batch:
         return self.predict_batch(batch)
@@ -97,8 +133,12 @@ class FewShotAnomalyModule(LightningModule, ABC):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Put the live backbone weights back so strict loading of a backbone-free checkpoint succeeds."""
+        """Put the live backbone weights back so strict loading of a backbone-free checkpoint succeeds; checkpoints
+        older than the thresholds component get unfitted thresholds (their bare ``image_threshold`` moves in)."""
         state = checkpoint.setdefault("state_dict", {})
         for key, value in self.backbone.state_dict(prefix="backbone.").items():
             state.setdefault(key, value)
-        state.setdefault("image_threshold", torch.tensor(float("nan")))
+        if "image_threshold" in state:
+            state.setdefault("thresholds.image_threshold", state.pop("image_threshold"))
+        for key, value in DecisionThresholds().state_dict(prefix="thresholds.").items():
+            state.setdefault(key, value)

@@ -94,10 +94,10 @@ class PromptTuningModule(FewShotAnomalyModule):
     def score(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(features, self.backbone)
 
-    def predict_batch(self, batch: Batch) -> Batch:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.bgr_test_quirk:
-            batch.image = swap_rgb_bgr(batch.image, self.backbone.image_mean, self.backbone.image_std)
-        return super().predict_batch(batch)
+            images = swap_rgb_bgr(images, self.backbone.image_mean, self.backbone.image_std)
+        return super().forward(images)
 
 
 class PromptAD(PromptTuningModule):

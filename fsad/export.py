@@ -1,0 +1,219 @@
+"""``fsad export``: one self-contained model file for an inspection line, in ONNX and/or TorchScript.
+
+The exported graph takes a uint8 RGB batch [B,3,H,W] of any size and does everything ``fsad test`` does after
+reading the file: the anti-aliased bicubic resize of the datamodule (:func:`antialiased_resize`), the backbone
+normalisation, one backbone pass, the method head, upsampling and smoothing to ``eval_size``. Outputs are
+``anomaly_map`` float32 [B,E,E] and ``pred_score`` float32 [B] (the raw values ``fsad test`` scores), plus
+``pred_label`` uint8 [B] and ``pred_mask`` uint8 [B,E,E] when image and pixel thresholds are fitted. Support
+features, text features, thresholds and normalisation statistics are constants of the graph. ``metadata.json``
+beside it says what went in (config hash, support files, thresholds and their source, backbone, fsad version).
+
+ONNX goes through torch's dynamo exporter (opset 18), whose ``Resize`` carries the anti-aliasing filter; the
+TorchScript file is a trace of the same wrapper.
+
+    fsad export -c <config> --ckpt_path <ckpt> [--support <dir>] [--format onnx|torchscript|both] --out model/
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from fsad.datamodules.transforms import antialiased_resize
+from fsad.errors import FsadError
+from fsad.lightning_modules.base import FewShotAnomalyModule
+
+ExportFormat = Literal["onnx", "torchscript", "both"]
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_FILE = "model.pt"
+METADATA_FILE = "metadata.json"
+INPUT_NAME = "image"
+
+
+class ExportError(FsadError, RuntimeError):
+    """An export could not be written or read back (a missing file or field is named)."""
+
+
+def fsad_version() -> str:
+    try:
+        return version("fsad")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def text_hash(text: str) -> str:
+    """The first 16 hex digits of the SHA-256 of ``text`` (used for the resolved config)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class DeployedDetector(nn.Module):
+    """Pre-processing, model and decisions in one module: uint8 [B,3,H,W] → maps, scores (labels, masks).
+
+    Args:
+        module: a fitted :class:`FewShotAnomalyModule` (support features cached).
+        mean, std: the per-channel normalisation the datamodule applied (the backbone's).
+    """
+
+    def __init__(self, module: FewShotAnomalyModule, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.module = module
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.with_label = module.thresholds.has_image
+        self.with_mask = module.thresholds.has_pixel
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["anomaly_map", "pred_score"] + ["pred_label"] * self.with_label + ["pred_mask"] * self.with_mask
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB [B,3,H,W] → the normalised [B,3,S,S] the datamodule yields (same resize, same arithmetic)."""
+        resized = antialiased_resize(images.float(), self.module.image_size)
+        return (resized / 255.0 - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        anomaly_map, pred_score = self.module(self.preprocess(images))
+        outputs = [anomaly_map, pred_score]
+        if self.with_label:
+            outputs.append(self.module.thresholds.image_label(pred_score))
+        if self.with_mask:
+            outputs.append(self.module.thresholds.pixel_mask(anomaly_map))
+        return tuple(outputs)
+
+
+def example_input(image_size: int) -> torch.Tensor:
+    """A uint8 batch of 2 non-square images, larger than the model input, to record the graph with."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (2, 3, image_size + 37, image_size + 61), dtype=torch.uint8, generator=generator)
+
+
+def export_onnx(detector: DeployedDetector, path: Path) -> None:
+    """Dynamo export, opset 18, with batch, height and width dynamic."""
+    dims = {0: torch.export.Dim("batch", min=1, max=4096), 2: torch.export.Dim("height", min=8, max=16384),
+            3: torch.export.Dim("width", min=8, max=16384)}  # fmt: skip
+    program = torch.onnx.export(
+        detector,
+        (example_input(detector.module.image_size),),
+        dynamo=True,
+        input_names=[INPUT_NAME],
+        output_names=detector.output_names,
+        dynamic_shapes={"images": dims},
+        opset_version=18,
+        verbose=False,
+    )
+    program.save(str(path))
+
+
+def export_torchscript(detector: DeployedDetector, path: Path) -> None:
+    """A trace of the wrapper. Lightning's flag for its own ``to_torchscript`` keeps the tracer's attribute walk
+    from touching ``trainer`` (which raises outside a Trainer)."""
+    detector.module._jit_is_scripting = True
+    try:
+        traced = torch.jit.trace(detector, (example_input(detector.module.image_size),), check_trace=False)
+    finally:
+        detector.module._jit_is_scripting = False
+    torch.jit.save(traced, str(path))
+
+
+def export_model(
+    module: FewShotAnomalyModule,
+    out_dir: str | Path,
+    formats: ExportFormat = "both",
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    support_files: list[str] | None = None,
+    config_hash: str | None = None,
+) -> dict[str, Path]:
+    """Write the model file(s) and ``metadata.json`` into ``out_dir``; return the paths written by kind.
+
+    ``mean``/``std`` default to the backbone's. The module must have its support set (and, for prompt methods,
+    its text features) cached.
+    """
+    if formats not in ("onnx", "torchscript", "both"):
+        raise ExportError(f"--format: {formats!r} is not one of onnx, torchscript, both")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    module = module.to("cpu").float().eval()
+    mean = tuple(float(m) for m in (module.backbone.image_mean if mean is None else mean))
+    std = tuple(float(s) for s in (module.backbone.image_std if std is None else std))
+    detector = DeployedDetector(module, mean, std).eval()
+    written: dict[str, Path] = {}
+    with torch.no_grad():
+        if formats in ("onnx", "both"):
+            written["onnx"] = out / ONNX_FILE
+            export_onnx(detector, written["onnx"])
+        if formats in ("torchscript", "both"):
+            written["torchscript"] = out / TORCHSCRIPT_FILE
+            export_torchscript(detector, written["torchscript"])
+    metadata = {
+        "fsad_version": fsad_version(),
+        "method": f"{type(module).__module__}.{type(module).__qualname__}",
+        "config_hash": config_hash,
+        "support_files": list(support_files or []),
+        "thresholds": module.thresholds.as_dict(),
+        "backbone": asdict(module.backbone.spec),
+        "image_size": module.image_size,
+        "eval_size": module.eval_size,
+        "gaussian_sigma": module.gaussian_sigma,
+        "mean": list(mean),
+        "std": list(std),
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "B,3,H,W RGB, any H and W"},
+        "outputs": detector.output_names,
+        "files": {kind: path.name for kind, path in written.items()},
+    }
+    written["metadata"] = out / METADATA_FILE
+    written["metadata"].write_text(json.dumps(metadata, indent=2) + "\n")
+    return written
+
+
+def read_metadata(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / METADATA_FILE
+    if not path.is_file():
+        raise ExportError(f"{path} not found: point at the folder `fsad export --out` wrote")
+    return json.loads(path.read_text())
+
+
+def main(argv: list[str]) -> int:
+    """``fsad export``: see the module docstring."""
+    parser = argparse.ArgumentParser(prog="fsad export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-c", "--config", action="append", required=True, help="fsad config(s), as for fsad test")
+    parser.add_argument("--ckpt_path", default=None, help="checkpoint of the trained method (none: training-free)")
+    parser.add_argument("--support", default=None, help="folder (or files) of normal reference images")
+    parser.add_argument("--format", default="both", choices=["onnx", "torchscript", "both"])
+    parser.add_argument("--out", required=True, help="output folder (model.onnx, model.pt, metadata.json)")
+    parser.add_argument("--val_normal_dir", default=None, help="labelled normal images for the thresholds")
+    parser.add_argument("--val_abnormal_dir", default=None, help="labelled anomalous images for the thresholds")
+    parser.add_argument("--val_mask_dir", default=None, help="masks of --val_abnormal_dir (x.png or x_mask.png)")
+    parser.add_argument("--thresholds", default="auto", choices=["auto", "none"],
+                        help="auto: F1 on labelled anomalies when given, else on NSA-synthesised ones; none: skip")  # fmt: skip
+    parser.add_argument("--sensitivity", type=float, default=0.5, help="0..1; 0.5 keeps the F1 thresholds")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="further --key value config overrides")
+    args = parser.parse_args(argv)
+    from fsad.calibration import build_from_config, calibrate_from_folders
+
+    try:
+        built = build_from_config(args.config, args.overrides, args.ckpt_path, args.support)
+        if args.thresholds == "auto":
+            calibrate_from_folders(
+                built.module, built.transform, built.calibration_normals(args.val_normal_dir),
+                args.val_abnormal_dir, args.val_mask_dir,
+            )  # fmt: skip
+        built.module.thresholds.set_sensitivity(args.sensitivity)
+        written = export_model(
+            built.module, args.out, args.format, built.transform.mean, built.transform.std,
+            built.support_files, built.config_hash,
+        )  # fmt: skip
+    except FsadError as err:
+        print(f"error: {err}")
+        return 1
+    for kind, path in written.items():
+        print(f"{kind}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
