@@ -46,6 +46,7 @@ EXTENSION_COMMANDS: dict[str, str] = {
     "data": "fsad.data_check:main",
     "captions": "fsad.captions:main",
     "benchmark": "fsad.benchmark:main",
+    "export": "fsad.export:main",
 }
 
 

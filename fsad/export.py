@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fsad.datamodules.transforms import antialiased_resize
+from fsad.datamodules.transforms import PairedTransform, antialiased_resize
 from fsad.errors import FsadError
 from fsad.lightning_modules.base import FewShotAnomalyModule
 
@@ -181,6 +181,46 @@ def read_metadata(model_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+@dataclass
+class PreparedModel:
+    """A module built from an fsad config, its checkpoint loaded and its support set fitted, ready to export."""
+
+    module: FewShotAnomalyModule
+    transform: PairedTransform
+    support_files: list[str]
+    held_out_normals: list[str]
+    config_hash: str
+
+
+def prepare_from_config(
+    configs: list[str], overrides: list[str], ckpt_path: str | None, support: str | None
+) -> PreparedModel:
+    """Instantiate model and data exactly as ``fsad test`` would (same seed), load ``ckpt_path`` and fit the support
+    set (``support``, else the datamodule's k-shot draw)."""
+    from fsad.calibration import images_from
+    from fsad.cli import FsadCLI
+    from fsad.inference import fit_support_images, load_checkpoint
+
+    args = [part for config in configs for part in ("-c", config)] + list(overrides)
+    cli = FsadCLI(args=args, run=False)
+    module, data = cli.model, cli.datamodule
+    if getattr(data, "resize", "antialias") != "antialias":
+        raise ExportError(f"data.resize: {data.resize!r} cannot be exported exactly; export models run with antialias")
+    if ckpt_path:
+        checkpoint = load_checkpoint(ckpt_path)
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"])
+    module.eval()
+    module.prepare_for_data(data)
+    data.setup("test")
+    support_files = [str(p) for p in images_from(support)] if support else list(data.support_paths)
+    chosen = set(support_files)
+    held_out = [s.image_path for s in data.normal_pool if s.image_path not in chosen]
+    transform = data.make_transform()
+    fit_support_images(module, support_files, transform)
+    return PreparedModel(module, transform, support_files, held_out, text_hash(cli.parser.dump(cli.config)))
+
+
 def main(argv: list[str]) -> int:
     """``fsad export``: see the module docstring."""
     parser = argparse.ArgumentParser(prog="fsad export", description=__doc__.split("\n\n")[0])
@@ -197,19 +237,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sensitivity", type=float, default=0.5, help="0..1; 0.5 keeps the F1 thresholds")
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="further --key value config overrides")
     args = parser.parse_args(argv)
-    from fsad.calibration import build_from_config, calibrate_from_folders
+    from fsad.calibration import calibrate, images_from
 
     try:
-        built = build_from_config(args.config, args.overrides, args.ckpt_path, args.support)
+        prepared = prepare_from_config(args.config, args.overrides, args.ckpt_path, args.support)
         if args.thresholds == "auto":
-            calibrate_from_folders(
-                built.module, built.transform, built.calibration_normals(args.val_normal_dir),
-                args.val_abnormal_dir, args.val_mask_dir,
-            )  # fmt: skip
-        built.module.thresholds.set_sensitivity(args.sensitivity)
+            normals = images_from(args.val_normal_dir) if args.val_normal_dir else prepared.held_out_normals
+            abnormals = images_from(args.val_abnormal_dir) if args.val_abnormal_dir else []
+            values = calibrate(prepared.module, prepared.transform, normals or prepared.support_files, abnormals,
+                               args.val_mask_dir)  # fmt: skip
+            print(f"thresholds ({prepared.module.thresholds.source}): {values}")
+        prepared.module.thresholds.set_sensitivity(args.sensitivity)
         written = export_model(
-            built.module, args.out, args.format, built.transform.mean, built.transform.std,
-            built.support_files, built.config_hash,
+            prepared.module, args.out, args.format, prepared.transform.mean, prepared.transform.std,
+            prepared.support_files, prepared.config_hash,
         )  # fmt: skip
     except FsadError as err:
         print(f"error: {err}")

@@ -67,6 +67,13 @@ class FewShotAnomalyModule(LightningModule, ABC):
     def score(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """Return grid maps [B,rows,cols] and image scores [B], both in [0,1], from one backbone pass."""
 
+    def prepare_for_data(self, data: Any) -> None:
+        """Build what depends on the dataset and category (prompt texts); ``data`` is the datamodule, or any object
+        with its ``category`` and ``dataset_name``. Nothing to build by default."""
+
+    def setup(self, stage: str) -> None:
+        self.prepare_for_data(self.trainer.datamodule)
+
     # ----------------------------------------------------------------- support set
     def encode_support(self, loader: Iterable[Batch]) -> BackboneOutput:
         """Run the backbone once over every support batch."""

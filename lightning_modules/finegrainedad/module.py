@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -82,8 +82,8 @@ class FineGrainedAD(PromptTuningModule):
         self.region_weights_by_path: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ set-up
-    def setup(self, stage: str) -> None:
-        data = self.trainer.datamodule
+    def prepare_for_data(self, data: Any) -> None:
+        """Load the category's caption record and build its prompts."""
         if self.hparams.captions:
             self.record = load_record(self.hparams.captions)
         else:

@@ -155,8 +155,9 @@ class PromptAD(PromptTuningModule):
             eam_token_axis_quirk=eam_token_axis_quirk,
         )  # fmt: skip
 
-    def setup(self, stage: str) -> None:
-        category = getattr(self.trainer.datamodule, "category", None)
+    def prepare_for_data(self, data: Any) -> None:
+        """Build the prompts of the data's category."""
+        category = getattr(data, "category", None)
         if category is None:
             raise RuntimeError("PromptAD needs a datamodule with a `category` to build its prompts")
         self.model.build(self.backbone, category)
