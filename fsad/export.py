@@ -235,12 +235,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--thresholds", default="auto", choices=["auto", "none"],
                         help="auto: F1 on labelled anomalies when given, else on NSA-synthesised ones; none: skip")  # fmt: skip
     parser.add_argument("--sensitivity", type=float, default=0.5, help="0..1; 0.5 keeps the F1 thresholds")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="further --key value config overrides")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)  # the rest are config overrides: --data.root ... --run_root ...
     from fsad.calibration import calibrate, images_from
 
     try:
-        prepared = prepare_from_config(args.config, args.overrides, args.ckpt_path, args.support)
+        prepared = prepare_from_config(args.config, overrides, args.ckpt_path, args.support)
         if args.thresholds == "auto":
             normals = images_from(args.val_normal_dir) if args.val_normal_dir else prepared.held_out_normals
             abnormals = images_from(args.val_abnormal_dir) if args.val_abnormal_dir else []
