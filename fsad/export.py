@@ -24,15 +24,18 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
+import lightning
 import torch
 from torch import nn
 
 from fsad.datamodules.transforms import PairedTransform, antialiased_resize
 from fsad.errors import FsadError
 from fsad.lightning_modules.base import FewShotAnomalyModule
+from fsad.lightning_modules.components.clip import BackboneSpec
 
 ExportFormat = Literal["onnx", "torchscript", "both"]
 ONNX_FILE = "model.onnx"
+CHECKPOINT_FILE = "model.ckpt"
 TORCHSCRIPT_FILE = "model.pt"
 METADATA_FILE = "metadata.json"
 INPUT_NAME = "image"
@@ -123,6 +126,21 @@ def export_torchscript(detector: DeployedDetector, path: Path) -> None:
     torch.jit.save(traced, str(path))
 
 
+def save_checkpoint(module: FewShotAnomalyModule, path: Path, data_hparams: dict[str, Any] | None = None) -> None:
+    """A Lightning-style checkpoint of the fitted module (support banks, thresholds; no backbone weights), readable
+    with ``weights_only=True`` by ``fsad predict --ckpt_path`` and :meth:`fsad.Inferencer.from_checkpoint`."""
+    hparams = {key: asdict(value) if isinstance(value, BackboneSpec) else value for key, value in module.hparams.items()}
+    hparams.setdefault("_class_path", f"{type(module).__module__}.{type(module).__qualname__}")
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "pytorch-lightning_version": lightning.__version__,
+        "hyper_parameters": hparams,
+        "datamodule_hyper_parameters": dict(data_hparams or {}),
+    }
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+
+
 def export_model(
     module: FewShotAnomalyModule,
     out_dir: str | Path,
@@ -131,10 +149,12 @@ def export_model(
     std: tuple[float, ...] | None = None,
     support_files: list[str] | None = None,
     config_hash: str | None = None,
+    data_hparams: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write the model file(s) and ``metadata.json`` into ``out_dir``; return the paths written by kind.
 
-    ``mean``/``std`` default to the backbone's. The module must have its support set (and, for prompt methods,
+    ``mean``/``std`` default to the backbone's; ``data_hparams`` (the datamodule's hyper-parameters) go into the
+    checkpoint written beside the model, so it can be read back without the config. The module must have its support set (and, for prompt methods,
     its text features) cached.
     """
     if formats not in ("onnx", "torchscript", "both"):
@@ -169,6 +189,8 @@ def export_model(
         "outputs": detector.output_names,
         "files": {kind: path.name for kind, path in written.items()},
     }
+    written["checkpoint"] = out / CHECKPOINT_FILE
+    save_checkpoint(module, written["checkpoint"], data_hparams)
     written["metadata"] = out / METADATA_FILE
     written["metadata"].write_text(json.dumps(metadata, indent=2) + "\n")
     return written
@@ -190,6 +212,7 @@ class PreparedModel:
     support_files: list[str]
     held_out_normals: list[str]
     config_hash: str
+    data_hparams: dict[str, Any]
 
 
 def prepare_from_config(
@@ -218,7 +241,9 @@ def prepare_from_config(
     held_out = [s.image_path for s in data.normal_pool if s.image_path not in chosen]
     transform = data.make_transform()
     fit_support_images(module, support_files, transform)
-    return PreparedModel(module, transform, support_files, held_out, text_hash(cli.parser.dump(cli.config)))
+    data_hparams = {"_class_path": f"{type(data).__module__}.{type(data).__qualname__}", **dict(data.hparams)}
+    config_hash = text_hash(cli.parser.dump(cli.config))
+    return PreparedModel(module, transform, support_files, held_out, config_hash, data_hparams)
 
 
 def main(argv: list[str]) -> int:
@@ -228,7 +253,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ckpt_path", default=None, help="checkpoint of the trained method (none: training-free)")
     parser.add_argument("--support", default=None, help="folder (or files) of normal reference images")
     parser.add_argument("--format", default="both", choices=["onnx", "torchscript", "both"])
-    parser.add_argument("--out", required=True, help="output folder (model.onnx, model.pt, metadata.json)")
+    parser.add_argument("--out", required=True, help="output folder (model.onnx, model.pt, model.ckpt, metadata.json)")
     parser.add_argument("--val_normal_dir", default=None, help="labelled normal images for the thresholds")
     parser.add_argument("--val_abnormal_dir", default=None, help="labelled anomalous images for the thresholds")
     parser.add_argument("--val_mask_dir", default=None, help="masks of --val_abnormal_dir (x.png or x_mask.png)")
@@ -249,7 +274,7 @@ def main(argv: list[str]) -> int:
         prepared.module.thresholds.set_sensitivity(args.sensitivity)
         written = export_model(
             prepared.module, args.out, args.format, prepared.transform.mean, prepared.transform.std,
-            prepared.support_files, prepared.config_hash,
+            prepared.support_files, prepared.config_hash, prepared.data_hparams,
         )  # fmt: skip
     except FsadError as err:
         print(f"error: {err}")
