@@ -129,8 +129,9 @@ class Inferencer:
         cls, module: FewShotAnomalyModule, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
     ) -> Inferencer:
         """A module whose support set is fitted (``mean``/``std``: the datamodule's, the backbone's by default)."""
-        detector = DeployedDetector(module.eval(), tuple(mean or module.backbone.image_mean),
-                                    tuple(std or module.backbone.image_std)).eval()  # fmt: skip
+        mean = tuple(float(m) for m in (module.backbone.image_mean if mean is None else mean))
+        std = tuple(float(s) for s in (module.backbone.image_std if std is None else std))
+        detector = DeployedDetector(module.eval(), mean, std).eval()
         device = module.device
 
         def run(images: np.ndarray) -> dict[str, np.ndarray]:

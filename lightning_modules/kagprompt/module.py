@@ -62,6 +62,7 @@ class KAGPrompt(FewShotAnomalyModule):
         )
         self.dice_weight = dice_weight if dice_weight is not None else (1.0 if variant == "paper" else 0.3)
         self.text_by_category: dict[str, torch.Tensor] = {}
+        self.category: str | None = None
 
     @torch.no_grad()
     def text_features(self, category: str) -> torch.Tensor:
@@ -114,11 +115,16 @@ class KAGPrompt(FewShotAnomalyModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def prepare_for_data(self, data: Any) -> None:
+        """Remember the evaluated category: its text features are the ones :meth:`score` compares against."""
+        self.category = getattr(data, "category", None)
+
     def fit_support(self, support: BackboneOutput) -> None:
         self.model.fit(support)
 
     def score(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        category = self.trainer.datamodule.category
-        text = self.text_features(category).unsqueeze(0).expand(features.cls.shape[0], -1, -1)
+        if self.category is None:
+            raise RuntimeError("KAGPrompt needs a category: call prepare_for_data(datamodule) before scoring")
+        text = self.text_features(self.category).unsqueeze(0).expand(features.cls.shape[0], -1, -1)
         outputs = self.model(features, text)
         return outputs["anomaly_map"], outputs["score"]
