@@ -54,10 +54,11 @@ class KAGPrompt(FewShotAnomalyModule):
     ) -> None:
         backbone = backbone or BackboneSpec(taps=[3, 6, 9, 12], vv_attention=False)
         super().__init__(backbone=backbone, image_size=image_size, eval_size=eval_size, gaussian_sigma=gaussian_sigma)
-        if len(backbone.taps) != 4:
-            raise ValueError(f"backbone.taps: KAG-prompt uses 4 layers, got {backbone.taps}")
+        taps = self.backbone.spec.taps
+        if len(taps) != 4:
+            raise ValueError(f"backbone.taps: KAG-prompt uses 4 layers, got {taps}")
         self.model = KAGPromptModel(
-            self.backbone.width, self.backbone.embed_dim, backbone.taps, variant, rounds, gamma, top_k,
+            self.backbone.width, self.backbone.embed_dim, taps, variant, rounds, gamma, top_k,
             graph_dim=graph_dim,
         )
         self.dice_weight = dice_weight if dice_weight is not None else (1.0 if variant == "paper" else 0.3)

@@ -141,3 +141,16 @@ def test_synthetic_datamodule_needs_no_root() -> None:
 
     data = SyntheticDataModule(category="disc")
     assert data.root == default_synthetic_root()
+
+
+@pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
+def test_every_method_accepts_a_dict_backbone() -> None:
+    from fsad.lightning_modules.components.clip import BackboneSpec
+    from fsad.lightning_modules.finegrainedad.module import FineGrainedAD
+    from fsad.lightning_modules.kagprompt.module import KAGPrompt
+    from fsad.lightning_modules.promptad.module import PromptAD
+
+    for method, backbone in [(PromptAD, TINY), (FineGrainedAD, TINY),
+                             (KAGPrompt, {**TINY, "taps": [1, 2, 3, 4], "vv_attention": False})]:  # fmt: skip
+        module = method(backbone=backbone, image_size=96)
+        assert module.backbone.spec == BackboneSpec(**backbone), method.__name__
