@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -277,7 +278,7 @@ def main(argv: list[str]) -> int:
             prepared.support_files, prepared.config_hash, prepared.data_hparams,
         )  # fmt: skip
     except FsadError as err:
-        print(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
         return 1
     for kind, path in written.items():
         print(f"{kind}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
