@@ -154,3 +154,15 @@ def test_every_method_accepts_a_dict_backbone() -> None:
                              (KAGPrompt, {**TINY, "taps": [1, 2, 3, 4], "vv_attention": False})]:  # fmt: skip
         module = method(backbone=backbone, image_size=96)
         assert module.backbone.spec == BackboneSpec(**backbone), method.__name__
+
+
+@pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
+def test_checkpoints_from_before_the_thresholds_component_still_load() -> None:
+    from fsad.lightning_modules.membank.module import MemoryBankAD
+
+    module = MemoryBankAD(backbone=TINY, image_size=96)
+    state = {key: value for key, value in module.state_dict().items() if not key.startswith(("thresholds.", "backbone."))}
+    checkpoint = {"state_dict": {**state, "image_threshold": torch.tensor(0.25)}}  # the old bare buffer
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])  # strict
+    assert float(module.image_threshold) == 0.25 and not module.thresholds.has_pixel and module.thresholds.source == ""
