@@ -1,4 +1,6 @@
-"""Prediction outputs: overlay PNGs, raw anomaly maps and ``scores.csv`` under ``<run_dir>/predictions/``.
+"""Prediction outputs: overlay PNGs, raw anomaly maps, predicted masks and ``scores.csv`` under
+``<run_dir>/predictions/``. A mask PNG (``<name>_mask.png``, 0/255) is written when the model carries a pixel
+threshold (fitted by ``fsad export``'s calibration, :mod:`fsad.calibration`).
 
 Outputs mirror the input tree: an image at ``<path>/a/b/x.jpg`` gives ``predictions/a/b/x_map.npy`` and
 ``predictions/a/b/x.png``, and its ``scores.csv`` row names ``a/b/x.jpg`` (relative to ``data.path``). Maps are
@@ -136,6 +138,9 @@ class PredictionWriter(Callback):
                 (out_dir / f"{name}_map.npy").write_bytes(buffer.getvalue())
             else:
                 cv2.imwrite(str(out_dir / f"{name}_map.png"), (np.clip(anomaly_map, 0, 1) * 65535).astype(np.uint16))
+            if pl_module.thresholds.has_pixel:  # the predicted defect mask, 0/255, at the map's size
+                mask = pl_module.thresholds.pixel_mask(result.anomaly_map[row]).cpu().numpy()
+                cv2.imwrite(str(out_dir / f"{name}_mask.png"), mask * 255)
             if self.overlays:
                 panel = render_heatmap(load_rgb(path), anomaly_map, np.zeros_like(anomaly_map, dtype=np.uint8))
                 height, width = anomaly_map.shape

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -117,6 +118,10 @@ class SyntheticDataModule(MVTecDataModule):
     """The procedural demo dataset, generated on first use, then read through the MVTec-AD parser."""
 
     dataset_name = "synthetic"
+
+    def __init__(self, root: str | None = None, category: str = "disc", **kwargs: Any) -> None:
+        """``root`` defaults to the generated dataset's folder; other arguments as :class:`FewShotDataModule`."""
+        super().__init__(root=root, category=category, **kwargs)
 
     @classmethod
     def default_root(cls) -> Path:

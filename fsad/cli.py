@@ -53,6 +53,7 @@ EXTENSION_COMMANDS: dict[str, str] = {
     "data": "fsad.data_check:main",
     "captions": "fsad.captions:main",
     "benchmark": "fsad.benchmark:main",
+    "export": "fsad.export:main",
 }
 #: One line each for ``fsad --help``; their own ``--help`` has the details.
 EXTENSION_HELP: dict[str, str] = {

@@ -10,9 +10,15 @@ import torch
 from lightning.pytorch import LightningModule
 
 from fsad.batch import Batch
+from fsad.errors import FsadError
 from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec, ClipBackbone
 from fsad.lightning_modules.components.feature_cache import FeatureCache
 from fsad.lightning_modules.components.postprocess import upsample_and_smooth
+from fsad.lightning_modules.components.thresholds import DecisionThresholds
+
+
+class SizeMismatchError(FsadError, ValueError):
+    """Images or masks do not have the size the model was built for (``data.*_size`` versus ``model.*_size``)."""
 
 ProtocolStage = Literal["fewshot_fit", "training_free", "pretrained"]
 """How a sweep runs a method per (category, k, seed) cell (DESIGN.md, "Sweep protocol per method"):
@@ -29,10 +35,11 @@ class FewShotAnomalyModule(LightningModule, ABC):
 
     Subclasses implement :meth:`fit_support` (cache what the k-shot normal images give) and :meth:`score`
     (grid-resolution maps and image scores from one backbone pass). This class owns the backbone, the support pass at
-    ``on_test_start``/``on_predict_start`` and the post-processing to ``eval_size``.
+    ``on_test_start``/``on_predict_start``, the post-processing to ``eval_size`` and the decision thresholds.
+    After :meth:`fit_support`, ``module(images)`` scores normalised images without a trainer.
 
     Args:
-        backbone: which OpenCLIP model to load and how (see :class:`BackboneSpec`).
+        backbone: which OpenCLIP model to load and how (a :class:`BackboneSpec` or a dict of its fields).
         image_size: input side in pixels; linked from ``data.image_size`` by the CLI.
         eval_size: side of the maps written to the batch; linked from ``data.eval_size`` by the CLI.
         gaussian_sigma: smoothing of the upsampled map, in eval-size pixels (0 disables it).
@@ -52,11 +59,17 @@ class FewShotAnomalyModule(LightningModule, ABC):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = ClipBackbone(backbone or BackboneSpec(), image_size=image_size)
+        self.backbone = ClipBackbone(BackboneSpec.coerce(backbone), image_size=image_size)
+        self.image_size = image_size
         self.eval_size = eval_size
         self.gaussian_sigma = gaussian_sigma
-        # image-score threshold fitted for prediction (callbacks/predictions.py); NaN = none, saved in checkpoints
-        self.register_buffer("image_threshold", torch.tensor(float("nan")))
+        # image/pixel thresholds and normalisation statistics (NaN = not fitted), saved in checkpoints and exports
+        self.thresholds = DecisionThresholds()
+
+    @property
+    def image_threshold(self) -> torch.Tensor:
+        """The fitted raw image-score threshold (a buffer of :attr:`thresholds`; NaN when none)."""
+        return self.thresholds.image_threshold
 
     # ----------------------------------------------------------------- method hooks
     @abstractmethod
@@ -66,6 +79,13 @@ class FewShotAnomalyModule(LightningModule, ABC):
     @abstractmethod
     def score(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """Return grid maps [B,rows,cols] and image scores [B], both in [0,1], from one backbone pass."""
+
+    def prepare_for_data(self, data: Any) -> None:
+        """Build what depends on the dataset and category (prompt texts); ``data`` is the datamodule, or any object
+        with its ``category`` and ``dataset_name``. Nothing to build by default."""
+
+    def setup(self, stage: str) -> None:
+        self.prepare_for_data(self.trainer.datamodule)
 
     # ----------------------------------------------------------------- support set
     def encode_support(self, loader: Iterable[Batch]) -> BackboneOutput:
@@ -95,17 +115,51 @@ class FewShotAnomalyModule(LightningModule, ABC):
         """What this module changes in the input before the backbone pass (part of the feature-cache key)."""
         return ""
 
+    def input_images(self, images: torch.Tensor) -> torch.Tensor:
+        """What the backbone is fed for normalised RGB images; methods with an input quirk override it."""
+        return images
+
     def encode_images(self, batch: Batch) -> BackboneOutput:
         """The backbone pass of a test batch, through :attr:`feature_cache` when the runner set one."""
         if self.feature_cache is None:
             return self.backbone(batch.image)
         return self.feature_cache.encode(self.backbone, batch.image, batch.image_path, self.feature_variant())
 
-    def predict_batch(self, batch: Batch) -> Batch:
-        """One backbone pass, the method's scoring, then upsampling and smoothing to ``eval_size``."""
-        grid_maps, image_scores = self.score(self.encode_images(batch))
+    def check_image_size(self, images: torch.Tensor) -> None:
+        """Fail with both fields named when images do not have the side the backbone was built for."""
+        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            raise SizeMismatchError(
+                f"images are {tuple(images.shape[-2:])} pixels but model.image_size is {self.image_size}: set "
+                f"data.image_size and model.image_size to the same value (the fsad CLI links them)"
+            )
+
+    def maps_and_scores(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The method's scoring of one backbone pass, then upsampling and smoothing to ``eval_size``."""
+        grid_maps, image_scores = self.score(features)
         anomaly_map = upsample_and_smooth(grid_maps, self.eval_size, self.gaussian_sigma)
-        return batch.update(anomaly_map=anomaly_map.float(), pred_score=image_scores.float().clamp(0.0, 1.0))
+        return anomaly_map.float(), image_scores.float().clamp(0.0, 1.0)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images [B,3,S,S] → anomaly maps [B,E,E] and image scores [B], in [0,1], after :meth:`fit_support`.
+
+        One backbone pass, the method's scoring, then upsampling and smoothing to ``eval_size``.
+        """
+        if not torch.jit.is_tracing():
+            self.check_image_size(images)
+        return self.maps_and_scores(self.backbone(self.input_images(images)))
+
+    def predict_batch(self, batch: Batch) -> Batch:
+        """Score a batch (through the feature cache when the runner set one) and write ``anomaly_map`` and
+        ``pred_score`` on it."""
+        if batch.gt_mask is not None and tuple(batch.gt_mask.shape[-2:]) != (self.eval_size, self.eval_size):
+            raise SizeMismatchError(
+                f"masks are {tuple(batch.gt_mask.shape[-2:])} pixels but model.eval_size is {self.eval_size}: set "
+                f"data.eval_size and model.eval_size to the same value (the fsad CLI links them)"
+            )
+        self.check_image_size(batch.image)
+        batch.image = self.input_images(batch.image)
+        anomaly_map, pred_score = self.maps_and_scores(self.encode_images(batch))
+        return batch.update(anomaly_map=anomaly_map, pred_score=pred_score)
 
     def test_step(self, batch: Batch, batch_idx: int) -> Batch:
         return self.predict_batch(batch)
@@ -120,8 +174,12 @@ class FewShotAnomalyModule(LightningModule, ABC):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Put the live backbone weights back so strict loading of a backbone-free checkpoint succeeds."""
+        """Put the live backbone weights back so strict loading of a backbone-free checkpoint succeeds; checkpoints
+        older than the thresholds component get unfitted thresholds (their bare ``image_threshold`` moves in)."""
         state = checkpoint.setdefault("state_dict", {})
         for key, value in self.backbone.state_dict(prefix="backbone.").items():
             state.setdefault(key, value)
-        state.setdefault("image_threshold", torch.tensor(float("nan")))
+        if "image_threshold" in state:
+            state.setdefault("thresholds.image_threshold", state.pop("image_threshold"))
+        for key, value in DecisionThresholds().state_dict(prefix="thresholds.").items():
+            state.setdefault(key, value)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import huggingface_hub
@@ -75,6 +75,20 @@ class BackboneSpec:
                 setattr(self, name, None)
         if self.precision not in _PRECISIONS:
             raise BackboneConfigError(f"backbone.precision: {self.precision!r} is not one of {sorted(_PRECISIONS)}")
+
+    @classmethod
+    def coerce(cls, spec: BackboneSpec | dict | None) -> BackboneSpec:
+        """A spec from a spec, a dict of its fields (``backbone={"arch": ...}``) or ``None`` (the defaults)."""
+        if spec is None:
+            return cls()
+        if isinstance(spec, cls):
+            return spec
+        if isinstance(spec, dict):
+            unknown = set(spec) - {f.name for f in fields(cls)}
+            if unknown:
+                raise ValueError(f"backbone: unknown field(s) {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+            return cls(**spec)
+        raise TypeError(f"backbone: expected a BackboneSpec or a dict, got {type(spec).__name__}")
 
 
 @dataclass
@@ -188,8 +202,9 @@ def _create_clip(spec: BackboneSpec, image_size: int | None) -> nn.Module:
 class ClipBackbone(nn.Module):
     """A frozen OpenCLIP model exposing image features in one pass and prompt-embedding text encoding."""
 
-    def __init__(self, spec: BackboneSpec, image_size: int | None = None) -> None:
+    def __init__(self, spec: BackboneSpec | dict, image_size: int | None = None) -> None:
         super().__init__()
+        spec = BackboneSpec.coerce(spec)
         self.spec = spec
         model = _create_clip(spec, image_size)
         model.requires_grad_(False)

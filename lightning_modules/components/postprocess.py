@@ -29,7 +29,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
         return maps
     kernel = gaussian_kernel1d(sigma).to(maps)
     radius = kernel.numel() // 2
-    if radius > min(maps.shape[-2:]):
+    if not torch.jit.is_tracing() and radius > min(maps.shape[-2:]):  # sizes are constants of a traced graph
         raise ValueError(f"gaussian_sigma={sigma} is too large for maps of size {tuple(maps.shape[-2:])}")
     x = maps.unsqueeze(1)
     x = F.conv2d(symmetric_pad(x, radius, dim=3), kernel.view(1, 1, 1, -1))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -106,9 +106,9 @@ class FineGrainedAD(PromptTuningModule):
         self.region_weights_by_path: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ set-up
-    def setup(self, stage: str) -> None:
-        data = self.trainer.datamodule
-        self.warn_if_data_differs_from_variant()
+    def prepare_for_data(self, data: Any) -> None:
+        """Load the category's caption record (warning on a generic one, logging its provenance), build its prompts."""
+        self.warn_if_data_differs_from_variant(data)
         dataset, category = getattr(data, "dataset_name", "?"), getattr(data, "category", "?")
         self.record = resolve_record(self.hparams.captions, dataset, category)
         if self.record.is_generic:

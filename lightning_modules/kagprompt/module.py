@@ -72,16 +72,18 @@ class KAGPrompt(FewShotAnomalyModule):
     ) -> None:
         backbone = backbone or BackboneSpec(taps=[3, 6, 9, 12], vv_attention=False)
         super().__init__(backbone=backbone, image_size=image_size, eval_size=eval_size, gaussian_sigma=gaussian_sigma)
-        if len(backbone.taps) != 4:
-            raise ValueError(f"backbone.taps: KAG-prompt uses 4 layers, got {backbone.taps}")
+        taps = self.backbone.spec.taps
+        if len(taps) != 4:
+            raise ValueError(f"backbone.taps: KAG-prompt uses 4 layers, got {taps}")
         if score_size is None:
             score_size = eval_size if variant == "paper" else 224
         self.model = KAGPromptModel(
-            self.backbone.width, self.backbone.embed_dim, backbone.taps, variant, rounds, gamma, score_gamma, top_k,
+            self.backbone.width, self.backbone.embed_dim, taps, variant, rounds, gamma, score_gamma, top_k,
             text_scale, graph_dim, score_size, tuple(tuple(k) for k in (kernels or PAPER_KERNELS)), use_graph,
             use_gate, use_gru, gate_channels, gate_self_loop, use_memory, visual_reduction,
         )  # fmt: skip
         self.text_by_category: dict[str, torch.Tensor] = {}
+        self.category: str | None = None
 
     @torch.no_grad()
     def text_features(self, category: str) -> torch.Tensor:
@@ -133,11 +135,16 @@ class KAGPrompt(FewShotAnomalyModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def prepare_for_data(self, data: Any) -> None:
+        """Remember the evaluated category: its text features are the ones :meth:`score` compares against."""
+        self.category = getattr(data, "category", None)
+
     def fit_support(self, support: BackboneOutput) -> None:
         self.model.fit(support)
 
     def score(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        category = self.trainer.datamodule.category
-        text = self.text_features(category).unsqueeze(0).expand(features.cls.shape[0], -1, -1)
+        if self.category is None:
+            raise RuntimeError("KAGPrompt needs a category: call prepare_for_data(datamodule) before scoring")
+        text = self.text_features(self.category).unsqueeze(0).expand(features.cls.shape[0], -1, -1)
         outputs = self.model(features, text)
         return outputs["anomaly_map"], outputs["score"]

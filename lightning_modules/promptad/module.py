@@ -24,7 +24,7 @@ PROTOCOLS: tuple[str, ...] = ("honest", "paper")
 
 def variant_backbone(backbone: BackboneSpec | dict | None, variant: Variant) -> BackboneSpec:
     """The backbone spec a variant runs on: ``code`` reads the taps as the authors' forward hooks hold them."""
-    spec = BackboneSpec(**backbone) if isinstance(backbone, dict) else backbone or BackboneSpec()
+    spec = BackboneSpec.coerce(backbone)
     return dataclasses.replace(spec, authors_tap_hook=True) if variant == "code" else spec
 
 
@@ -68,9 +68,9 @@ class PromptTuningModule(FewShotAnomalyModule):
         self.best_epoch_on_test = paper_protocol if best_epoch_on_test is None else best_epoch_on_test
         self.max_fusion_quirk = paper_protocol if max_fusion_quirk is None else max_fusion_quirk
 
-    def warn_if_data_differs_from_variant(self) -> None:
+    def warn_if_data_differs_from_variant(self, data: Any) -> None:
         """``variant: code`` is the authors' computation only on the authors' resize chain (``data.resize``)."""
-        resize = getattr(getattr(self.trainer, "datamodule", None), "resize", None)
+        resize = getattr(data, "resize", None)
         if self.variant == "code" and resize not in (None, "authors"):
             warnings.warn(
                 f"model.variant is 'code' but data.resize is {resize!r}: set data.resize: authors to feed the "
@@ -139,10 +139,11 @@ class PromptTuningModule(FewShotAnomalyModule):
     def feature_variant(self) -> str:
         return "bgr" if self.bgr_test_quirk else ""
 
-    def predict_batch(self, batch: Batch) -> Batch:
+    def input_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The BGR test-image quirk (``variant: code``): BGR pixels normalised with the RGB statistics."""
         if self.bgr_test_quirk:
-            batch.image = swap_rgb_bgr(batch.image, self.backbone.image_mean, self.backbone.image_std)
-        return super().predict_batch(batch)
+            return swap_rgb_bgr(images, self.backbone.image_mean, self.backbone.image_std)
+        return images
 
 
 class PromptAD(PromptTuningModule):
@@ -211,11 +212,12 @@ class PromptAD(PromptTuningModule):
             variant=variant, n_pro_cls=n_pro_cls, image_max_size=eval_size,
         )  # fmt: skip
 
-    def setup(self, stage: str) -> None:
-        category = getattr(self.trainer.datamodule, "category", None)
+    def prepare_for_data(self, data: Any) -> None:
+        """Build the prompts of the data's category."""
+        category = getattr(data, "category", None)
         if category is None:
             raise RuntimeError("PromptAD needs a datamodule with a `category` to build its prompts")
-        self.warn_if_data_differs_from_variant()
+        self.warn_if_data_differs_from_variant(data)
         self.model.build(self.backbone, category)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

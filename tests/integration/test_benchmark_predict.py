@@ -168,7 +168,7 @@ def test_f1_threshold_is_fitted_then_reused_from_the_checkpoint(tmp_path: Path, 
     checkpoint = run_dir / "checkpoints/threshold.ckpt"
     import torch
 
-    threshold = float(torch.load(checkpoint, weights_only=True)["state_dict"]["image_threshold"])
+    threshold = float(torch.load(checkpoint, weights_only=True)["state_dict"]["thresholds.image_threshold"])
     first = list(csv.DictReader((run_dir / "predictions/scores.csv").open()))
     assert all(r["label"] == str(int(float(r["score"]) >= threshold)) for r in first)
     # a later predict on other images reuses the stored threshold without validation folders

@@ -1,0 +1,285 @@
+"""``fsad export``: one self-contained model file for an inspection line, in ONNX and/or TorchScript.
+
+The exported graph takes a uint8 RGB batch [B,3,H,W] of any size and does everything ``fsad test`` does after
+reading the file: the anti-aliased bicubic resize of the datamodule (:func:`antialiased_resize`), the backbone
+normalisation, one backbone pass, the method head, upsampling and smoothing to ``eval_size``. Outputs are
+``anomaly_map`` float32 [B,E,E] and ``pred_score`` float32 [B] (the raw values ``fsad test`` scores), plus
+``pred_label`` uint8 [B] and ``pred_mask`` uint8 [B,E,E] when image and pixel thresholds are fitted. Support
+features, text features, thresholds and normalisation statistics are constants of the graph. ``metadata.json``
+beside it says what went in (config hash, support files, thresholds and their source, backbone, fsad version).
+
+ONNX goes through torch's dynamo exporter (opset 18), whose ``Resize`` carries the anti-aliasing filter; the
+TorchScript file is a trace of the same wrapper.
+
+    fsad export -c <config> --ckpt_path <ckpt> [--support <dir>] [--format onnx|torchscript|both] --out model/
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning
+import torch
+from torch import nn
+
+from fsad.datamodules.transforms import PairedTransform, antialiased_resize
+from fsad.errors import FsadError
+from fsad.lightning_modules.base import FewShotAnomalyModule
+from fsad.lightning_modules.components.clip import BackboneSpec
+
+ExportFormat = Literal["onnx", "torchscript", "both"]
+ONNX_FILE = "model.onnx"
+CHECKPOINT_FILE = "model.ckpt"
+TORCHSCRIPT_FILE = "model.pt"
+METADATA_FILE = "metadata.json"
+INPUT_NAME = "image"
+
+
+class ExportError(FsadError, RuntimeError):
+    """An export could not be written or read back (a missing file or field is named)."""
+
+
+def fsad_version() -> str:
+    try:
+        return version("fsad")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def text_hash(text: str) -> str:
+    """The first 16 hex digits of the SHA-256 of ``text`` (used for the resolved config)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class DeployedDetector(nn.Module):
+    """Pre-processing, model and decisions in one module: uint8 [B,3,H,W] → maps, scores (labels, masks).
+
+    Args:
+        module: a fitted :class:`FewShotAnomalyModule` (support features cached).
+        mean, std: the per-channel normalisation the datamodule applied (the backbone's).
+    """
+
+    def __init__(self, module: FewShotAnomalyModule, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.module = module
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.with_label = module.thresholds.has_image
+        self.with_mask = module.thresholds.has_pixel
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["anomaly_map", "pred_score"] + ["pred_label"] * self.with_label + ["pred_mask"] * self.with_mask
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB [B,3,H,W] → the normalised [B,3,S,S] the datamodule yields (same resize, same arithmetic)."""
+        resized = antialiased_resize(images.float(), self.module.image_size)
+        return (resized / 255.0 - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        anomaly_map, pred_score = self.module(self.preprocess(images))
+        outputs = [anomaly_map, pred_score]
+        if self.with_label:
+            outputs.append(self.module.thresholds.image_label(pred_score))
+        if self.with_mask:
+            outputs.append(self.module.thresholds.pixel_mask(anomaly_map))
+        return tuple(outputs)
+
+
+def example_input(image_size: int) -> torch.Tensor:
+    """A uint8 batch of 2 non-square images, larger than the model input, to record the graph with."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (2, 3, image_size + 37, image_size + 61), dtype=torch.uint8, generator=generator)
+
+
+def export_onnx(detector: DeployedDetector, path: Path) -> None:
+    """Dynamo export, opset 18, with batch, height and width dynamic."""
+    dims = {0: torch.export.Dim("batch", min=1, max=4096), 2: torch.export.Dim("height", min=8, max=16384),
+            3: torch.export.Dim("width", min=8, max=16384)}  # fmt: skip
+    program = torch.onnx.export(
+        detector,
+        (example_input(detector.module.image_size),),
+        dynamo=True,
+        input_names=[INPUT_NAME],
+        output_names=detector.output_names,
+        dynamic_shapes={"images": dims},
+        opset_version=18,
+        verbose=False,
+    )
+    program.save(str(path))
+
+
+def export_torchscript(detector: DeployedDetector, path: Path) -> None:
+    """A trace of the wrapper. Lightning's flag for its own ``to_torchscript`` keeps the tracer's attribute walk
+    from touching ``trainer`` (which raises outside a Trainer)."""
+    detector.module._jit_is_scripting = True
+    try:
+        traced = torch.jit.trace(detector, (example_input(detector.module.image_size),), check_trace=False)
+    finally:
+        detector.module._jit_is_scripting = False
+    torch.jit.save(traced, str(path))
+
+
+def save_checkpoint(module: FewShotAnomalyModule, path: Path, data_hparams: dict[str, Any] | None = None) -> None:
+    """A Lightning-style checkpoint of the fitted module (support banks, thresholds; no backbone weights), readable
+    with ``weights_only=True`` by ``fsad predict --ckpt_path`` and :meth:`fsad.Inferencer.from_checkpoint`."""
+    hparams = {key: asdict(value) if isinstance(value, BackboneSpec) else value for key, value in module.hparams.items()}
+    hparams.setdefault("_class_path", f"{type(module).__module__}.{type(module).__qualname__}")
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "pytorch-lightning_version": lightning.__version__,
+        "hyper_parameters": hparams,
+        "datamodule_hyper_parameters": dict(data_hparams or {}),
+    }
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+
+
+def export_model(
+    module: FewShotAnomalyModule,
+    out_dir: str | Path,
+    formats: ExportFormat = "both",
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    support_files: list[str] | None = None,
+    config_hash: str | None = None,
+    data_hparams: dict[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write the model file(s) and ``metadata.json`` into ``out_dir``; return the paths written by kind.
+
+    ``mean``/``std`` default to the backbone's; ``data_hparams`` (the datamodule's hyper-parameters) go into the
+    checkpoint written beside the model, so it can be read back without the config. The module must have its support set (and, for prompt methods,
+    its text features) cached.
+    """
+    if formats not in ("onnx", "torchscript", "both"):
+        raise ExportError(f"--format: {formats!r} is not one of onnx, torchscript, both")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    module = module.to("cpu").float().eval()
+    mean = tuple(float(m) for m in (module.backbone.image_mean if mean is None else mean))
+    std = tuple(float(s) for s in (module.backbone.image_std if std is None else std))
+    detector = DeployedDetector(module, mean, std).eval()
+    written: dict[str, Path] = {}
+    with torch.no_grad():
+        if formats in ("onnx", "both"):
+            written["onnx"] = out / ONNX_FILE
+            export_onnx(detector, written["onnx"])
+        if formats in ("torchscript", "both"):
+            written["torchscript"] = out / TORCHSCRIPT_FILE
+            export_torchscript(detector, written["torchscript"])
+    metadata = {
+        "fsad_version": fsad_version(),
+        "method": f"{type(module).__module__}.{type(module).__qualname__}",
+        "config_hash": config_hash,
+        "support_files": list(support_files or []),
+        "thresholds": module.thresholds.as_dict(),
+        "backbone": asdict(module.backbone.spec),
+        "image_size": module.image_size,
+        "eval_size": module.eval_size,
+        "gaussian_sigma": module.gaussian_sigma,
+        "mean": list(mean),
+        "std": list(std),
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "B,3,H,W RGB, any H and W"},
+        "outputs": detector.output_names,
+        "files": {kind: path.name for kind, path in written.items()},
+    }
+    written["checkpoint"] = out / CHECKPOINT_FILE
+    save_checkpoint(module, written["checkpoint"], data_hparams)
+    written["metadata"] = out / METADATA_FILE
+    written["metadata"].write_text(json.dumps(metadata, indent=2) + "\n")
+    return written
+
+
+def read_metadata(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / METADATA_FILE
+    if not path.is_file():
+        raise ExportError(f"{path} not found: point at the folder `fsad export --out` wrote")
+    return json.loads(path.read_text())
+
+
+@dataclass
+class PreparedModel:
+    """A module built from an fsad config, its checkpoint loaded and its support set fitted, ready to export."""
+
+    module: FewShotAnomalyModule
+    transform: PairedTransform
+    support_files: list[str]
+    held_out_normals: list[str]
+    config_hash: str
+    data_hparams: dict[str, Any]
+
+
+def prepare_from_config(
+    configs: list[str], overrides: list[str], ckpt_path: str | None, support: str | None
+) -> PreparedModel:
+    """Instantiate model and data exactly as ``fsad test`` would (same seed), load ``ckpt_path`` and fit the support
+    set (``support``, else the datamodule's k-shot draw)."""
+    from fsad.calibration import images_from
+    from fsad.cli import FsadCLI
+    from fsad.inference import fit_support_images, load_checkpoint
+
+    args = [part for config in configs for part in ("-c", config)] + list(overrides)
+    cli = FsadCLI(args=args, run=False)
+    module, data = cli.model, cli.datamodule
+    if getattr(data, "resize", "antialias") != "antialias":
+        raise ExportError(f"data.resize: {data.resize!r} cannot be exported exactly; export models run with antialias")
+    if ckpt_path:
+        checkpoint = load_checkpoint(ckpt_path)
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"])
+    module.eval()
+    module.prepare_for_data(data)
+    data.setup("test")
+    support_files = [str(p) for p in images_from(support)] if support else list(data.support_paths)
+    chosen = set(support_files)
+    held_out = [s.image_path for s in data.normal_pool if s.image_path not in chosen]
+    transform = data.make_transform()
+    fit_support_images(module, support_files, transform)
+    data_hparams = {"_class_path": f"{type(data).__module__}.{type(data).__qualname__}", **dict(data.hparams)}
+    config_hash = text_hash(cli.parser.dump(cli.config))
+    return PreparedModel(module, transform, support_files, held_out, config_hash, data_hparams)
+
+
+def main(argv: list[str]) -> int:
+    """``fsad export``: see the module docstring."""
+    parser = argparse.ArgumentParser(prog="fsad export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-c", "--config", action="append", required=True, help="fsad config(s), as for fsad test")
+    parser.add_argument("--ckpt_path", default=None, help="checkpoint of the trained method (none: training-free)")
+    parser.add_argument("--support", default=None, help="folder (or files) of normal reference images")
+    parser.add_argument("--format", default="both", choices=["onnx", "torchscript", "both"])
+    parser.add_argument("--out", required=True, help="output folder (model.onnx, model.pt, model.ckpt, metadata.json)")
+    parser.add_argument("--val_normal_dir", default=None, help="labelled normal images for the thresholds")
+    parser.add_argument("--val_abnormal_dir", default=None, help="labelled anomalous images for the thresholds")
+    parser.add_argument("--val_mask_dir", default=None, help="masks of --val_abnormal_dir (x.png or x_mask.png)")
+    parser.add_argument("--thresholds", default="auto", choices=["auto", "none"],
+                        help="auto: F1 on labelled anomalies when given, else on NSA-synthesised ones; none: skip")  # fmt: skip
+    parser.add_argument("--sensitivity", type=float, default=0.5, help="0..1; 0.5 keeps the F1 thresholds")
+    args, overrides = parser.parse_known_args(argv)  # the rest are config overrides: --data.root ... --run_root ...
+    from fsad.calibration import calibrate, images_from
+
+    try:
+        prepared = prepare_from_config(args.config, overrides, args.ckpt_path, args.support)
+        if args.thresholds == "auto":
+            normals = images_from(args.val_normal_dir) if args.val_normal_dir else prepared.held_out_normals
+            abnormals = images_from(args.val_abnormal_dir) if args.val_abnormal_dir else []
+            values = calibrate(prepared.module, prepared.transform, normals or prepared.support_files, abnormals,
+                               args.val_mask_dir)  # fmt: skip
+            print(f"thresholds ({prepared.module.thresholds.source}): {values}")
+        prepared.module.thresholds.set_sensitivity(args.sensitivity)
+        written = export_model(
+            prepared.module, args.out, args.format, prepared.transform.mean, prepared.transform.std,
+            prepared.support_files, prepared.config_hash, prepared.data_hparams,
+        )  # fmt: skip
+    except FsadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for kind, path in written.items():
+        print(f"{kind}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0

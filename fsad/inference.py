@@ -1,0 +1,228 @@
+"""``fsad.Inferencer``: score one new image from Python, without a datamodule or a Trainer.
+
+    from fsad import Inferencer
+    inferencer = Inferencer.from_checkpoint("last.ckpt", support="normal_images/")   # or Inferencer.from_export("model/")
+    result = inferencer.predict("part_0042.png")   # a path, a PIL image or a uint8 RGB array [H,W,3]
+    result.score, result.anomaly_map, result.label, result.mask
+
+Both routes run the same computation as ``fsad test`` (the datamodule's resize and normalisation, one backbone pass,
+the method head, upsampling and smoothing to ``eval_size``); the map and mask are then resized to the image's own
+size (bilinear for the map, nearest for the mask).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fsad.batch import collate_batch
+from fsad.datamodules.transforms import PairedTransform, load_rgb
+from fsad.errors import FsadError
+from fsad.export import (
+    METADATA_FILE,
+    ONNX_FILE,
+    TORCHSCRIPT_FILE,
+    DeployedDetector,
+    ExportError,
+    read_metadata,
+)
+from fsad.lightning_modules.base import FewShotAnomalyModule
+
+
+class CheckpointError(FsadError, ValueError):
+    """A checkpoint file is missing, unreadable or lacks what the inferencer needs (the field is named)."""
+
+
+@dataclass
+class Prediction:
+    """The verdict on one image.
+
+    score: raw image score in [0,1] (what ``fsad test`` ranks).
+    anomaly_map: float32 [H,W] at the image's own size, in [0,1].
+    label: 1 anomalous / 0 normal, when an image threshold is fitted; else ``None``.
+    mask: uint8 {0,1} [H,W] at the image's own size, when a pixel threshold is fitted; else ``None``.
+    """
+
+    score: float
+    anomaly_map: np.ndarray
+    label: int | None = None
+    mask: np.ndarray | None = None
+
+
+def as_rgb_array(image: Any) -> np.ndarray:
+    """A path, PIL image or array ([H,W], [H,W,3|4], uint8 or 16-bit) as uint8 RGB [H,W,3]."""
+    if isinstance(image, str | Path):
+        return load_rgb(image)
+    if hasattr(image, "convert"):  # PIL
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise FsadError(f"image: expected an RGB array [H,W,3], got shape {array.shape}")
+    if array.dtype != np.uint8:
+        raise FsadError(f"image: expected uint8 pixels (0..255), got {array.dtype}; convert it first")
+    return np.ascontiguousarray(array[..., :3])
+
+
+def fit_support_images(module: FewShotAnomalyModule, paths: Sequence[str | Path], transform: PairedTransform) -> None:
+    """Encode the normal reference images with the datamodule's transform and hand them to ``fit_support``."""
+    items = []
+    for index, path in enumerate(paths):
+        image = load_rgb(path)
+        tensor, mask = transform(image, np.zeros(image.shape[:2], np.uint8))
+        items.append({"image": tensor, "gt_mask": mask, "gt_label": 0, "image_path": str(path), "mask_path": None,
+                      "category": "support", "index": index})  # fmt: skip
+    batches = [collate_batch(items[i : i + 8]) for i in range(0, len(items), 8)]
+    with torch.no_grad():
+        module.fit_support(module.encode_support(batches))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign files end in the same one-line message
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+
+
+def import_class(class_path: str) -> type:
+    module_name, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)
+
+
+def module_from_checkpoint(checkpoint: dict[str, Any], model_class: type | None = None) -> FewShotAnomalyModule:
+    """Rebuild the module from the checkpoint's hyper-parameters (``_class_path`` when the fsad CLI wrote it)."""
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    class_path = hparams.pop("_class_path", None)
+    hparams.pop("_instantiator", None)
+    if model_class is None:
+        if class_path is None:
+            raise CheckpointError("the checkpoint names no model class (hyper_parameters._class_path); pass model_class=")
+        model_class = import_class(class_path)
+    module = model_class(**hparams)
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval()
+
+
+class Inferencer:
+    """Scores images with a fitted module or an exported model; see the module docstring."""
+
+    def __init__(self, run: Callable[[np.ndarray], dict[str, np.ndarray]], metadata: dict[str, Any]) -> None:
+        self.run = run
+        self.metadata = metadata
+
+    # ----------------------------------------------------------------- constructors
+    @classmethod
+    def from_module(
+        cls, module: FewShotAnomalyModule, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+    ) -> Inferencer:
+        """A module whose support set is fitted (``mean``/``std``: the datamodule's, the backbone's by default)."""
+        mean = tuple(float(m) for m in (module.backbone.image_mean if mean is None else mean))
+        std = tuple(float(s) for s in (module.backbone.image_std if std is None else std))
+        detector = DeployedDetector(module.eval(), mean, std).eval()
+        device = module.device
+
+        def run(images: np.ndarray) -> dict[str, np.ndarray]:
+            with torch.no_grad():
+                outputs = detector(torch.from_numpy(images).to(device))
+            return {name: out.cpu().numpy() for name, out in zip(detector.output_names, outputs, strict=True)}
+
+        return cls(run, {"image_size": module.image_size, "eval_size": module.eval_size,
+                         "thresholds": module.thresholds.as_dict()})  # fmt: skip
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | Path,
+        support: str | Path | Sequence[str | Path],
+        model_class: type | None = None,
+        category: str | None = None,
+        device: str = "cpu",
+    ) -> Inferencer:
+        """Rebuild the module from a checkpoint and fit it on ``support`` (a folder or a list of normal images).
+
+        The category (prompt texts) and the normalisation come from the checkpoint's datamodule hyper-parameters
+        when the fsad CLI wrote it; ``category`` overrides. A backbone with ``pretrained: null`` is random: rebuild
+        it under the same seed as the run (``lightning.seed_everything``) to get the same model.
+        """
+        from fsad.calibration import images_from
+
+        state = load_checkpoint(checkpoint)
+        data = dict(state.get("datamodule_hyper_parameters") or {})
+        module = module_from_checkpoint(state, model_class).to(device)
+        if data.get("resize", "antialias") != "antialias":
+            raise CheckpointError(f"data.resize: {data['resize']!r} is not supported by the inferencer; use antialias")
+        category = category or data.get("category")
+        data_class = data.get("_class_path")
+        dataset_name = getattr(import_class(data_class), "dataset_name", "custom") if data_class else "custom"
+        module.prepare_for_data(SimpleNamespace(category=category, dataset_name=dataset_name))
+        mean = tuple(data.get("mean") or module.backbone.image_mean)
+        std = tuple(data.get("std") or module.backbone.image_std)
+        transform = PairedTransform(module.image_size, module.eval_size, mean, std)
+        fit_support_images(module, images_from(support), transform)
+        return cls.from_module(module, mean, std)
+
+    @classmethod
+    def from_export(cls, model_dir: str | Path, backend: str = "auto") -> Inferencer:
+        """Load what ``fsad export`` wrote: ``onnx`` (onnxruntime, CPU), ``torchscript``, or ``auto`` (ONNX first)."""
+        model_dir = Path(model_dir).expanduser()
+        metadata = read_metadata(model_dir)
+        onnx_path, script_path = model_dir / ONNX_FILE, model_dir / TORCHSCRIPT_FILE
+        if backend == "auto":
+            backend = "onnx" if onnx_path.is_file() else "torchscript"
+        if backend == "onnx":
+            if not onnx_path.is_file():
+                raise ExportError(f"{onnx_path} not found (export with --format onnx or both)")
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+            names = [output.name for output in session.get_outputs()]
+
+            def run(images: np.ndarray) -> dict[str, np.ndarray]:
+                return dict(zip(names, session.run(None, {session.get_inputs()[0].name: images}), strict=True))
+
+        elif backend == "torchscript":
+            if not script_path.is_file():
+                raise ExportError(f"{script_path} not found (export with --format torchscript or both)")
+            scripted = torch.jit.load(str(script_path), map_location="cpu")
+            names = metadata["outputs"]
+
+            def run(images: np.ndarray) -> dict[str, np.ndarray]:
+                with torch.no_grad():
+                    outputs = scripted(torch.from_numpy(images))
+                return {name: out.numpy() for name, out in zip(names, outputs, strict=True)}
+
+        else:
+            raise ExportError(f"backend: {backend!r} is not one of auto, onnx, torchscript ({METADATA_FILE} in {model_dir})")
+        return cls(run, metadata)
+
+    # ----------------------------------------------------------------- scoring
+    def predict(self, image: Any) -> Prediction:
+        """Score one image: a path, a PIL image or a uint8 RGB array [H,W,3]."""
+        rgb = as_rgb_array(image)
+        height, width = rgb.shape[:2]
+        outputs = self.run(np.ascontiguousarray(rgb.transpose(2, 0, 1)[None]))
+        eval_map = torch.from_numpy(outputs["anomaly_map"][:1])
+        anomaly_map = F.interpolate(eval_map[:, None], size=(height, width), mode="bilinear", align_corners=False)
+        mask = None
+        if "pred_mask" in outputs:
+            eval_mask = torch.from_numpy(outputs["pred_mask"][:1]).float()[:, None]
+            mask = F.interpolate(eval_mask, size=(height, width), mode="nearest")[0, 0].to(torch.uint8).numpy()
+        return Prediction(
+            score=float(outputs["pred_score"][0]),
+            anomaly_map=anomaly_map[0, 0].clamp(0.0, 1.0).numpy(),
+            label=int(outputs["pred_label"][0]) if "pred_label" in outputs else None,
+            mask=mask,
+        )
