@@ -13,13 +13,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
 from fsad.batch import Batch, collate_batch
 from fsad.callbacks.metrics import f1_max_threshold
 from fsad.datamodules.mvtec import find_mask, list_images
-from fsad.datamodules.synthesis import nsa_synthesize
+from fsad.datamodules.synthesis import LABEL_THRESHOLD, nsa_synthesize
 from fsad.datamodules.transforms import DataError, PairedTransform, load_mask, load_rgb
 from fsad.errors import FsadError
 from fsad.lightning_modules.base import FewShotAnomalyModule
@@ -73,7 +74,11 @@ def nsa_examples(normal_paths: Sequence[str | Path], seed: int = 0) -> list[Exam
     normals = [load_rgb(p) for p in normal_paths]
     examples = [Example(img, np.zeros(img.shape[:2], np.uint8), 0, str(p)) for img, p in zip(normals, normal_paths, strict=True)]
     for i, (target, path) in enumerate(zip(normals, normal_paths, strict=True)):
-        image, mask = nsa_synthesize(target, normals[(i + 1) % len(normals)], rng)
+        source = normals[(i + 1) % len(normals)]
+        if source.shape != target.shape:
+            source = cv2.resize(source, (target.shape[1], target.shape[0]), interpolation=cv2.INTER_AREA)
+        image, label = nsa_synthesize(target, source, rng)
+        mask = (label > LABEL_THRESHOLD).astype(np.uint8)  # the authors' training-mask rule (GT > 0.3)
         examples.append(Example(image, mask, 1, f"nsa:{path}"))
     return examples
 
