@@ -19,8 +19,8 @@ from fsad.lightning_modules.finegrainedad.mfsc import (
 )
 from fsad.lightning_modules.finegrainedad.model import FineGrainedADModel
 from fsad.lightning_modules.finegrainedad.regions import aggregate_regions, region_weights, slice_tiles, stitch_tiles
-from fsad.lightning_modules.promptad.model import Variant, check_variant
-from fsad.lightning_modules.promptad.module import PromptTuningModule, Protocol, variant_backbone
+from fsad.lightning_modules.promptad.model import Variant
+from fsad.lightning_modules.promptad.module import PromptTuningModule, Protocol
 
 
 class FineGrainedAD(PromptTuningModule):
@@ -86,12 +86,10 @@ class FineGrainedAD(PromptTuningModule):
         best_epoch_on_test: bool | None = None,
         max_fusion_quirk: bool | None = None,
     ) -> None:
-        check_variant(variant)
         super().__init__(
-            backbone=variant_backbone(backbone, variant), image_size=image_size, eval_size=eval_size,
-            gaussian_sigma=gaussian_sigma,
+            backbone, image_size, eval_size, gaussian_sigma, variant, protocol, bgr_test_quirk, best_epoch_on_test,
+            max_fusion_quirk,
         )  # fmt: skip
-        self.set_variant_and_protocol(variant, protocol, bgr_test_quirk, best_epoch_on_test, max_fusion_quirk)
         code = variant == "code"
         self.model = FineGrainedADModel(
             self.backbone.text_width, self.backbone.embed_dim, n_ctx, n_ctx_ab, n_pro_ab, eam_margin,

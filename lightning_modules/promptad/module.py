@@ -39,27 +39,31 @@ class PromptTuningModule(FewShotAnomalyModule):
     """What PromptAD and FineGrainedAD share: SGD with a cosine schedule over the epochs on the learnable prompt
     parameters, text features cached once per evaluation run, and the optional BGR test-image quirk.
 
-    Subclasses set ``self.model`` (with ``cache_text``, ``fit_support`` and ``forward(features, backbone)``), call
-    :meth:`set_variant_and_protocol`, save the ``lr``/``momentum``/``weight_decay``/``eta_min`` hyper-parameters,
+    Subclasses pass the shared arguments to ``__init__``, set ``self.model`` (with ``cache_text``, ``fit_support``
+    and ``forward(features, backbone)``), save the ``lr``/``momentum``/``weight_decay``/``eta_min`` hyper-parameters,
     and list their trainable parameters in :meth:`trainable_parameters`.
     """
 
-    variant: Variant = "paper"
-    bgr_test_quirk: bool = False
-    best_epoch_on_test: bool = False
-    max_fusion_quirk: bool = False
-
-    def set_variant_and_protocol(
+    def __init__(
         self,
+        backbone: BackboneSpec | dict | None,
+        image_size: int,
+        eval_size: int,
+        gaussian_sigma: float,
         variant: Variant,
         protocol: Protocol,
         bgr_test_quirk: bool | None,
         best_epoch_on_test: bool | None,
         max_fusion_quirk: bool | None,
     ) -> None:
-        """Two independent axes: ``variant`` (what is computed; ``code`` feeds BGR test images as the authors do)
-        and ``protocol`` (how it is evaluated; ``paper`` adds best-epoch-on-test and the max over two fusions)."""
+        """Two independent axes: ``variant`` (what is computed; ``code`` reads the authors' hooked taps and feeds
+        BGR test images as they do) and ``protocol`` (how it is evaluated; ``paper`` adds best-epoch-on-test and the
+        max over two fusions)."""
         check_variant(variant)
+        super().__init__(
+            backbone=variant_backbone(backbone, variant), image_size=image_size, eval_size=eval_size,
+            gaussian_sigma=gaussian_sigma,
+        )  # fmt: skip
         if protocol not in PROTOCOLS:
             raise ValueError(f"model.protocol: {protocol!r} is not one of {list(PROTOCOLS)}")
         self.variant = variant
@@ -198,12 +202,10 @@ class PromptAD(PromptTuningModule):
         max_fusion_quirk: bool | None = None,
         eam_token_axis_quirk: bool | None = None,
     ) -> None:
-        check_variant(variant)
         super().__init__(
-            backbone=variant_backbone(backbone, variant), image_size=image_size, eval_size=eval_size,
-            gaussian_sigma=gaussian_sigma,
+            backbone, image_size, eval_size, gaussian_sigma, variant, protocol, bgr_test_quirk, best_epoch_on_test,
+            max_fusion_quirk,
         )  # fmt: skip
-        self.set_variant_and_protocol(variant, protocol, bgr_test_quirk, best_epoch_on_test, max_fusion_quirk)
         code = variant == "code"
         self.model = PromptADModel(
             self.backbone.text_width, n_ctx, n_ctx_ab, n_pro_ab, eam_margin, mean_loss_weight,
