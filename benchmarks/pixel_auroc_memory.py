@@ -12,8 +12,11 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
+
+Metric = Callable[[np.ndarray, np.ndarray], float]
 
 N_MAPS, SIDE, DEFECT_FRACTION = 1725, 256, 0.03
 
@@ -35,57 +38,70 @@ def build_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return maps, masks
 
 
-def child(method: str) -> None:
+def run_child(metrics: dict[str, Metric], method: str) -> None:
+    """In a child process: build the data, time ``metrics[method]`` on it (``baseline``: nothing), print value,
+    seconds and peak RSS as one JSON line."""
     maps, masks = build_data()
-    value = float("nan")
     start = time.perf_counter()
-    if method == "ours":
-        from fsad.callbacks.metrics import exact_auroc
-
-        value = exact_auroc(maps, masks)
-    elif method == "torchmetrics":
-        import torch
-        from torchmetrics.classification import BinaryAUROC
-
-        metric = BinaryAUROC(thresholds=None)
-        for i in range(0, N_MAPS, 32):  # fed batch by batch, as a test loop would
-            metric.update(torch.from_numpy(maps[i : i + 32]), torch.from_numpy(masks[i : i + 32]).long())
-        value = float(metric.compute())
+    value = metrics[method](maps, masks) if method != "baseline" else float("nan")
     seconds = time.perf_counter() - start
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"value": value, "seconds": seconds, "peak_mb": peak_kb / 1024}))
 
 
-def measure(method: str) -> dict[str, float]:
-    done = subprocess.run([sys.executable, __file__, "--child", method], capture_output=True, text=True, check=True)
+def measure(script: str, method: str) -> dict[str, float]:
+    done = subprocess.run([sys.executable, script, "--child", method], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    baseline, ours, reference = measure("baseline"), measure("ours"), measure("torchmetrics")
+def compare(script: str, name: str, label: str, sklearn_gap: Metric) -> None:
+    """Ours vs torchmetrics on the full data (each in its own child of ``script``), ours vs sklearn on a subsample
+    (``sklearn_gap`` returns |ours − sklearn| there); prints the budget line ``<name> mem_ratio= time_ratio=``."""
+    baseline, ours, reference = (measure(script, m) for m in ("baseline", "ours", "torchmetrics"))
     ours_mb = ours["peak_mb"] - baseline["peak_mb"]
     reference_mb = reference["peak_mb"] - baseline["peak_mb"]
     print(f"data only: {baseline['peak_mb']:.0f} MB peak")
-    print(f"ours:         +{ours_mb:.0f} MB, {ours['seconds']:.2f} s, AUROC {ours['value']:.12f}")
-    print(f"torchmetrics: +{reference_mb:.0f} MB, {reference['seconds']:.2f} s, AUROC {reference['value']:.12f}")
-
-    from sklearn.metrics import roc_auc_score
-
-    from fsad.callbacks.metrics import exact_auroc
-
+    print(f"ours:         +{ours_mb:.0f} MB, {ours['seconds']:.2f} s, {label} {ours['value']:.12f}")
+    print(f"torchmetrics: +{reference_mb:.0f} MB, {reference['seconds']:.2f} s, {label} {reference['value']:.12f}")
     maps, masks = build_data()
     pick = np.random.default_rng(1).choice(N_MAPS, 60, replace=False)
-    sub_maps, sub_masks = maps[pick], masks[pick]
-    sklearn_gap = abs(exact_auroc(sub_maps, sub_masks) - roc_auc_score(sub_masks.ravel(), sub_maps.ravel()))
-    print(f"subsample of 60 maps: |ours - sklearn| = {sklearn_gap:.3e}")
+    gap = sklearn_gap(maps[pick], masks[pick])
+    print(f"subsample of 60 maps: |ours - sklearn| = {gap:.3e}")
     print(
-        f"pixel_auroc mem_ratio={ours_mb / reference_mb:.3f} time_ratio={ours['seconds'] / reference['seconds']:.3f} "
-        f"max_abs_diff={max(abs(ours['value'] - reference['value']), sklearn_gap):.3e}"
+        f"{name} mem_ratio={ours_mb / reference_mb:.3f} time_ratio={ours['seconds'] / reference['seconds']:.3f} "
+        f"max_abs_diff={max(abs(ours['value'] - reference['value']), gap):.3e}"
     )
 
 
-if __name__ == "__main__":
+def main(script: str, name: str, label: str, metrics: dict[str, Metric], sklearn_gap: Metric) -> None:
+    """``script --child <method>`` measures one method; ``script`` alone compares them."""
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        child(sys.argv[2])
+        run_child(metrics, sys.argv[2])
     else:
-        main()
+        compare(script, name, label, sklearn_gap)
+
+
+def ours(maps: np.ndarray, masks: np.ndarray) -> float:
+    from fsad.callbacks.metrics import exact_auroc
+
+    return exact_auroc(maps, masks)
+
+
+def torchmetrics_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
+    import torch
+    from torchmetrics.classification import BinaryAUROC
+
+    metric = BinaryAUROC(thresholds=None)
+    for i in range(0, N_MAPS, 32):  # fed batch by batch, as a test loop would
+        metric.update(torch.from_numpy(maps[i : i + 32]), torch.from_numpy(masks[i : i + 32]).long())
+    return float(metric.compute())
+
+
+def sklearn_gap(maps: np.ndarray, masks: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return abs(ours(maps, masks) - roc_auc_score(masks.ravel(), maps.ravel()))
+
+
+if __name__ == "__main__":
+    main(__file__, "pixel_auroc", "AUROC", {"ours": ours, "torchmetrics": torchmetrics_auroc}, sklearn_gap)
