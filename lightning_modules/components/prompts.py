@@ -7,10 +7,15 @@ With ``n_pro`` > 1 (the authors' classification model uses 3) every NHP/AHP body
 set, and ALP row r of a body pairs normal set ``r mod n_pro`` with abnormal set ``r mod n_pro_ab`` (the authors'
 expand order; with coprime counts, as 3 and 4, every pair occurs once).
 All groups are encoded in one text-tower call truncated to the longest prompt (exact under the causal mask, P2).
+
+Bodies may hold learnable placeholders, ``{slot:<kind>}`` (FineGrainedAD MLLP): one token position whose embedding
+is ``g·u`` — ``u`` a learnable vector per placeholder kind (one set for normal prompts, one per abnormal context set
+for ALPs) and ``g`` = 1, or in a ``gated`` group a learnable weight in [0,1] per (group, kind, side): Attr-MoE.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
@@ -22,22 +27,45 @@ from torch import nn
 from fsad.lightning_modules.components.clip import ClipBackbone
 
 
+SLOT_KINDS = ("color", "texture", "shape", "direction", "number", "location")
+SLOT_PATTERN = re.compile(r"\{slot:(\w+)\}")
+SLOT_SENTINEL = "*"
+"""The word a placeholder is tokenised as: one token whatever its neighbours, since it is cut out by spaces."""
+
+
+def slot(kind: str) -> str:
+    """The placeholder marker of one attribute ``kind`` inside a prompt body."""
+    if kind not in SLOT_KINDS:
+        raise ValueError(f"placeholder kind {kind!r} is not one of {SLOT_KINDS}")
+    return f"{{slot:{kind}}}"
+
+
+def render_slots(body: str, template: str = "<{}>") -> str:
+    """A body with every placeholder written as ``template`` filled with its kind (for display and lint)."""
+    return SLOT_PATTERN.sub(lambda match: template.format(match.group(1)), body)
+
+
 @dataclass
 class PromptGroupTexts:
     """The prompt bodies of one level (image, a component, background, ...).
 
-    normal: NHP bodies; abnormal: AHP bodies; learnable_abnormal: ALP bodies (each gets every abnormal context set).
+    normal: NHP bodies; abnormal: AHP bodies (plain text); learnable_abnormal: ALP bodies (each gets every abnormal
+    context set). NHP and ALP bodies may hold ``{slot:<kind>}`` placeholders; ``gated`` gives this group's
+    placeholders learnable weights in [0,1] (FineGrainedAD Attr-MoE, component level).
     """
 
     normal: list[str]
     abnormal: list[str] = field(default_factory=list)
     learnable_abnormal: list[str] = field(default_factory=list)
+    gated: bool = False
 
     def __post_init__(self) -> None:
         if not self.normal:
             raise ValueError("a prompt group needs at least one normal prompt body")
         if not self.abnormal and not self.learnable_abnormal:
             raise ValueError("a prompt group needs abnormal or learnable-abnormal prompt bodies")
+        if any(SLOT_PATTERN.search(body) for body in self.abnormal):
+            raise ValueError("handcrafted abnormal prompt bodies are plain text; placeholders go in NHPs and ALPs")
 
 
 PrototypeRule = Literal["normalised_mean", "raw_mean"]
@@ -92,9 +120,66 @@ class GroupFeatures:
         """p̄ᵃ: the normalised mean of all abnormal features (Eq. 5)."""
         return self._prototype(torch.cat([self.raw_handcrafted, self.raw_learnable]), self.abnormal)
 
+    @cached_property
+    def learnable_prototype(self) -> torch.Tensor:
+        """The normalised mean of the ALP features alone (FineGrainedAD Eq. 6 reads the image level's)."""
+        return self._prototype(self.raw_learnable, self.learnable)
+
+
+@dataclass
+class Segment:
+    """One (group, kind) block of prompt bodies, tokenised: frozen word embeddings and where placeholders sit.
+
+    words: [n,L,W]; eot: [n]; slot_body, slot_position, slot_kind: [S] body index, token position (before contexts
+    are spliced in) and kind index of every placeholder; gate_row: the group's row in the Attr-MoE weights or -1.
+    """
+
+    group: str
+    kind: str
+    words: torch.Tensor
+    eot: torch.Tensor
+    is_alp: bool
+    slot_body: torch.Tensor
+    slot_position: torch.Tensor
+    slot_kind: torch.Tensor
+    gate_row: int
+
+
+def tokenize_with_slots(backbone: ClipBackbone, bodies: list[str]) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:
+    """Token ids [n,L] of ``bodies`` and, per body, the (position, kind index) of each ``{slot:<kind>}``.
+
+    Each placeholder is tokenised as :data:`SLOT_SENTINEL` between spaces, so it takes exactly one position and leaves
+    its neighbours' tokens as they are (CLIP's tokenizer splits words from punctuation and ignores spaces).
+    """
+    sentinel = backbone.tokenize([SLOT_SENTINEL])[0]
+    if int(sentinel.argmax()) != 2:
+        raise ValueError(f"the tokenizer does not keep {SLOT_SENTINEL!r} as one token; placeholders need it")
+    plain, kinds = [], []
+    for body in bodies:
+        if SLOT_SENTINEL in body:
+            raise ValueError(f"prompt body contains {SLOT_SENTINEL!r}, reserved for placeholders: {body!r}")
+        names = SLOT_PATTERN.findall(body)
+        unknown = [n for n in names if n not in SLOT_KINDS]
+        if unknown:
+            raise ValueError(f"unknown placeholder kind(s) {unknown} in {body!r}; known: {SLOT_KINDS}")
+        kinds.append([SLOT_KINDS.index(n) for n in names])
+        plain.append(SLOT_PATTERN.sub(f" {SLOT_SENTINEL} ", body))
+    tokens = backbone.tokenize(plain)
+    slots = []
+    for body, row, body_kinds in zip(bodies, tokens, kinds, strict=True):
+        positions = (row == sentinel[1]).nonzero().squeeze(1).tolist()
+        if len(positions) != len(body_kinds):
+            raise ValueError(f"placeholders of {body!r} did not tokenise one position each")
+        slots.append(list(zip(positions, body_kinds, strict=True)))
+    return tokens, slots
+
 
 class PromptLearner(nn.Module):
-    """Shared learnable contexts, spliced in front of fixed prompt bodies, for any number of prompt groups."""
+    """Shared learnable contexts, spliced in front of fixed prompt bodies, for any number of prompt groups; and the
+    learnable placeholders (with their Attr-MoE weights) inside the bodies that hold them."""
+
+    BUILD_SIZED = ("normal_placeholders", "abnormal_placeholders", "slot_gate_logits")
+    """Parameters whose shape depends on the prompt texts: created by :meth:`build`, or by a checkpoint load."""
 
     def __init__(
         self,
@@ -107,16 +192,39 @@ class PromptLearner(nn.Module):
         prototype_rule: PrototypeRule = "normalised_mean",
     ) -> None:
         super().__init__()
+        self.width, self.init_std = width, init_std
         self.n_ctx, self.n_ctx_ab, self.n_pro_ab, self.n_pro = n_ctx, n_ctx_ab, n_pro_ab, n_pro
         self.prototype_rule = prototype_rule
         self.normal_context = nn.Parameter(torch.randn(n_pro, n_ctx, width) * init_std)
         self.abnormal_context = nn.Parameter(torch.randn(n_pro_ab, n_ctx_ab, width) * init_std)
-        # one segment per (group, kind) in encoding order: (group, kind, body embeddings [n,L,W], eot [n], is_alp)
-        self._segments: list[tuple[str, str, torch.Tensor, torch.Tensor, bool]] = []
+        self.normal_placeholders: nn.Parameter | None = None  # [kinds, W]: u of NHP placeholders
+        self.abnormal_placeholders: nn.Parameter | None = None  # [n_pro_ab, kinds, W]: u of ALP placeholders
+        self.slot_gate_logits: nn.Parameter | None = None  # [2 (normal, abnormal), gated groups, kinds]: Attr-MoE
+        self.gated_groups: list[str] = []
+        self._segments: list[Segment] = []
+
+    def _sized_parameter(self, name: str, shape: tuple[int, ...], scale: float) -> None:
+        """Create ``name`` as ``randn(shape)·scale`` unless it already has that shape (e.g. loaded from a checkpoint)."""
+        current = getattr(self, name)
+        if current is None or tuple(current.shape) != shape:
+            device = self.normal_context.device
+            setattr(self, name, nn.Parameter(torch.randn(shape, device=device) * scale))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """A checkpoint fixes the placeholder and Attr-MoE shapes: take them before loading (even before ``build``)."""
+        for name in self.BUILD_SIZED:
+            stored = state_dict.get(prefix + name)
+            if stored is not None:
+                self._sized_parameter(name, tuple(stored.shape), 0.0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def build(self, backbone: ClipBackbone, groups: dict[str, PromptGroupTexts]) -> None:
-        """Tokenise every body once and keep its frozen word embeddings; call again when the texts change."""
+        """Tokenise every body once and keep its frozen word embeddings; call again when the texts change.
+
+        Placeholders start as ``randn·init_std`` like the contexts; Attr-MoE logits start at 0 (every weight ½).
+        """
         device = self.normal_context.device
+        self.gated_groups = [name for name, texts in groups.items() if texts.gated]
         segments = []
         for name, texts in groups.items():
             for kind, bodies, is_alp in (
@@ -124,10 +232,14 @@ class PromptLearner(nn.Module):
                 ("handcrafted", texts.abnormal, False),
                 ("learnable", texts.learnable_abnormal, True),
             ):
+                gate_row = self.gated_groups.index(name) if texts.gated else -1
                 if not bodies:
-                    segments.append((name, kind, torch.empty(0, device=device), torch.empty(0, dtype=torch.long), is_alp))
+                    empty = torch.empty(0, dtype=torch.long, device=device)
+                    segments.append(
+                        Segment(name, kind, torch.empty(0, device=device), empty, is_alp, empty, empty, empty, gate_row)
+                    )
                     continue
-                tokens = backbone.tokenize(bodies)
+                tokens, slots = tokenize_with_slots(backbone, bodies)
                 eot = tokens.argmax(dim=-1)
                 extra = self.n_ctx + (self.n_ctx_ab if is_alp else 0)
                 if int(eot.max()) + 1 + extra > tokens.shape[1]:
@@ -135,12 +247,30 @@ class PromptLearner(nn.Module):
                     raise ValueError(f"prompt too long for CLIP's {tokens.shape[1]} tokens with contexts: {worst!r}")
                 with torch.no_grad():
                     words = backbone.token_embedding(tokens.to(backbone.clip.token_embedding.weight.device)).float()
-                segments.append((name, kind, words.to(device), eot.to(device), is_alp))
+                flat = [(body, position, kind_index) for body, found in enumerate(slots) for position, kind_index in found]
+                body_index, position, kind_index = (
+                    torch.tensor(column, dtype=torch.long, device=device) for column in zip(*flat, strict=True)
+                ) if flat else (torch.empty(0, dtype=torch.long, device=device),) * 3
+                segments.append(
+                    Segment(name, kind, words.to(device), eot.to(device), is_alp, body_index, position, kind_index, gate_row)
+                )
         self._segments = segments
+        if any(len(s.slot_body) for s in segments):
+            kinds = len(SLOT_KINDS)
+            self._sized_parameter("normal_placeholders", (kinds, self.width), self.init_std)
+            self._sized_parameter("abnormal_placeholders", (self.n_pro_ab, kinds, self.width), self.init_std)
+        if self.gated_groups:
+            self._sized_parameter("slot_gate_logits", (2, len(self.gated_groups), len(SLOT_KINDS)), 0.0)
 
     @property
     def is_built(self) -> bool:
         return bool(self._segments)
+
+    def attr_moe_weights(self) -> dict[str, torch.Tensor]:
+        """Attr-MoE weights in [0,1] of each gated group: [2 (normal, abnormal), kinds], kinds in SLOT_KINDS order."""
+        if self.slot_gate_logits is None:
+            return {}
+        return {name: torch.sigmoid(self.slot_gate_logits[:, row]) for row, name in enumerate(self.gated_groups)}
 
     @staticmethod
     def _splice(words: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
@@ -159,18 +289,38 @@ class PromptLearner(nn.Module):
         rows = torch.arange(self.n_pro * self.n_pro_ab)
         return torch.cat([self.normal_context[rows % self.n_pro], self.abnormal_context[rows % self.n_pro_ab]], dim=1)
 
+    def _fill_slots(self, rows: torch.Tensor, segment: Segment, per_body: int, shift: int) -> torch.Tensor:
+        """Write ``g·u`` at every placeholder of the segment's prompt rows [n·per_body, L, W] (contexts spliced in,
+        so positions move by ``shift``). Row ``r`` of a body uses abnormal placeholder set ``r mod n_pro_ab``."""
+        copies = torch.arange(per_body, device=rows.device)
+        row = (segment.slot_body[:, None] * per_body + copies).flatten()
+        position = (segment.slot_position + shift).repeat_interleave(per_body)
+        kind = segment.slot_kind.repeat_interleave(per_body)
+        if segment.is_alp:
+            values = self.abnormal_placeholders[copies.repeat(len(segment.slot_body)) % self.n_pro_ab, kind]
+        else:
+            values = self.normal_placeholders[kind]
+        if segment.gate_row >= 0:
+            side = 1 if segment.is_alp else 0
+            values = values * torch.sigmoid(self.slot_gate_logits[side, segment.gate_row, kind]).unsqueeze(-1)
+        return rows.index_put((row, position), values.to(rows.dtype))
+
     def prompt_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings [P,L,W] of every prompt, body-major (each body's context rows together), and EOT indices."""
         if not self.is_built:
             raise RuntimeError("PromptLearner.build must run before encoding")
         rows, eots = [], []
-        for _, _, words, eot, is_alp in self._segments:
-            if words.numel() == 0:
+        for segment in self._segments:
+            if segment.words.numel() == 0:
                 continue
-            contexts = self._contexts(is_alp)
+            contexts = self._contexts(segment.is_alp)
             per_body = len(contexts)
-            rows.append(self._splice(words.repeat_interleave(per_body, dim=0), contexts.repeat(len(words), 1, 1)))
-            eots.append((eot + contexts.shape[1]).repeat_interleave(per_body))
+            words = segment.words
+            spliced = self._splice(words.repeat_interleave(per_body, dim=0), contexts.repeat(len(words), 1, 1))
+            if len(segment.slot_body):
+                spliced = self._fill_slots(spliced, segment, per_body, contexts.shape[1])
+            rows.append(spliced)
+            eots.append((segment.eot + contexts.shape[1]).repeat_interleave(per_body))
         return torch.cat(rows), torch.cat(eots)
 
     def encode(self, backbone: ClipBackbone, truncate: bool = True, bucket: int = 8) -> dict[str, GroupFeatures]:
@@ -190,8 +340,8 @@ class PromptLearner(nn.Module):
             features = backbone.encode_text_embeddings(embeddings, eot, truncate=False)
         parts: dict[str, dict[str, torch.Tensor]] = {}
         start = 0
-        for name, kind, words, _, is_alp in self._segments:
-            count = len(words) * self.rows_per_body(is_alp) if words.numel() else 0
-            parts.setdefault(name, {})[f"raw_{kind}"] = features[start : start + count]
+        for segment in self._segments:
+            count = len(segment.words) * self.rows_per_body(segment.is_alp) if segment.words.numel() else 0
+            parts.setdefault(segment.group, {})[f"raw_{segment.kind}"] = features[start : start + count]
             start += count
         return {name: GroupFeatures(**kinds, prototype_rule=self.prototype_rule) for name, kinds in parts.items()}

@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fsad.errors import FsadError
-from fsad.lightning_modules.components.prompts import PromptGroupTexts
+from fsad.lightning_modules.components.prompts import PromptGroupTexts, slot
 
 CAPTIONS_DIR = Path(__file__).parent / "captions"
 
@@ -288,17 +288,21 @@ COMPONENT_DEFECTS = ("a crack", "a scratch", "a stain", "a missing part", "a def
 
 @dataclass
 class PromptTexts:
-    """Every level's prompt bodies: the image level, one group per component, the background, and the
-    Attr-MoE attribute groups (relation, color, texture, shape) mixed into the image level."""
+    """Every level's prompt bodies: the image level, the foreground level (paper form, from the logical relation),
+    one group per component, the background, and — in the code's form — the attribute groups (relation, color,
+    texture, shape) its Attr-MoE mixes into the image level."""
 
     image: PromptGroupTexts
     components: dict[str, PromptGroupTexts]
     background: PromptGroupTexts
     attributes: dict[str, PromptGroupTexts]
+    foreground: PromptGroupTexts | None = None
 
     def groups(self) -> dict[str, PromptGroupTexts]:
-        """All groups under unique names, in a fixed order (image, components, background, attributes)."""
+        """All groups under unique names, in a fixed order (image, foreground, components, background, attributes)."""
         named = {"image": self.image}
+        if self.foreground is not None:
+            named["foreground"] = self.foreground
         named.update({f"component:{n}": g for n, g in self.components.items()})
         named["background"] = self.background
         named.update({f"attribute:{n}": g for n, g in self.attributes.items()})
@@ -330,18 +334,73 @@ def _with_defect(text: str, noun: str, defect_state: str) -> str:
     return pattern.sub(lambda m: defect_state.format(m.group(1)), text, count=1)
 
 
+SLOT_VOCABULARIES = {
+    **{kind: tuple(v for v in values if v != "any") for kind, values in VOCABULARIES.items()},
+    "number": NUMBERS,
+    "location": LOCATIONS,
+}
+"""What a placeholder stands for: a value of one of these vocabularies written in a caption."""
+
+
+def attribute_values(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, kind) of every attribute value written in ``text``, longest match first, not overlapping
+    (``dark green`` is one colour, not ``green``)."""
+    found: list[tuple[int, int, str]] = []
+    candidates = sorted(
+        ((value, kind) for kind, values in SLOT_VOCABULARIES.items() for value in values), key=lambda c: -len(c[0])
+    )
+    for value, kind in candidates:
+        for match in re.finditer(rf"\b{re.escape(value)}\b", text, flags=re.IGNORECASE):
+            if all(match.end() <= start or match.start() >= end for start, end, _ in found):
+                found.append((match.start(), match.end(), kind))
+    return sorted(found)
+
+
+def with_placeholders(text: str, mode: Literal["replace", "insert"], kinds: tuple[str, ...] | None = None) -> str:
+    """MLLP placeholders (FineGrainedAD §3.3): every attribute value of ``kinds`` (all when None) is replaced by a
+    learnable placeholder (ALPs) or followed by one (NHPs: "we insert learnable placeholders" next to the value)."""
+    pieces, cursor = [], 0
+    for start, end, kind in attribute_values(text):
+        if kinds is not None and kind not in kinds:
+            continue
+        pieces.append(text[cursor:start])
+        pieces.append(slot(kind) if mode == "replace" else f"{text[start:end]} {slot(kind)}")
+        cursor = end
+    pieces.append(text[cursor:])
+    return "".join(pieces)
+
+
+def _swapped_values(text: str, kinds: tuple[str, ...], rng: random.Random) -> list[str]:
+    """One AHP per written value of ``kinds``: that value replaced by another value of its vocabulary."""
+    swapped = []
+    for start, end, kind in attribute_values(text):
+        if kind in kinds:
+            current = text[start:end].lower()
+            other = rng.choice([v for v in SLOT_VOCABULARIES[kind] if v != current and v not in ("whole", "around")])
+            swapped.append(_sentence(text[:start] + other + text[end:]))
+    return swapped
+
+
 def _absent_values(record: CaptionRecord, attribute: str, count: int, rng: random.Random) -> list[str]:
     used = {v for c in record.components for v in getattr(c.attributes, attribute).base}
     pool = [v for v in VOCABULARIES[attribute] if v not in used]
     return rng.sample(pool, min(count, len(pool)))
 
 
-def mllp_texts(record: CaptionRecord, object_name: str | None = None, seed: int = 0) -> PromptTexts:
+def mllp_texts(
+    record: CaptionRecord, object_name: str | None = None, seed: int = 0, placeholders: bool = False
+) -> PromptTexts:
     """Prompt bodies of every MLLP level (FineGrainedAD §3.3) from a record; deterministic for a given seed.
 
-    Bodies carry no context placeholders: the prompt learner prepends the learnable normal contexts (and the
-    abnormal contexts for the learnable-abnormal bodies). AHPs come from the record's abnormal states (defect
-    replacement), from attribute replacement (a vocabulary value the normal object never has) and from negation.
+    The prompt learner prepends the learnable normal contexts to every body (and the abnormal contexts to ALP
+    bodies: concatenation). AHPs come from the record's abnormal states (defect replacement), from attribute
+    replacement (a vocabulary value the normal object never has) and from negation.
+
+    ``placeholders`` gives the paper's form (``variant: paper``): a foreground level from the logical relation
+    (NHP; AHPs by concatenating a defect to a component and by replacing a count or a location; ALP with
+    placeholders), ALPs whose attribute values are replaced by learnable placeholders, component NHPs with a
+    placeholder inserted after each value, component groups ``gated`` (Attr-MoE), and no attribute groups. Without
+    it, the code's form: no foreground level, ALPs = contexts + caption, relation and attributes as Attr-MoE groups.
     """
     rng = random.Random(seed)
     fg = object_name or record.image_level.foreground
@@ -357,7 +416,8 @@ def mllp_texts(record: CaptionRecord, object_name: str | None = None, seed: int 
                     image_abnormal.append(_sentence(replaced))
     article = "an" if fg[:1].lower() in "aeiou" else "a"
     image_abnormal.append(f"{article} {fg} that does not look like this: {summary}")
-    image = PromptGroupTexts(normal=[summary], abnormal=image_abnormal, learnable_abnormal=[summary])
+    image_alp = with_placeholders(summary, "replace") if placeholders else summary
+    image = PromptGroupTexts(normal=[summary], abnormal=image_abnormal, learnable_abnormal=[image_alp])
 
     components = {}
     for component in record.components:
@@ -368,29 +428,46 @@ def mllp_texts(record: CaptionRecord, object_name: str | None = None, seed: int 
         abnormal = [_sentence(_with_defect(caption, component.name, "{} with " + d)) for d in COMPONENT_DEFECTS]
         if moved:
             abnormal.append(moved)
-        abnormal.append(f"{component.name} is missing from the {component.location}.")
-        components[component.name] = PromptGroupTexts(normal=[caption], abnormal=abnormal, learnable_abnormal=[caption])
+        where = "" if component.location in ("whole", "around") else f" from the {component.location}"
+        abnormal.append(f"{component.name} is missing{where}.")
+        if placeholders:
+            components[component.name] = PromptGroupTexts(
+                normal=[with_placeholders(caption, "insert")], abnormal=abnormal,
+                learnable_abnormal=[with_placeholders(caption, "replace")], gated=True,
+            )  # fmt: skip
+        else:
+            components[component.name] = PromptGroupTexts(
+                normal=[caption], abnormal=abnormal, learnable_abnormal=[caption]
+            )
 
     background = PromptGroupTexts(
         normal=[f"{background_noun}."],
         abnormal=[f"{background_noun} with {d}." for d in BACKGROUND_DEFECTS],
         learnable_abnormal=[f"{background_noun}."],
     )
-    attributes = {}
+    attributes: dict[str, PromptGroupTexts] = {}
+    foreground = None
     if record.foreground_level is not None:
         relation = _sentence(record.foreground_level.logical_relation)
         relation_abnormal = [
             _sentence(_with_defect(relation, c.name, "{} with " + COMPONENT_DEFECTS[0])) for c in record.components
         ]
-        attributes["relation"] = PromptGroupTexts(normal=[relation], abnormal=relation_abnormal)
-    for attribute in ("color", "texture", "shape"):
+        if placeholders:
+            swapped = _swapped_values(relation, ("number", "location"), rng)
+            foreground = PromptGroupTexts(
+                normal=[relation], abnormal=list(dict.fromkeys(relation_abnormal + swapped)),
+                learnable_abnormal=[with_placeholders(relation, "replace")],
+            )  # fmt: skip
+        else:
+            attributes["relation"] = PromptGroupTexts(normal=[relation], abnormal=relation_abnormal)
+    for attribute in ("color", "texture", "shape") if not placeholders else ():
         present = sorted({v for c in record.components for v in getattr(c.attributes, attribute).base})
         absent = _absent_values(record, attribute, 3, rng)
         if present and absent:
             attributes[attribute] = PromptGroupTexts(
                 normal=[f"{fg} that is {' and '.join(present)}."], abnormal=[f"{fg} that is {a}." for a in absent]
             )
-    return PromptTexts(image=image, components=components, background=background, attributes=attributes)
+    return PromptTexts(image, components, background, attributes, foreground)
 
 
 def caption_provenance_summary(record: CaptionRecord) -> dict[str, str | int]:

@@ -1,7 +1,8 @@
 """FineGrainedAD (Pattern Recognition 2026) in pure torch: multi-level prompts, region-weighted alignment, Query
 Former and token-wise inference (methods.md §2; equation numbers as reconstructed there).
 
-Levels are the N_c components, the image and the background. The frozen backbone is passed in, never owned.
+Levels are the N_c components, the foreground (``variant: paper``; the code has none), the image and the
+background. The frozen backbone is passed in, never owned.
 """
 
 from __future__ import annotations
@@ -112,11 +113,13 @@ class FineGrainedADModel(nn.Module):
     ) -> None:  # fmt: skip
         super().__init__()
         self.variant = variant
-        rule = "raw_mean" if variant == "code" else "normalised_mean"
-        self.prompts = PromptLearner(text_width, n_ctx, n_ctx_ab, n_pro_ab, prototype_rule=rule)
-        self.query_former = LevelQueryFormer(embed_dim) if variant == "code" else CrossAttentionQueryFormer(embed_dim)
+        code = variant == "code"
+        self.prompts = PromptLearner(text_width, n_ctx, n_ctx_ab, n_pro_ab, prototype_rule="raw_mean" if code else "normalised_mean")
+        self.query_former = LevelQueryFormer(embed_dim) if code else CrossAttentionQueryFormer(embed_dim)
         self.reg_lambda = reg_lambda
-        self.attribute_gates = nn.Parameter(torch.randn(2, 4))  # [normal/abnormal, relation/color/texture/shape]
+        # the code's Attr-MoE: gated attribute prototypes added to the image level, [normal/abnormal, relation/color/
+        # texture/shape]. The paper's Attr-MoE weighs the component placeholders instead (PromptLearner.slot_gate_logits).
+        self.attribute_gates = nn.Parameter(torch.randn(2, 4)) if code else None
         self.memory = MemoryBank()
         self.eam_margin, self.mean_loss_weight, self.reg_weight = eam_margin, mean_loss_weight, reg_weight
         self.temperature_quirk = temperature_quirk
@@ -125,18 +128,35 @@ class FineGrainedADModel(nn.Module):
         self.train_query_former = train_query_former
         self.components: list[str] = []
         self.attributes: list[str] = []
+        self.level_names: list[str] = []
         self.levels: dict[str, torch.Tensor] | None = None
 
     ATTRIBUTE_ORDER = ("relation", "color", "texture", "shape")
 
     def build(self, backbone: ClipBackbone, texts: PromptTexts) -> None:
-        """Tokenise every level's prompt bodies (from :func:`mllp_texts`)."""
+        """Tokenise every level's prompt bodies (from :func:`mllp_texts`); fix the level order
+        components…, foreground (if the texts have one), image, background."""
         self.components = list(texts.components)
         self.attributes = [a for a in self.ATTRIBUTE_ORDER if a in texts.attributes]
+        if self.attributes and self.attribute_gates is None:
+            raise ValueError("attribute groups are the code's Attr-MoE; build variant: paper from placeholder texts")
+        foreground = ["foreground"] if texts.foreground is not None else []
+        self.level_names = [f"component:{c}" for c in self.components] + foreground + ["image", "background"]
         self.prompts.build(backbone, texts.groups())
         if isinstance(self.query_former, CrossAttentionQueryFormer):
-            self.query_former.resize(len(self.components) + 2)
+            self.query_former.resize(len(self.level_names))
         self.levels = None
+
+    def region_channel(self, level: str) -> int | None:
+        """Which channel of the region weights (components…, foreground, background) weighs a level's tokens;
+        None for the image level, which weighs every token alike."""
+        if level == "image":
+            return None
+        if level == "foreground":
+            return len(self.components)
+        if level == "background":
+            return len(self.components) + 1
+        return self.components.index(level.removeprefix("component:"))
 
     def temperature(self, backbone: ClipBackbone) -> torch.Tensor:
         scale = backbone.logit_scale.detach()
@@ -147,10 +167,11 @@ class FineGrainedADModel(nn.Module):
 
     # ------------------------------------------------------------------ text side
     def encode_levels(self, backbone: ClipBackbone) -> tuple[dict[str, GroupFeatures], dict[str, torch.Tensor]]:
-        """Encode all prompts; return the raw groups and stacked per-level prototypes.
+        """Encode all prompts; return the raw groups and the per-level prototypes stacked in ``level_names`` order.
 
-        Level order: components…, image, background. The image prototypes mix in the attribute prototypes through
-        the Attr-MoE gates: ``p̄_img ← norm(p̄_img + Σ_a σ(w_a)·p̄_a)`` (separately for normal and abnormal).
+        ``variant: code`` mixes the attribute prototypes into the image prototypes through its Attr-MoE gates,
+        ``p̄_img ← norm(p̄_img + Σ_a σ(w_a)·p̄_a)`` (normal and abnormal apart). ``image_learnable`` is the image
+        level's ALP prototype (Eq. 6).
         """
         groups = self.prompts.encode(backbone)
         image = groups["image"]
@@ -162,15 +183,17 @@ class FineGrainedADModel(nn.Module):
                 image_abnormal = (
                     image_abnormal + torch.sigmoid(self.attribute_gates[1, slot]) * attribute.abnormal_prototype
                 )
-        ordered = [groups[f"component:{c}"] for c in self.components] + [None, groups["background"]]
-        normal = [g.normal_prototype if g is not None else F.normalize(image_normal, dim=-1) for g in ordered]
-        abnormal = [g.abnormal_prototype if g is not None else F.normalize(image_abnormal, dim=-1) for g in ordered]
-        level_groups = [g if g is not None else image for g in ordered]
+        level_groups = [groups[name] for name in self.level_names]
+        normal = [F.normalize(image_normal, dim=-1) if n == "image" else g.normal_prototype
+                  for n, g in zip(self.level_names, level_groups, strict=True)]  # fmt: skip
+        abnormal = [F.normalize(image_abnormal, dim=-1) if n == "image" else g.abnormal_prototype
+                    for n, g in zip(self.level_names, level_groups, strict=True)]  # fmt: skip
         return groups, {
             "normal": torch.stack(normal),
             "abnormal": torch.stack(abnormal),
             "normal_features": torch.cat([g.normal for g in level_groups]),
             "abnormal_features": torch.cat([g.abnormal for g in level_groups]),
+            "image_learnable": image.learnable_prototype,
         }
 
     def queries(self, levels: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -189,7 +212,8 @@ class FineGrainedADModel(nn.Module):
 
     @property
     def image_level(self) -> int:
-        return len(self.components)
+        """Index of the image level in ``level_names``."""
+        return self.level_names.index("image")
 
     # ------------------------------------------------------------------ training
     def losses(
@@ -197,7 +221,8 @@ class FineGrainedADModel(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Eq. 2–3 at every level plus the Query Former objective.
 
-        region_weights: [B, N_c+1, rows, cols] weights w_i of each component region and of the background (last).
+        region_weights: [B, N_c+2, rows, cols] weights w_i of each component region, the foreground and the
+        background (:meth:`region_channel`).
         """
         groups, levels = self.encode_levels(backbone)
         t = self.temperature(backbone)
@@ -205,16 +230,14 @@ class FineGrainedADModel(nn.Module):
         cls = F.normalize(features.cls, dim=-1)
         weights = region_weights.flatten(2)  # [B,R,N]
         losses: dict[str, torch.Tensor] = {}
-        names = [f"component:{c}" for c in self.components] + ["image", "background"]
-        for level, name in enumerate(names):
+        for level, name in enumerate(self.level_names):
             group = groups[name]
             normal, abnormal_mean = levels["normal"][level], levels["abnormal"][level]
+            channel = self.region_channel(name)
+            w = None if channel is None else weights[:, channel]
             if name == "image":
-                w = None
                 losses["clip_cls"] = prompt_contrastive_loss(cls, normal, group.abnormal, t)
                 losses["eam_cls"] = explicit_anomaly_margin_loss(cls, normal, abnormal_mean, self.eam_margin)
-            else:
-                w = weights[:, level if level < self.image_level else -1]
             losses[f"clip/{name}"] = prompt_contrastive_loss(tokens, normal, group.abnormal, t, w)
             losses[f"eam/{name}"] = explicit_anomaly_margin_loss(tokens, normal, abnormal_mean, self.eam_margin, w)
             if name != "background":
@@ -233,18 +256,22 @@ class FineGrainedADModel(nn.Module):
         return losses
 
     # ------------------------------------------------------------------ inference
-    def forward(self, features: BackboneOutput, backbone: ClipBackbone) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token-wise textual map (Eq. 4, optionally re-weighted by Eq. 6), fused with M_v (Eq. 7); score Eq. 8."""
+    def textual_map(self, features: BackboneOutput, backbone: ClipBackbone) -> torch.Tensor:
+        """The prompt-guided token map [B,N] alone: Eq. 4, re-weighted by Eq. 6 when ``image_reweighting``."""
         if self.levels is None:
             self.cache_text(backbone)
         levels, t = self.levels, self.temperature(backbone)
         tokens = F.normalize(features.vv_tokens, dim=-1)
         textual = token_wise_scores(tokens, levels["queries"], levels["normal"], levels["abnormal"], t)
-        if self.image_reweighting:  # Eq. 6 (inferred): re-weight by the image-level map, geometric mean keeps [0,1]
-            image_map = two_way_probability(
-                tokens, levels["normal"][self.image_level], levels["abnormal"][self.image_level], t
-            )
+        if self.image_reweighting:  # Eq. 6 (our reading): image-level ALP map, geometric mean keeps [0,1]
+            image_map = two_way_probability(tokens, levels["normal"][self.image_level], levels["image_learnable"], t)
             textual = (textual * image_map).sqrt()
+        return textual
+
+    def forward(self, features: BackboneOutput, backbone: ClipBackbone) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-wise textual map (:meth:`textual_map`) fused with M_v (Eq. 7); image score Eq. 8."""
+        textual = self.textual_map(features, backbone)
+        levels, t = self.levels, self.temperature(backbone)
         visual = self.memory(features.taps)
         grid = harmonic_fusion(textual, visual).reshape(visual.shape[0], *features.grid)
         cls = F.normalize(features.cls, dim=-1)

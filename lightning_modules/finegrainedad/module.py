@@ -43,7 +43,8 @@ class FineGrainedAD(PromptTuningModule):
         slice_factor: high-resolution slicing: support shots at ``factor × image_size``, cut into factor² tiles.
         train_query_former: train the Query Former with the paper's objective; default from ``variant`` (the
             authors' code never trains it).
-        image_reweighting: Eq. 6 image-level re-weighting of the token-wise map (inferred; not in the code).
+        image_reweighting: Eq. 6 image-level re-weighting of the token-wise map by the image-level ALP map; default
+            from ``variant`` (paper on; not in the code). The README states the reading of the formula.
         prompt_seed: seed of the random choices in the prompt texts (swapped locations, absent attribute values).
         lr, momentum, weight_decay, eta_min, variant, protocol, temperature_quirk, bgr_test_quirk,
             best_epoch_on_test, max_fusion_quirk: as :class:`PromptAD`.
@@ -73,7 +74,7 @@ class FineGrainedAD(PromptTuningModule):
         assignment: Literal["one_to_one", "argmax"] | None = None,
         slice_factor: int = 4,
         train_query_former: bool | None = None,
-        image_reweighting: bool = False,
+        image_reweighting: bool | None = None,
         prompt_seed: int = 0,
         lr: float = 2e-3,
         momentum: float = 0.9,
@@ -94,7 +95,7 @@ class FineGrainedAD(PromptTuningModule):
         self.model = FineGrainedADModel(
             self.backbone.text_width, self.backbone.embed_dim, n_ctx, n_ctx_ab, n_pro_ab, eam_margin,
             mean_loss_weight, reg_weight, temperature_quirk=code if temperature_quirk is None else temperature_quirk,
-            image_reweighting=image_reweighting,
+            image_reweighting=not code if image_reweighting is None else image_reweighting,
             train_query_former=not code if train_query_former is None else train_query_former,
             variant=variant, reg_lambda=reg_lambda,
         )  # fmt: skip
@@ -118,7 +119,8 @@ class FineGrainedAD(PromptTuningModule):
             )
         for logger in self.loggers:  # CSV, W&B (run config), ...: which record a run used, and how far to trust it
             logger.log_hyperparams({"caption_provenance": caption_provenance_summary(self.record)})
-        self.model.build(self.backbone, mllp_texts(self.record, seed=self.hparams.prompt_seed))
+        texts = mllp_texts(self.record, seed=self.hparams.prompt_seed, placeholders=self.variant == "paper")
+        self.model.build(self.backbone, texts)
 
     def on_fit_start(self) -> None:
         self.region_weights_by_path = self.compute_region_weights(self.trainer.datamodule.support_paths)
@@ -134,19 +136,21 @@ class FineGrainedAD(PromptTuningModule):
         return stitch_tiles(tokens, len(paths), factor, self.backbone.grid)
 
     def compute_region_weights(self, paths: list[str]) -> dict[str, torch.Tensor]:
-        """MLSA region aggregation on the support shots, once per run: path → [N_c+1, rows, cols] weights.
+        """MLSA region aggregation on the support shots, once per run: path → [N_c+2, rows, cols] weights
+        (components…, foreground, background).
 
         A generic record has no components to aggregate: its background level weighs every token 1.
         """
         if not self.model.components:
-            return {path: torch.ones(1, *self.backbone.grid) for path in paths}
+            return {path: torch.ones(2, *self.backbone.grid) for path in paths}
         with torch.no_grad():
             groups = self.model.prompts.encode(self.backbone)
         component_prompts = torch.stack([groups[f"component:{c}"].normal_prototype for c in self.model.components])
+        foreground = groups["foreground"].normal_prototype if "foreground" in groups else None
         regions = aggregate_regions(
             self.support_tokens_high_res(paths), component_prompts, groups["background"].normal_prototype,
             semantic_seeds=self.semantic_seeds, reference_mode=self.hparams.reference_mode,
-            background_rule=self.hparams.background_rule, assignment=self.assignment,
+            background_rule=self.hparams.background_rule, assignment=self.assignment, foreground_prompt=foreground,
         )  # fmt: skip
         for index, component in enumerate(self.model.components):
             if not (regions.labels == index).any():
@@ -156,7 +160,7 @@ class FineGrainedAD(PromptTuningModule):
                     UserWarning,
                     stacklevel=2,
                 )
-        weights = region_weights(regions, len(self.model.components) + 1, self.backbone.grid, self.hparams.region_boost)
+        weights = region_weights(regions, len(self.model.components), self.backbone.grid, self.hparams.region_boost)
         return {path: weights[:, i] for i, path in enumerate(paths)}
 
     # ------------------------------------------------------------------ training
@@ -169,6 +173,7 @@ class FineGrainedAD(PromptTuningModule):
         return losses["total"]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Contexts, Attr-MoE gates and the Query Former; the backbone stays frozen."""
+        """Contexts, placeholders, Attr-MoE weights and the Query Former; the backbone stays frozen."""
         model = self.model
-        return [*model.prompts.parameters(), model.attribute_gates, *model.query_former.parameters()]
+        gates = [] if model.attribute_gates is None else [model.attribute_gates]
+        return [*model.prompts.parameters(), *gates, *model.query_former.parameters()]

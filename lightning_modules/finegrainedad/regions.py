@@ -92,6 +92,7 @@ def aggregate_regions(
     k_stage1: int = 8,
     k_stage2: int = 5,
     assignment: str = "one_to_one",
+    foreground_prompt: torch.Tensor | None = None,
 ) -> Regions:
     """Two-stage DPC-KNN over support tokens [K,H,W,D] with the prompt-reference dimension (methods.md §2, 2–5).
 
@@ -104,6 +105,10 @@ def aggregate_regions(
     clusters are matched one to one, maximising the summed prompt-to-cluster-mean similarity (Hungarian
     assignment); with ``"argmax"`` (the authors' code) each component prompt claims its most similar cluster, so two
     components may share one and another is left with none.
+
+    With ``foreground_prompt`` (the paper's two-stage clustering) stage 1 is guided by the foreground- and
+    background-level prompts alone (reference = cosines to those two, seeds = the tokens most like each) and stage 2
+    by the component prompts alone; without it (the code) both stages use the cosines to [components…, background].
     """
     if assignment not in ("one_to_one", "argmax"):
         raise ValueError(f"assignment must be 'one_to_one' or 'argmax', got {assignment!r}")
@@ -113,13 +118,20 @@ def aggregate_regions(
         raise ValueError(f"background_rule must be 'border' or 'prompt', got {background_rule!r}")
     shots, height, width, dim = tokens.shape
     flat = F.normalize(tokens.reshape(-1, dim), dim=-1)
-    prompts = torch.cat([component_prompts, background_prompt.unsqueeze(0)])
-    similarities = reference_features(flat, prompts)
-    reference = similarities if reference_mode == "replace" else torch.cat([flat, similarities], dim=1)
+    def with_reference(points: torch.Tensor, similarities: torch.Tensor) -> torch.Tensor:
+        return similarities if reference_mode == "replace" else torch.cat([points, similarities], dim=1)
+
+    if foreground_prompt is None:
+        stage1_prompts = torch.cat([component_prompts, background_prompt.unsqueeze(0)])
+        stage2_prompts = stage1_prompts
+    else:
+        stage1_prompts = torch.stack([foreground_prompt, background_prompt])
+        stage2_prompts = component_prompts
+    similarities = reference_features(flat, stage1_prompts)
     seeds = None
-    if semantic_seeds:  # the token most like the foreground prompts and the token most like the background prompt
+    if semantic_seeds:  # the token most like the foreground prompt(s) and the token most like the background prompt
         seeds = torch.stack([similarities[:, :-1].amax(dim=1).argmax(), similarities[:, -1].argmax()])
-    stage1, _ = dpc_knn(reference, 2, k_stage1, seeds)
+    stage1, _ = dpc_knn(with_reference(flat, similarities), 2, k_stage1, seeds)
     if background_rule == "border":
         grids = stage1.reshape(shots, height, width)
         evidence = torch.stack([border_fraction(grids == c) for c in range(2)])
@@ -132,9 +144,9 @@ def aggregate_regions(
     foreground = (~background).nonzero().squeeze(1)
     n_components = len(component_prompts)
     if len(foreground) > n_components + 1:
-        fg_reference = reference[foreground]
-        seeds2 = similarities[foreground][:, :-1].argmax(dim=0) if semantic_seeds else None
-        stage2, _ = dpc_knn(fg_reference, n_components + 1, k_stage2, seeds2)
+        component_similarities = reference_features(flat[foreground], stage2_prompts)
+        seeds2 = component_similarities[:, :n_components].argmax(dim=0) if semantic_seeds else None
+        stage2, _ = dpc_knn(with_reference(flat[foreground], component_similarities), n_components + 1, k_stage2, seeds2)
         means = torch.stack([
             F.normalize(flat[foreground][stage2 == c].mean(0), dim=-1) for c in range(n_components + 1)
         ])  # fmt: skip
@@ -149,8 +161,10 @@ def aggregate_regions(
     return Regions(labels=labels.reshape(shots, height, width), background=background.reshape(shots, height, width))
 
 
-def region_weights(regions: Regions, n_regions: int, grid: tuple[int, int], boost: float = 1.5) -> torch.Tensor:
-    """``w_i = 1 + boost·𝟙[token ∈ region i]`` average-pooled to the patch grid: [n_regions, K, rows, cols]."""
-    one_hot = torch.stack([(regions.labels == i).float() for i in range(n_regions)])  # [R,K,H,W]
+def region_weights(regions: Regions, n_components: int, grid: tuple[int, int], boost: float = 1.5) -> torch.Tensor:
+    """``w_i = 1 + boost·𝟙[token ∈ region i]`` average-pooled to the patch grid: [N_c+2, K, rows, cols] for the
+    component regions, the foreground (every token stage 1 did not call background) and the background."""
+    components = [(regions.labels == i).float() for i in range(n_components)]
+    one_hot = torch.stack([*components, (~regions.background).float(), regions.background.float()])  # [N_c+2,K,H,W]
     pooled = F.adaptive_avg_pool2d(one_hot, grid)
     return 1.0 + boost * pooled

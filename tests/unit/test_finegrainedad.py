@@ -161,19 +161,30 @@ def test_region_aggregation_on_a_real_bottle(mvtec_root: Path) -> None:
 
     seed_everything(0)
     module = FineGrainedAD(BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[2, 4]), image_size=96, slice_factor=4)
-    module.model.build(module.backbone, mllp_texts(packaged_record("mvtec", "bottle")))
+    module.model.build(module.backbone, mllp_texts(packaged_record("mvtec", "bottle"), placeholders=True))
     tokens = module.support_tokens_high_res([str(mvtec_root / "bottle/train/good/000.png")])
     assert tokens.shape == (1, 48, 48, module.backbone.embed_dim)
     groups = module.model.prompts.encode(module.backbone)
     components = torch.stack([groups[f"component:{c}"].normal_prototype for c in module.model.components])
-    regions = aggregate_regions(tokens, components, groups["background"].normal_prototype)
-    assert len(regions.labels.unique()) >= 2
-    background = regions.background[0]
-    border = torch.cat([background[0], background[-1], background[:, 0], background[:, -1]])
-    assert border.float().mean() > 0.95  # the white surround of the bottle (MVTec bottle corners are 255)
-    assert background.float().mean() < 0.95  # a real foreground (the bottle's glass) remains
-    weights = region_weights(regions, len(components) + 1, (12, 12))
-    assert weights.shape == (3, 1, 12, 12) and weights.min() >= 1.0 and weights.max() <= 2.5
+    background_prompt = groups["background"].normal_prototype
+    flat = torch.nn.functional.normalize(tokens.reshape(-1, tokens.shape[-1]), dim=-1)
+    for foreground in (None, groups["foreground"].normal_prototype):  # the code's stage 1, then the paper's
+        # the partition: stage 1 separates the white surround from the bottle (MVTec bottle corners are 255)
+        split = aggregate_regions(tokens, components, background_prompt, foreground_prompt=foreground,
+                                  background_rule="border").background[0]  # fmt: skip
+        border = torch.cat([split[0], split[-1], split[:, 0], split[:, -1]])
+        assert border.float().mean() > 0.95 and split.float().mean() < 0.95  # a real foreground remains
+        # the language-guided label: the side whose mean token is nearer the background prompt (random text here)
+        regions = aggregate_regions(tokens, components, background_prompt, foreground_prompt=foreground)
+        sides = [split.flatten(), ~split.flatten()]
+        nearer = max(sides, key=lambda side: float(torch.nn.functional.normalize(flat[side].mean(0), dim=0)
+                                                   @ torch.nn.functional.normalize(background_prompt, dim=0)))
+        assert torch.equal(regions.background[0].flatten(), nearer)
+        assert len(regions.labels.unique()) >= 2
+    weights = region_weights(regions, len(components), (12, 12))
+    assert weights.shape == (4, 1, 12, 12) and weights.min() >= 1.0 and weights.max() <= 2.5
+    # the foreground channel weighs what stage 1 kept, the background channel the rest: together 1 + boost
+    torch.testing.assert_close(weights[2] + weights[3], torch.full_like(weights[2], 3.5))
 
 
 # ----------------------------------------------------------------------------- inference and Query Former
@@ -263,16 +274,17 @@ def test_components_get_regions_one_to_one_where_argmax_would_share() -> None:
 def test_every_prompt_of_every_shipped_record_is_well_formed() -> None:
     """No value-colon prefix ("dark green: a dark ..."), no doubled word, no empty placeholder, in any prompt body
     MLLP builds from any shipped record (issue 16: 213 of 2175 AHPs once had the colon form)."""
-    from fsad.lightning_modules.finegrainedad.mfsc import list_packaged, mllp_texts, packaged_record
+    from fsad.lightning_modules.components.prompts import render_slots
 
     value_colon = re.compile(r"^\s*(?:[\w'-]+\s?){1,3}:\s")  # "dark green: ...", not a clause ending in a colon
     doubled = re.compile(r"\b(\w+)\s+\1\b", flags=re.IGNORECASE)
     problems, checked = [], 0
     for dataset, categories in list_packaged().items():
-        for category in categories:
-            texts = mllp_texts(packaged_record(dataset, category))
+        for category, placeholders in ((c, p) for c in categories for p in (False, True)):
+            texts = mllp_texts(packaged_record(dataset, category), placeholders=placeholders)
             for group, prompt_group in texts.groups().items():
-                for body in [*prompt_group.normal, *prompt_group.abnormal, *prompt_group.learnable_abnormal]:
+                for marked in [*prompt_group.normal, *prompt_group.abnormal, *prompt_group.learnable_abnormal]:
+                    body = render_slots(marked, "{}-slot")  # a placeholder reads as one word naming its kind
                     checked += 1
                     where = f"{dataset}/{category} {group}: {body!r}"
                     if value_colon.match(body):
@@ -281,4 +293,4 @@ def test_every_prompt_of_every_shipped_record_is_well_formed() -> None:
                         problems.append(f"doubled word in {where}")
                     if "{}" in body or "  " in body or not body.strip(" .") or " ." in body:
                         problems.append(f"empty placeholder in {where}")
-    assert checked > 1000 and not problems, problems[:10]
+    assert checked > 2000 and not problems, problems[:10]
