@@ -26,7 +26,6 @@ from torch import nn
 
 from fsad.lightning_modules.components.clip import ClipBackbone
 
-
 SLOT_KINDS = ("color", "texture", "shape", "direction", "number", "location")
 SLOT_PATTERN = re.compile(r"\{slot:(\w+)\}")
 SLOT_SENTINEL = "*"
@@ -247,12 +246,18 @@ class PromptLearner(nn.Module):
                     raise ValueError(f"prompt too long for CLIP's {tokens.shape[1]} tokens with contexts: {worst!r}")
                 with torch.no_grad():
                     words = backbone.token_embedding(tokens.to(backbone.clip.token_embedding.weight.device)).float()
-                flat = [(body, position, kind_index) for body, found in enumerate(slots) for position, kind_index in found]
+                flat = [
+                    (body, position, kind_index) for body, found in enumerate(slots) for position, kind_index in found
+                ]
                 body_index, position, kind_index = (
-                    torch.tensor(column, dtype=torch.long, device=device) for column in zip(*flat, strict=True)
-                ) if flat else (torch.empty(0, dtype=torch.long, device=device),) * 3
+                    (torch.tensor(column, dtype=torch.long, device=device) for column in zip(*flat, strict=True))
+                    if flat
+                    else (torch.empty(0, dtype=torch.long, device=device),) * 3
+                )
                 segments.append(
-                    Segment(name, kind, words.to(device), eot.to(device), is_alp, body_index, position, kind_index, gate_row)
+                    Segment(
+                        name, kind, words.to(device), eot.to(device), is_alp, body_index, position, kind_index, gate_row
+                    )
                 )
         self._segments = segments
         if any(len(s.slot_body) for s in segments):

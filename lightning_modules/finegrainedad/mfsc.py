@@ -175,7 +175,9 @@ class Provenance(BaseModel):
             if self.generator is None:
                 raise ValueError("an image-derived record names its generator (model and prompt_id)")
             if not self.images and self.imported_from is None:
-                raise ValueError("an image-derived record lists the hashes of its images or the file it was imported from")
+                raise ValueError(
+                    "an image-derived record lists the hashes of its images or the file it was imported from"
+                )
         elif self.kind == "documentation" and not self.documentation:
             raise ValueError("a documentation record lists the documentation it was written from")
         elif self.kind == "generic" and self.source != GENERIC_SOURCE:

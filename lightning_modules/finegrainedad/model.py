@@ -69,7 +69,11 @@ class CrossAttentionQueryFormer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(
-        self, normal: torch.Tensor, abnormal: torch.Tensor, normal_features: torch.Tensor, abnormal_features: torch.Tensor
+        self,
+        normal: torch.Tensor,
+        abnormal: torch.Tensor,
+        normal_features: torch.Tensor,
+        abnormal_features: torch.Tensor,
     ) -> torch.Tensor:
         """Intrinsic queries [L,D] (normalised) from all normal [Pn,D] and all abnormal [Pa,D] prompt features.
 
@@ -77,11 +81,9 @@ class CrossAttentionQueryFormer(nn.Module):
         """
         if self.queries.shape[0] != normal.shape[0]:
             raise RuntimeError(f"Query Former has {self.queries.shape[0]} queries for {normal.shape[0]} levels")
-        queries = self.queries.unsqueeze(0)
-        from_normal = self.normal_attention(queries, normal_features[None], normal_features[None], need_weights=False)[0]
-        from_abnormal = self.abnormal_attention(
-            queries, abnormal_features[None], abnormal_features[None], need_weights=False
-        )[0]
+        queries, normal_kv, abnormal_kv = self.queries.unsqueeze(0), normal_features[None], abnormal_features[None]
+        from_normal = self.normal_attention(queries, normal_kv, normal_kv, need_weights=False)[0]
+        from_abnormal = self.abnormal_attention(queries, abnormal_kv, abnormal_kv, need_weights=False)[0]
         return F.normalize(self.project(torch.cat([from_normal[0], from_abnormal[0]], dim=-1)), dim=-1)
 
 
@@ -114,7 +116,9 @@ class FineGrainedADModel(nn.Module):
         super().__init__()
         self.variant = variant
         code = variant == "code"
-        self.prompts = PromptLearner(text_width, n_ctx, n_ctx_ab, n_pro_ab, prototype_rule="raw_mean" if code else "normalised_mean")
+        self.prompts = PromptLearner(
+            text_width, n_ctx, n_ctx_ab, n_pro_ab, prototype_rule="raw_mean" if code else "normalised_mean"
+        )
         self.query_former = LevelQueryFormer(embed_dim) if code else CrossAttentionQueryFormer(embed_dim)
         self.reg_lambda = reg_lambda
         # the code's Attr-MoE: gated attribute prototypes added to the image level, [normal/abnormal, relation/color/
@@ -249,9 +253,7 @@ class FineGrainedADModel(nn.Module):
             )
         if self.train_query_former:
             detached = {key: value.detach() for key, value in levels.items()}
-            losses["query_former"] = query_former_loss(
-                self.queries(detached), detached["normal"], detached["abnormal"]
-            )
+            losses["query_former"] = query_former_loss(self.queries(detached), detached["normal"], detached["abnormal"])
         losses["total"] = sum(losses.values())
         return losses
 

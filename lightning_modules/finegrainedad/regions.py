@@ -118,6 +118,7 @@ def aggregate_regions(
         raise ValueError(f"background_rule must be 'border' or 'prompt', got {background_rule!r}")
     shots, height, width, dim = tokens.shape
     flat = F.normalize(tokens.reshape(-1, dim), dim=-1)
+
     def with_reference(points: torch.Tensor, similarities: torch.Tensor) -> torch.Tensor:
         return similarities if reference_mode == "replace" else torch.cat([points, similarities], dim=1)
 
@@ -146,7 +147,9 @@ def aggregate_regions(
     if len(foreground) > n_components + 1:
         component_similarities = reference_features(flat[foreground], stage2_prompts)
         seeds2 = component_similarities[:, :n_components].argmax(dim=0) if semantic_seeds else None
-        stage2, _ = dpc_knn(with_reference(flat[foreground], component_similarities), n_components + 1, k_stage2, seeds2)
+        stage2, _ = dpc_knn(
+            with_reference(flat[foreground], component_similarities), n_components + 1, k_stage2, seeds2
+        )
         means = torch.stack([
             F.normalize(flat[foreground][stage2 == c].mean(0), dim=-1) for c in range(n_components + 1)
         ])  # fmt: skip
