@@ -115,7 +115,9 @@ def test_component_prompts_insert_defects_and_are_seed_deterministic() -> None:
     assert resistors.normal == ["two black resistors at the top of the board."]
     assert "two black resistors with a crack at the top of the board." in resistors.abnormal
     assert first.background.abnormal == [
-        "black background with a stain.", "black background with a foreign object.", "black background with dust."
+        "black background with a stain.",
+        "black background with a foreign object.",
+        "black background with dust.",
     ]
 
 
@@ -177,8 +179,13 @@ def test_region_aggregation_on_a_real_bottle(mvtec_root: Path) -> None:
         # the language-guided label: the side whose mean token is nearer the background prompt (random text here)
         regions = aggregate_regions(tokens, components, background_prompt, foreground_prompt=foreground)
         sides = [split.flatten(), ~split.flatten()]
-        nearer = max(sides, key=lambda side: float(torch.nn.functional.normalize(flat[side].mean(0), dim=0)
-                                                   @ torch.nn.functional.normalize(background_prompt, dim=0)))
+        nearer = max(
+            sides,
+            key=lambda side: float(
+                torch.nn.functional.normalize(flat[side].mean(0), dim=0)
+                @ torch.nn.functional.normalize(background_prompt, dim=0)
+            ),
+        )
         assert torch.equal(regions.background[0].flatten(), nearer)
         assert len(regions.labels.unique()) >= 2
     weights = region_weights(regions, len(components), (12, 12))
@@ -219,8 +226,13 @@ def test_paper_query_former_is_two_cross_attentions_and_one_projection() -> None
     abnormal_features = torch.nn.functional.normalize(torch.randn(7, 8), dim=-1)
     prototypes = torch.zeros(3, 8)
     ours = former(prototypes, prototypes, normal_features=normal_features, abnormal_features=abnormal_features)
-    fused = torch.cat([cross_attention_by_hand(former.normal_attention, former.queries, normal_features),
-                       cross_attention_by_hand(former.abnormal_attention, former.queries, abnormal_features)], -1)
+    fused = torch.cat(
+        [
+            cross_attention_by_hand(former.normal_attention, former.queries, normal_features),
+            cross_attention_by_hand(former.abnormal_attention, former.queries, abnormal_features),
+        ],
+        -1,
+    )
     expected = torch.nn.functional.normalize(fused @ former.project.weight.T + former.project.bias, dim=-1)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
     # each query's attention really spreads over several prompts: weights are not one-hot
@@ -266,8 +278,9 @@ def test_components_get_regions_one_to_one_where_argmax_would_share() -> None:
     one_to_one = aggregate_regions(tokens, components, axes[3], reference_mode="concat", semantic_seeds=False)
     assert torch.equal(one_to_one.background, truth == 3)
     assert torch.equal(one_to_one.labels == 0, truth == 0) and torch.equal(one_to_one.labels == 1, truth == 1)
-    argmax = aggregate_regions(tokens, components, axes[3], reference_mode="concat", semantic_seeds=False,
-                              assignment="argmax")
+    argmax = aggregate_regions(
+        tokens, components, axes[3], reference_mode="concat", semantic_seeds=False, assignment="argmax"
+    )
     assert not (argmax.labels == 0).any() and torch.equal(argmax.labels == 1, truth == 0)
 
 
@@ -294,3 +307,62 @@ def test_every_prompt_of_every_shipped_record_is_well_formed() -> None:
                     if "{}" in body or "  " in body or not body.strip(" .") or " ." in body:
                         problems.append(f"empty placeholder in {where}")
     assert checked > 2000 and not problems, problems[:10]
+
+
+def test_placeholders_replace_values_in_alps_and_follow_them_in_nhps() -> None:
+    from fsad.lightning_modules.finegrainedad.mfsc import with_placeholders
+
+    text = "two grey resistors at the top of the board."
+    assert (
+        with_placeholders(text, "replace")
+        == "{slot:number} {slot:color} resistors at the {slot:location} of the board."
+    )
+    assert with_placeholders(text, "insert") == (
+        "two {slot:number} grey {slot:color} resistors at the top {slot:location} of the board."
+    )
+    assert with_placeholders("a dark green pad.", "replace") == "a {slot:color} pad."  # one value, not "dark" + green
+    assert with_placeholders("a pad on the board.", "replace") == "a pad on the board."  # nothing to replace
+
+
+@pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
+def test_paper_levels_and_gradients_reach_every_learnable_part() -> None:
+    """Paper variant: levels components…, foreground, image, background; the contrastive loss alone reaches both
+    placeholder sets and the Attr-MoE weights of both sides (only the kinds a component's prompts hold); the
+    Query Former objective reaches the queries. The code variant has no foreground level and no placeholders."""
+    from fsad.lightning_modules.components.clip import BackboneSpec
+    from fsad.lightning_modules.components.prompts import SLOT_KINDS, SLOT_PATTERN
+    from fsad.lightning_modules.finegrainedad.module import FineGrainedAD
+
+    seed_everything(0)
+    tiny = BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[2, 4])
+    record = packaged_record("synthetic", "disc")
+    paper = FineGrainedAD(tiny, image_size=96)
+    texts = mllp_texts(record, placeholders=True)
+    paper.model.build(paper.backbone, texts)
+    assert paper.model.level_names == ["component:disc", "component:stripes", "foreground", "image", "background"]
+    assert paper.model.query_former.queries.shape[0] == 5
+    features = paper.backbone(torch.randn(2, 3, 96, 96))
+    weights = 1 + torch.rand(2, 4, *paper.backbone.grid)
+    losses = paper.model.losses(features, paper.backbone, weights)
+    prompts = paper.model.prompts
+    contrastive = sum(value for name, value in losses.items() if name.startswith("clip/"))
+    normal_u, abnormal_u, gates = torch.autograd.grad(
+        contrastive,
+        [prompts.normal_placeholders, prompts.abnormal_placeholders, prompts.slot_gate_logits],
+        retain_graph=True,
+    )
+    assert normal_u.abs().sum() > 0 and abnormal_u.abs().sum() > 0
+    for row, group in enumerate(prompts.gated_groups):
+        for side, bodies in enumerate((texts.groups()[group].normal, texts.groups()[group].learnable_abnormal)):
+            held = {SLOT_KINDS.index(k) for body in bodies for k in SLOT_PATTERN.findall(body)}
+            assert held, group
+            for kind in range(len(SLOT_KINDS)):
+                assert (gates[side, row, kind] != 0) == (kind in held), (group, side, SLOT_KINDS[kind])
+    losses["total"].backward()
+    assert paper.model.query_former.queries.grad.abs().sum() > 0
+    assert paper.model.attribute_gates is None
+
+    code = FineGrainedAD(BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[1, 3]), image_size=96, variant="code")
+    code.model.build(code.backbone, mllp_texts(record))
+    assert code.model.level_names == ["component:disc", "component:stripes", "image", "background"]
+    assert code.model.prompts.normal_placeholders is None and code.model.prompts.slot_gate_logits is None

@@ -59,8 +59,12 @@ def test_several_normal_context_sets_follow_the_authors_expand_order(backbone: C
         torch.testing.assert_close(embeddings[p, 1:3], learner.normal_context[p])
         for body in range(2):
             torch.testing.assert_close(embeddings[3 + body * 3 + p, 1:3], learner.normal_context[p])
-    normal_rows = learner.normal_context.unsqueeze(0).expand(4, -1, -1, -1).reshape(-1, 2, learner.normal_context.shape[-1])
-    abnormal_rows = learner.abnormal_context.unsqueeze(0).expand(3, -1, -1, -1).reshape(-1, 1, learner.normal_context.shape[-1])
+    normal_rows = (
+        learner.normal_context.unsqueeze(0).expand(4, -1, -1, -1).reshape(-1, 2, learner.normal_context.shape[-1])
+    )
+    abnormal_rows = (
+        learner.abnormal_context.unsqueeze(0).expand(3, -1, -1, -1).reshape(-1, 1, learner.normal_context.shape[-1])
+    )
     torch.testing.assert_close(embeddings[9:, 1:3], normal_rows)
     torch.testing.assert_close(embeddings[9:, 3:4], abnormal_rows)
     assert len({(r % 3, r % 4) for r in range(12)}) == 12 and len(eot) == 21
@@ -86,3 +90,53 @@ def test_overlong_prompt_is_refused(backbone: ClipBackbone) -> None:
     learner = PromptLearner(backbone.text_width)
     with pytest.raises(ValueError, match="prompt too long"):
         learner.build(backbone, {"x": PromptGroupTexts([" ".join(["word"] * 80)], ["a."])})
+
+
+def test_placeholder_is_the_gated_learnable_vector_at_the_value_position(backbone: ClipBackbone) -> None:
+    """Built by hand from the tokenizer and the embedding table: NHP ``a grey <g·v_color> pad.`` and ALP set s
+    ``N N A_s a <g·u_s,color> pad.``, with the Attr-MoE weight g = σ(logit) of the side; the rest is the caption."""
+    from fsad.lightning_modules.components.prompts import SLOT_KINDS, slot
+
+    learner = PromptLearner(backbone.text_width, n_ctx=2, n_ctx_ab=1, n_pro_ab=2)
+    texts = PromptGroupTexts(
+        normal=[f"a grey {slot('color')} pad."], abnormal=["a cracked pad."],
+        learnable_abnormal=[f"a {slot('color')} pad."], gated=True,
+    )  # fmt: skip
+    learner.build(backbone, {"component:pad": texts})
+    color = SLOT_KINDS.index("color")
+    with torch.no_grad():
+        learner.slot_gate_logits[0, 0, color], learner.slot_gate_logits[1, 0, color] = 0.3, -1.2
+    embeddings, eot = learner.prompt_embeddings()
+    assert embeddings.shape[0] == 1 + 1 + 2
+
+    nhp_tokens = backbone.tokenize(["a grey * pad."])[0]  # "*" marks where the placeholder goes
+    nhp_words = backbone.token_embedding(nhp_tokens)
+    at = int((nhp_tokens == backbone.tokenize(["*"])[0, 1]).nonzero())
+    expected = torch.cat([nhp_words[:1], learner.normal_context[0], nhp_words[1:]])[: len(nhp_words)].clone()
+    expected[at + 2] = torch.sigmoid(torch.tensor(0.3)) * learner.normal_placeholders[color]
+    torch.testing.assert_close(embeddings[0], expected)
+
+    alp_tokens = backbone.tokenize(["a * pad."])[0]
+    alp_words = backbone.token_embedding(alp_tokens)
+    at = int((alp_tokens == backbone.tokenize(["*"])[0, 1]).nonzero())
+    for s in range(2):
+        contexts = torch.cat([learner.normal_context[0], learner.abnormal_context[s]])
+        expected = torch.cat([alp_words[:1], contexts, alp_words[1:]])[: len(alp_words)].clone()
+        expected[at + 3] = torch.sigmoid(torch.tensor(-1.2)) * learner.abnormal_placeholders[s, color]
+        torch.testing.assert_close(embeddings[2 + s], expected)
+    assert eot[0] == nhp_tokens.argmax() + 2 and eot[2] == alp_tokens.argmax() + 3
+
+
+def test_placeholder_shapes_come_from_a_checkpoint_before_build(backbone: ClipBackbone) -> None:
+    """A state dict sizes the placeholders and Attr-MoE weights, so loading works before (and survives) build."""
+    from fsad.lightning_modules.components.prompts import slot
+
+    texts = {"component:pad": PromptGroupTexts([f"a grey {slot('color')} pad."], ["a cracked pad."],
+                                               [f"a {slot('color')} pad."], gated=True)}  # fmt: skip
+    trained = PromptLearner(backbone.text_width)
+    trained.build(backbone, texts)
+    fresh = PromptLearner(backbone.text_width)
+    fresh.load_state_dict(trained.state_dict())
+    fresh.build(backbone, texts)
+    for name, value in trained.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[name], value)
