@@ -243,9 +243,8 @@ class ClipBackbone(nn.Module):
         b_v = attn.in_proj_bias[2 * width :] if attn.in_proj_bias is not None else None
         batch, length, _ = x.shape
         v = F.linear(x, w_v, b_v).reshape(batch, length, heads, width // heads).transpose(1, 2)
-        weights = torch.softmax(v @ v.transpose(-2, -1) * (width // heads) ** -0.5, dim=-1)
-        out = (weights @ v).transpose(1, 2).reshape(batch, length, width)
-        return attn.out_proj(out)
+        out = F.scaled_dot_product_attention(v, v, v)  # softmax(v·vᵀ/√d_head)·v, fused
+        return attn.out_proj(out.transpose(1, 2).reshape(batch, length, width))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> BackboneOutput:
