@@ -52,7 +52,9 @@ class BackboneSpec:
         checkpoint: local open_clip checkpoint file; takes precedence over ``pretrained``.
         taps: 1-based transformer blocks whose raw patch tokens are returned (PromptAD uses blocks 3 and 8).
         vv_attention: also compute the V-V attention path (PromptAD/FineGrainedAD patch tokens).
-        precision: ``fp32``, ``fp16`` or ``bf16`` for the frozen weights.
+        precision: ``fp32``, ``fp16`` or ``bf16`` for the frozen weights, as open_clip's ``precision`` (and the
+            authors' code) apply it: linear, convolution and attention weights in low precision, LayerNorms computed
+            in fp32 (``LayerNormFp32``), embeddings kept in fp32 and cast at use.
         cache_dir: where open_clip looks for (and would download) tagged weights.
         authors_tap_hook: return what the PromptAD/FineGrainedAD forward hooks really hold for a tap: their hook
             keeps a view of block L's output, into which block L+1 then adds its attention output in place, so
@@ -86,7 +88,9 @@ class BackboneSpec:
         if isinstance(spec, dict):
             unknown = set(spec) - {f.name for f in fields(cls)}
             if unknown:
-                raise ValueError(f"backbone: unknown field(s) {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+                raise ValueError(
+                    f"backbone: unknown field(s) {sorted(unknown)}; known: {[f.name for f in fields(cls)]}"
+                )
             return cls(**spec)
         raise TypeError(f"backbone: expected a BackboneSpec or a dict, got {type(spec).__name__}")
 
@@ -161,7 +165,9 @@ def _create_clip(spec: BackboneSpec, image_size: int | None) -> nn.Module:
             raise BackboneWeightsError(
                 f"backbone.checkpoint: file not found: {path}. " + _weights_help(spec.arch, spec.pretrained)
             )
-        model = open_clip.create_model(spec.arch, pretrained=None, force_image_size=force_size)
+        model = open_clip.create_model(
+            spec.arch, pretrained=None, force_image_size=force_size, precision=spec.precision
+        )
         open_clip.load_checkpoint(model, str(path), weights_only=True)
         return model
     if spec.pretrained is not None:
@@ -183,8 +189,9 @@ def _create_clip(spec: BackboneSpec, image_size: int | None) -> nn.Module:
             )
         try:
             return open_clip.create_model(
-                spec.arch, pretrained=spec.pretrained, force_image_size=force_size, cache_dir=spec.cache_dir
-            )
+                spec.arch, pretrained=spec.pretrained, force_image_size=force_size, cache_dir=spec.cache_dir,
+                precision=spec.precision,
+            )  # fmt: skip
         except Exception as err:  # hub offline, cache empty, partial download: all end in the same advice
             raise BackboneWeightsError(
                 f"No weights available for backbone {spec.arch!r} / {spec.pretrained!r} ({type(err).__name__}: "
@@ -196,7 +203,7 @@ def _create_clip(spec: BackboneSpec, image_size: int | None) -> nn.Module:
         UserWarning,
         stacklevel=3,
     )
-    return open_clip.create_model(spec.arch, pretrained=None, force_image_size=force_size)
+    return open_clip.create_model(spec.arch, pretrained=None, force_image_size=force_size, precision=spec.precision)
 
 
 class ClipBackbone(nn.Module):
@@ -208,7 +215,7 @@ class ClipBackbone(nn.Module):
         self.spec = spec
         model = _create_clip(spec, image_size)
         model.requires_grad_(False)
-        self.clip = model.to(_PRECISIONS[spec.precision]).eval()
+        self.clip = model.eval()
         visual = self.clip.visual
         blocks = visual.transformer.resblocks
         bad = [t for t in spec.taps if not 1 <= t <= len(blocks)]
@@ -219,7 +226,9 @@ class ClipBackbone(nn.Module):
                 f"backbone.taps: the authors' tap hook needs a block after each tap; {len(blocks)} is last"
             )
         if not all(isinstance(b.attn, nn.MultiheadAttention) for b in blocks):
-            raise BackboneConfigError(f"backbone.arch: {spec.arch} has no standard attention blocks; V-V path unsupported")
+            raise BackboneConfigError(
+                f"backbone.arch: {spec.arch} has no standard attention blocks; V-V path unsupported"
+            )
         self.dtype = _PRECISIONS[spec.precision]
         self.grid: tuple[int, int] = tuple(visual.grid_size)
         self.image_size: tuple[int, int] = tuple(visual.image_size)

@@ -14,6 +14,10 @@ computed:
 * their fp32 training branch reads ``model.model.logit_scalef`` (a typo that only fp16 runs never hit); that name
   is pointed at ``logit_scale``.
 
+``fp16.npz`` holds their own fp16 computation, unchanged (their factory's mixed precision: low-precision linear,
+convolution and attention weights, LayerNorms in fp32): the backbone outputs for the same test tensors and the raw
+text features at their initial fp16 contexts. Training is not compared in fp16.
+
 Usage (needs the authors' requirements: loguru, scikit-image, matplotlib, seaborn, pandas)::
 
     python tests/parity/make_golden.py promptad --authors /path/to/PromptAD --data ../shared/data/mvtec_ad
@@ -67,11 +71,12 @@ def import_authors(repo: Path):
     return authors_datasets, authors_model, CLIPAD, train_seg, train_cls
 
 
-def build_authors_model(authors_model, clipad, n_pro: int):
-    """Their ``PromptAD`` on ``fsad-parity`` with name-filled weights, as fp32 (see the module docstring)."""
+def build_authors_model(authors_model, clipad, n_pro: int, precision: str = "fp32"):
+    """Their ``PromptAD`` on ``fsad-parity`` with name-filled weights, as fp32 (see the module docstring) or, with
+    ``precision="fp16"``, exactly as they build it."""
 
-    def create_without_download(model_name, pretrained=None, precision="fp32", **_):
-        model = clipad.create_model(model_name, pretrained=None)
+    def create_without_download(model_name, pretrained=None, **_):  # their call always asks for fp16
+        model = clipad.create_model(model_name, pretrained=None, precision=precision)
         fill_by_name(model, WEIGHT_SEED)
         return model, None, None
 
@@ -84,6 +89,8 @@ def build_authors_model(authors_model, clipad, n_pro: int):
         img_resize=IMAGE_SIZE, img_cropsize=IMAGE_SIZE,
     )  # fmt: skip
     model = authors_model.PromptAD(**kwargs)
+    if precision == "fp16":  # their default: nothing to adjust
+        return model
     model.precision = "fp32"
     model.prompt_learner = authors_model.PromptLearner(4, n_pro, 1, 4, "bottle", model.model, "fp32")
     model.float()
@@ -119,9 +126,7 @@ def authors_text_features(model) -> dict[str, np.ndarray]:
             "raw_handcrafted": as_array(
                 model.encode_text_embedding(handcrafted, model.tokenized_abnormal_prompts_handle)
             ),
-            "raw_learnable": as_array(
-                model.encode_text_embedding(learned, model.tokenized_abnormal_prompts_learned)
-            ),
+            "raw_learnable": as_array(model.encode_text_embedding(learned, model.tokenized_abnormal_prompts_learned)),
         }
 
 
@@ -133,7 +138,12 @@ def run_task(task: str, data_root: Path, modules, workdir: Path) -> dict[str, np
     def load_golden(category, k_shot):
         train = ([str(data_root / p) for p in SUPPORT], [0] * len(SUPPORT), [0] * len(SUPPORT), ["good"] * len(SUPPORT))
         masks = [str(data_root / m) if (m := mask_of(p)) else 0 for p in TEST]
-        test = ([str(data_root / p) for p in TEST], masks, [int(m != 0) for m in masks], [p.split("/")[-2] for p in TEST])
+        test = (
+            [str(data_root / p) for p in TEST],
+            masks,
+            [int(m != 0) for m in masks],
+            [p.split("/")[-2] for p in TEST],
+        )
         return train, test
 
     authors_datasets.load_function_dict["golden"] = load_golden
@@ -151,7 +161,9 @@ def run_task(task: str, data_root: Path, modules, workdir: Path) -> dict[str, np
     # their preprocessing: support shots BGR→RGB before the transform, test images fed as read (BGR)
     import cv2  # noqa: PLC0415
 
-    support = [model.transform(Image.fromarray(cv2.cvtColor(train_set[i][0], cv2.COLOR_BGR2RGB))) for i in range(len(SUPPORT))]
+    support = [
+        model.transform(Image.fromarray(cv2.cvtColor(train_set[i][0], cv2.COLOR_BGR2RGB))) for i in range(len(SUPPORT))
+    ]
     test = [model.transform(Image.fromarray(test_set[i][0])) for i in range(len(TEST))]
     out["support_images"] = as_array(torch.stack(support))
     out["test_images"] = as_array(torch.stack(test))
@@ -166,7 +178,13 @@ def run_task(task: str, data_root: Path, modules, workdir: Path) -> dict[str, np
     calls: dict[str, list] = {}
     record_calls(model, ["calculate_textual_anomaly_score", "calculate_visual_anomaly_score", "forward"], calls)
     args = argparse.Namespace(
-        lr=LEARNING_RATE, momentum=0.9, weight_decay=0.0005, Epoch=EPOCHS, lambda1=0.001, resolution=EVAL_SIZE, vis=False
+        lr=LEARNING_RATE,
+        momentum=0.9,
+        weight_decay=0.0005,
+        Epoch=EPOCHS,
+        lambda1=0.001,
+        resolution=EVAL_SIZE,
+        vis=False,
     )
     if task == "seg":
         result = train_seg.fit(model, args, test_loader, "cpu", img_dir=str(workdir), check_path=str(workdir / "s.pt"),
@@ -176,7 +194,9 @@ def run_task(task: str, data_root: Path, modules, workdir: Path) -> dict[str, np
         out["anomaly_map"] = np.stack(calls["forward"][-1]).astype(np.float32)
         out["best_pixel_auroc"] = np.float32(result["p_roc"])
     else:
-        result = train_cls.fit(model, args, test_loader, "cpu", check_path=str(workdir / "c.pt"), train_data=train_loader)
+        result = train_cls.fit(
+            model, args, test_loader, "cpu", check_path=str(workdir / "c.pt"), train_data=train_loader
+        )
         text_score = as_array(calls["calculate_textual_anomaly_score"][-1])
         visual_maps = np.stack(calls["forward"][-1][1]).astype(np.float32)
         visual_max = visual_maps.reshape(len(TEST), -1).max(axis=1)
@@ -191,8 +211,22 @@ def run_task(task: str, data_root: Path, modules, workdir: Path) -> dict[str, np
     return out
 
 
+def run_fp16(modules, test_images: np.ndarray) -> dict[str, np.ndarray]:
+    """Their fp16 model as shipped: backbone outputs of the fp32 run's test tensors and initial text features."""
+    _, authors_model, clipad, train_seg, _ = modules
+    train_seg.setup_seed(AUTHORS_SEED)
+    model = build_authors_model(authors_model, clipad, n_pro=1, precision="fp16")
+    with torch.no_grad():
+        cls, vv, tap3, tap8 = model.encode_image(torch.from_numpy(test_images))
+    out = dict(test_cls=as_array(cls), test_vv=as_array(vv), test_tap3=as_array(tap3), test_tap8=as_array(tap8))
+    out["initial_normal_context"] = as_array(model.prompt_learner.normal_ctx)
+    out["initial_abnormal_context"] = as_array(model.prompt_learner.abnormal_ctx)
+    out.update({f"initial_{k}": v for k, v in authors_text_features(model).items()})
+    return out
+
+
 def generate(authors_repo: Path, data_root: Path, out_dir: Path) -> None:
-    """Write ``seg.npz``, ``cls.npz`` and ``meta.json`` for the PromptAD parity tests."""
+    """Write ``seg.npz``, ``cls.npz``, ``fp16.npz`` and ``meta.json`` for the PromptAD parity tests."""
     authors_repo, data_root = authors_repo.resolve(), data_root.resolve()
     modules = import_authors(authors_repo)
     modules[2].add_model_config(ARCH_CONFIG)
@@ -200,6 +234,8 @@ def generate(authors_repo: Path, data_root: Path, out_dir: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for task in ("seg", "cls"):
             np.savez_compressed(out_dir / f"{task}.npz", **run_task(task, data_root, modules, Path(tmp)))
+    with np.load(out_dir / "seg.npz") as seg:
+        np.savez_compressed(out_dir / "fp16.npz", **run_fp16(modules, seg["test_images"]))
     commit = subprocess.run(
         ["git", "-C", str(authors_repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
