@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_only
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -264,6 +265,14 @@ class FewShotDataModule(LightningDataModule, ABC):
             worker_init_fn=seed_worker_transforms,
             persistent_workers=False,
         )
+
+    def support_images(self, size: int) -> torch.Tensor:
+        """The k-shot support images, unaugmented, read from their files at ``size`` pixels (this datamodule's resize
+        rule) and normalised: [K,3,size,size]. FineGrainedAD's region aggregation reads them at high resolution."""
+        self.setup()
+        transform = PairedTransform(size, self.eval_size, self.mean, self.std, None, self.resize)
+        pictures = [load_rgb(s.image_path) for s in self.support_samples]
+        return torch.stack([transform(p, np.zeros(p.shape[:2], dtype=np.uint8))[0] for p in pictures])
 
     def support_dataloader(self) -> DataLoader:
         """The k-shot normal references, unaugmented, in a fixed order."""

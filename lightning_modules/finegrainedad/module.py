@@ -5,11 +5,9 @@ from __future__ import annotations
 import warnings
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
 from fsad.batch import Batch
-from fsad.datamodules.transforms import PairedTransform, load_rgb
 from fsad.lightning_modules.components.clip import BackboneSpec
 from fsad.lightning_modules.finegrainedad.mfsc import (
     CaptionRecord,
@@ -123,21 +121,21 @@ class FineGrainedAD(PromptTuningModule):
         self.model.build(self.backbone, texts)
 
     def on_fit_start(self) -> None:
-        self.region_weights_by_path = self.compute_region_weights(self.trainer.datamodule.support_paths)
+        data = self.trainer.datamodule
+        high_res = data.support_images(self.hparams.slice_factor * self.hparams.image_size)
+        self.region_weights_by_path = self.compute_region_weights(data.support_paths, high_res)
 
-    def support_tokens_high_res(self, paths: list[str]) -> torch.Tensor:
-        """V-V tokens of each shot at ``slice_factor × image_size``, from factor² backbone passes: [K,H,W,D]."""
+    def support_tokens_high_res(self, images: torch.Tensor) -> torch.Tensor:
+        """V-V tokens of support shots [K,3,f·S,f·S] (read at ``slice_factor × image_size``) from f² backbone passes
+        on their tiles: [K, f·rows, f·cols, D]."""
         factor, size = self.hparams.slice_factor, self.hparams.image_size
-        transform = PairedTransform(size * factor, 8, self.backbone.image_mean, self.backbone.image_std)
-        pictures = [load_rgb(p) for p in paths]
-        images = torch.stack([transform(pic, np.zeros(pic.shape[:2], dtype=np.uint8))[0] for pic in pictures])
         tiles = slice_tiles(images.to(self.device), factor, size)
         tokens = torch.cat([self.backbone(chunk).vv_tokens for chunk in tiles.split(16)])
-        return stitch_tiles(tokens, len(paths), factor, self.backbone.grid)
+        return stitch_tiles(tokens, len(images), factor, self.backbone.grid)
 
-    def compute_region_weights(self, paths: list[str]) -> dict[str, torch.Tensor]:
-        """MLSA region aggregation on the support shots, once per run: path → [N_c+2, rows, cols] weights
-        (components…, foreground, background).
+    def compute_region_weights(self, paths: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """MLSA region aggregation on the support shots (``images`` at high resolution, in ``paths`` order), once per
+        run: path → [N_c+2, rows, cols] weights (components…, foreground, background).
 
         A generic record has no components to aggregate: its background level weighs every token 1.
         """
@@ -148,7 +146,7 @@ class FineGrainedAD(PromptTuningModule):
         component_prompts = torch.stack([groups[f"component:{c}"].normal_prototype for c in self.model.components])
         foreground = groups["foreground"].normal_prototype if "foreground" in groups else None
         regions = aggregate_regions(
-            self.support_tokens_high_res(paths), component_prompts, groups["background"].normal_prototype,
+            self.support_tokens_high_res(images), component_prompts, groups["background"].normal_prototype,
             semantic_seeds=self.semantic_seeds, reference_mode=self.hparams.reference_mode,
             background_rule=self.hparams.background_rule, assignment=self.assignment, foreground_prompt=foreground,
         )  # fmt: skip

@@ -159,12 +159,17 @@ def test_tiles_stitch_back_in_place() -> None:
 @pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
 def test_region_aggregation_on_a_real_bottle(mvtec_root: Path) -> None:
     from fsad.lightning_modules.components.clip import BackboneSpec
+    from fsad.datamodules.mvtec import MVTecDataModule
     from fsad.lightning_modules.finegrainedad.module import FineGrainedAD
 
     seed_everything(0)
     module = FineGrainedAD(BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[2, 4]), image_size=96, slice_factor=4)
     module.model.build(module.backbone, mllp_texts(packaged_record("mvtec", "bottle"), placeholders=True))
-    tokens = module.support_tokens_high_res([str(mvtec_root / "bottle/train/good/000.png")])
+    data = MVTecDataModule(root=str(mvtec_root), category="bottle", k_shot=1, image_size=96, eval_size=64,
+                           support_files=["000.png"])  # fmt: skip
+    high_res = data.support_images(4 * 96)
+    assert high_res.shape == (1, 3, 384, 384)
+    tokens = module.support_tokens_high_res(high_res)
     assert tokens.shape == (1, 48, 48, module.backbone.embed_dim)
     groups = module.model.prompts.encode(module.backbone)
     components = torch.stack([groups[f"component:{c}"].normal_prototype for c in module.model.components])
