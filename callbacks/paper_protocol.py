@@ -2,7 +2,9 @@
 
 PromptAD and FineGrainedAD evaluate the test set after every training epoch and report the best epoch per category
 (methods.md §4, "Reporting hazards"). :class:`BestEpochOnTest` reproduces that during ``fit`` and writes every
-epoch's numbers plus the best to ``<run_dir>/paper_best_epoch.json``. Honest results come from ``fsad test``.
+epoch's numbers plus the best to ``<run_dir>/paper_best_epoch.json``; :class:`PaperMaxFusion` logs their
+``max(AUROC(harmonic), AUROC(mean))`` image score. Honest results come from ``fsad test``.
+:func:`paper_protocol_callbacks` gives the callbacks a module's ``protocol`` asks for; the fsad CLI adds them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from fsad.callbacks.metrics import exact_auroc
+from fsad.batch import Batch
+from fsad.callbacks.metrics import broadcast_from_rank_zero, exact_auroc, gather_to_rank_zero
 
 
 class BestEpochOnTest(Callback):
@@ -65,3 +68,44 @@ class BestEpochOnTest(Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"best": self.best, "epochs": self.history}, indent=1))
         print(f"paper protocol: best epoch on the test set {self.best} (all epochs in {path})")
+
+
+class PaperMaxFusion(Callback):
+    """The authors' image AUROC: ``max(AUROC(harmonic), AUROC(mean))`` over the two fusions of the visual and
+    textual image scores, which picks the fusion with test labels; logged as ``image_AUROC_paper_max_fusion``.
+
+    Reads ``pl_module.model.last_image_parts`` ([B,2]: max M_v, textual score) after each test batch; exact under DDP
+    (every rank's samples are gathered by dataset index, padding duplicates dropped).
+    """
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.parts: dict[int, tuple[int, float, float]] = {}
+
+    def on_test_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Batch, batch: Batch, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        parts = pl_module.model.last_image_parts.cpu()
+        for row, index in enumerate(outputs.index.tolist()):
+            self.parts[index] = (int(outputs.gt_label[row]), float(parts[row, 0]), float(parts[row, 1]))
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        shards = gather_to_rank_zero(self.parts)
+        value = None
+        if shards is not None:
+            merged = {k: v for shard in shards for k, v in shard.items()}
+            labels, visual, text = (np.array(column, dtype=np.float64) for column in zip(*merged.values(), strict=True))
+            harmonic = 1.0 / (1.0 / np.clip(visual, 1e-12, None) + 1.0 / np.clip(text, 1e-12, None))
+            value = max(exact_auroc(harmonic, labels), exact_auroc((visual + text) / 2, labels))
+        pl_module.log("image_AUROC_paper_max_fusion", broadcast_from_rank_zero(value), sync_dist=False)
+
+
+def paper_protocol_callbacks(module: LightningModule) -> list[Callback]:
+    """The callbacks ``protocol: paper`` (or its two switches) asks of a PromptAD/FineGrainedAD module; none for
+    other modules. Add them to a Trainer built by hand; ``fsad fit|test`` adds them itself."""
+    callbacks: list[Callback] = []
+    if getattr(module, "best_epoch_on_test", False):
+        callbacks.append(BestEpochOnTest())
+    if getattr(module, "max_fusion_quirk", False):
+        callbacks.append(PaperMaxFusion())
+    return callbacks

@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only
 # LightningModule, LightningDataModule and Callback: jsonargparse resolves short class names on the command line
 # (``--model FineGrainedAD``, ``--data MVTecDataModule``) among those.
 from fsad.callbacks import heatmaps, metrics, paper_protocol, predictions, results  # noqa: F401
+from fsad.callbacks.paper_protocol import paper_protocol_callbacks
 from fsad.callbacks.results import config_hash
 from fsad.datamodules import auxiliary, folder, mvtec, predict, realiad, synthetic, visa  # noqa: F401
 from fsad.errors import CheckpointError
@@ -212,6 +213,7 @@ class FsadCLI(LightningCLI):
                 callback.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
         if self.signal_guard is not None:
             trainer.callbacks.append(CheckpointOnSignal(self.signal_guard))
+        trainer.callbacks.extend(paper_protocol_callbacks(self.model))  # protocol: paper (reads test labels)
         return trainer
 
 

@@ -7,13 +7,9 @@ import warnings
 from abc import abstractmethod
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from lightning.pytorch import Callback
 
 from fsad.batch import Batch
-from fsad.callbacks.metrics import broadcast_from_rank_zero, exact_auroc, gather_to_rank_zero
-from fsad.callbacks.paper_protocol import BestEpochOnTest
 from fsad.lightning_modules.base import FewShotAnomalyModule
 from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec
 from fsad.lightning_modules.promptad.model import PromptADModel, Variant, check_variant
@@ -83,34 +79,6 @@ class PromptTuningModule(FewShotAnomalyModule):
                 stacklevel=2,
             )
 
-    def configure_callbacks(self) -> list[Callback]:
-        """Paper mode adds the authors' best-epoch-on-test selection (it reads test labels; see its warning)."""
-        return [BestEpochOnTest()] if self.best_epoch_on_test else []
-
-    def on_test_epoch_start(self) -> None:
-        self._fusion_parts: dict[int, tuple[int, float, float]] = {}
-
-    def test_step(self, batch: Batch, batch_idx: int) -> Batch:
-        result = super().test_step(batch, batch_idx)
-        if self.max_fusion_quirk:
-            parts = self.model.last_image_parts.cpu()
-            for row, index in enumerate(result.index.tolist()):
-                self._fusion_parts[index] = (int(result.gt_label[row]), float(parts[row, 0]), float(parts[row, 1]))
-        return result
-
-    def on_test_epoch_end(self) -> None:
-        """The authors' ``max(AUROC(harmonic), AUROC(mean))`` over the two image-score fusions, logged separately."""
-        if not self.max_fusion_quirk:
-            return
-        shards = gather_to_rank_zero(self._fusion_parts)
-        value = None
-        if shards is not None:
-            merged = {k: v for shard in shards for k, v in shard.items()}
-            labels, visual, text = (np.array(column, dtype=np.float64) for column in zip(*merged.values(), strict=True))
-            harmonic = 1.0 / (1.0 / np.clip(visual, 1e-12, None) + 1.0 / np.clip(text, 1e-12, None))
-            value = max(exact_auroc(harmonic, labels), exact_auroc((visual + text) / 2, labels))
-        self.log("image_AUROC_paper_max_fusion", broadcast_from_rank_zero(value), sync_dist=False)
-
     @abstractmethod
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters the optimiser updates (the backbone is frozen)."""
@@ -170,7 +138,8 @@ class PromptAD(PromptTuningModule):
         best_epoch_on_test: evaluate the test set after every epoch and report the best (reads test labels);
             default from ``protocol``.
         max_fusion_quirk: also log ``max(AUROC(harmonic), AUROC(mean))`` of the two image-score fusions as
-            ``image_AUROC_paper_max_fusion``; default from ``protocol``.
+            ``image_AUROC_paper_max_fusion``; default from ``protocol``. Both switches are carried out by the
+            callbacks of :func:`fsad.callbacks.paper_protocol.paper_protocol_callbacks`, which ``fsad`` adds.
         eam_token_axis_quirk: sum L_EAM's squared differences over tokens (the authors' TripletLoss); default from
             ``variant``.
     """

@@ -158,8 +158,8 @@ def test_tiles_stitch_back_in_place() -> None:
 
 @pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
 def test_region_aggregation_on_a_real_bottle(mvtec_root: Path) -> None:
-    from fsad.lightning_modules.components.clip import BackboneSpec
     from fsad.datamodules.mvtec import MVTecDataModule
+    from fsad.lightning_modules.components.clip import BackboneSpec
     from fsad.lightning_modules.finegrainedad.module import FineGrainedAD
 
     seed_everything(0)
