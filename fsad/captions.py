@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from fsad.datamodules.mvtec import list_images
+from fsad.lightning_modules.components.prompts import render_slots
 from fsad.lightning_modules.finegrainedad.caption_lint import lint_record
 from fsad.lightning_modules.finegrainedad.mfsc import (
     CaptionRecordError,
@@ -45,8 +46,9 @@ def validate(targets: list[str]) -> int:
     return 1 if failures or not files else 0
 
 
-def show(dataset: str | None, category: str | None, file: str | None, seed: int) -> int:
-    """Print every level's prompt bodies (normal / handcrafted abnormal / learnable abnormal)."""
+def show(dataset: str | None, category: str | None, file: str | None, seed: int, variant: str = "paper") -> int:
+    """Print every level's prompts (normal / handcrafted abnormal / learnable abnormal) as ``variant`` builds them:
+    ``N`` a shared normal context, ``A`` an abnormal context, ``<kind>`` a learnable placeholder."""
     try:
         record = load_record(file) if file else packaged_record(dataset or "", category or "")
     except CaptionRecordError as err:
@@ -55,12 +57,12 @@ def show(dataset: str | None, category: str | None, file: str | None, seed: int)
     print("[provenance]")
     for key, value in caption_provenance_summary(record).items():
         print(f"  {key}: {value}")
-    for name, group in mllp_texts(record, seed=seed).groups().items():
-        print(f"[{name}]")
+    for name, group in mllp_texts(record, seed=seed, placeholders=variant == "paper").groups().items():
+        print(f"[{name}]" + (" (Attr-MoE weights on its placeholders)" if group.gated else ""))
         for kind, bodies in (("NHP", group.normal), ("AHP", group.abnormal), ("ALP", group.learnable_abnormal)):
             for body in bodies:
                 prefix = "N N N N A" if kind == "ALP" else "N N N N"
-                print(f"  {kind}  {prefix} {body}")
+                print(f"  {kind}  {prefix} {render_slots(body)}")
     return 0
 
 
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("category", nargs="?", help="packaged record: category")
     view.add_argument("--file", help="a record file instead of a packaged one")
     view.add_argument("--seed", type=int, default=0, help="seed of the random choices in the prompts")
+    view.add_argument("--variant", choices=["paper", "code"], default="paper", help="FineGrainedAD variant's prompts")
     bring = sub.add_parser("import", help="convert the FineGrainedAD authors' records file (parsed, never run)")
     bring.add_argument("--from", dest="source", required=True, help="path of fine_grained_prompts.py")
     bring.add_argument("--out", required=True, help="folder for <dataset>/<category>.json (use it as captions:)")
@@ -144,4 +147,4 @@ def main(argv: list[str]) -> int:
         return generate_command(args)
     if args.action == "import":
         return import_command(args)
-    return show(args.dataset, args.category, args.file, args.seed)
+    return show(args.dataset, args.category, args.file, args.seed, args.variant)

@@ -71,6 +71,19 @@ def test_show_prints_the_provenance(capsys: pytest.CaptureFixture[str]) -> None:
     assert "[component:" not in out
 
 
+def test_show_prints_each_variants_prompts(capsys: pytest.CaptureFixture[str]) -> None:
+    """The paper variant's foreground level and placeholders; the code variant's contexts + caption ALPs."""
+    from fsad.cli import main
+
+    assert main(["captions", "show", "synthetic", "disc"]) == 0
+    paper = capsys.readouterr().out
+    assert "[foreground]" in paper and "[component:disc] (Attr-MoE weights on its placeholders)" in paper
+    assert "ALP  N N N N A a <shape> <color> disc in the <location>." in paper
+    assert main(["captions", "show", "synthetic", "disc", "--variant", "code"]) == 0
+    code = capsys.readouterr().out
+    assert "[foreground]" not in code and "ALP  N N N N A a round grey disc in the center." in code
+
+
 def test_captions_option_accepts_a_folder(tmp_path: Path) -> None:
     (tmp_path / "visa").mkdir()
     data = packaged_record("visa", "pcb1").model_dump(mode="json")
