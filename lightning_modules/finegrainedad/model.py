@@ -22,7 +22,7 @@ from fsad.lightning_modules.components.memory_bank import MemoryBank
 from fsad.lightning_modules.components.postprocess import harmonic_fusion
 from fsad.lightning_modules.components.prompts import GroupFeatures, PromptLearner
 from fsad.lightning_modules.finegrainedad.mfsc import PromptTexts
-from fsad.lightning_modules.promptad.model import two_way_probability
+from fsad.lightning_modules.promptad.model import two_way_probability, upsampled_max
 
 
 class LevelQueryFormer(nn.Module):
@@ -111,10 +111,11 @@ class FineGrainedADModel(nn.Module):
         self, text_width: int, embed_dim: int, n_ctx: int = 4, n_ctx_ab: int = 1, n_pro_ab: int = 4,
         eam_margin: float = 1.0, mean_loss_weight: float = 0.001, reg_weight: float = 1.0,
         temperature_quirk: bool = False, image_reweighting: bool = False, train_query_former: bool = True,
-        variant: str = "paper", reg_lambda: float = 1.0,
+        variant: str = "paper", reg_lambda: float = 1.0, image_max_size: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.variant = variant
+        self.image_max_size = image_max_size  # code: max M_v of Eq. 8 over the map upsampled to this size
         code = variant == "code"
         self.prompts = PromptLearner(
             text_width, n_ctx, n_ctx_ab, n_pro_ab, prototype_rule="raw_mean" if code else "normalised_mean"
@@ -278,5 +279,9 @@ class FineGrainedADModel(nn.Module):
         grid = harmonic_fusion(textual, visual).reshape(visual.shape[0], *features.grid)
         cls = F.normalize(features.cls, dim=-1)
         image_text = token_wise_scores(cls, levels["queries"], levels["normal"], levels["abnormal"], t)
-        self.last_image_parts = torch.stack([visual.amax(dim=1), image_text], dim=1)  # for the paper's fusion quirk
-        return grid, harmonic_fusion(visual.amax(dim=1), image_text)
+        if self.image_max_size is None:
+            visual_max = visual.amax(dim=1)
+        else:  # the authors' cls forward: max of the bilinearly upsampled visual map
+            visual_max = upsampled_max(visual.reshape(visual.shape[0], *features.grid), self.image_max_size)
+        self.last_image_parts = torch.stack([visual_max, image_text], dim=1)  # for the paper's fusion quirk
+        return grid, harmonic_fusion(visual_max, image_text)

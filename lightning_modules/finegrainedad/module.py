@@ -95,7 +95,7 @@ class FineGrainedAD(PromptTuningModule):
             mean_loss_weight, reg_weight, temperature_quirk=code if temperature_quirk is None else temperature_quirk,
             image_reweighting=not code if image_reweighting is None else image_reweighting,
             train_query_former=not code if train_query_former is None else train_query_former,
-            variant=variant, reg_lambda=reg_lambda,
+            variant=variant, reg_lambda=reg_lambda, image_max_size=eval_size if code else None,
         )  # fmt: skip
         self.semantic_seeds = not code if semantic_seeds is None else semantic_seeds
         self.assignment = ("argmax" if code else "one_to_one") if assignment is None else assignment
