@@ -69,6 +69,11 @@ class PromptGroupTexts:
 
 PrototypeRule = Literal["normalised_mean", "raw_mean"]
 
+EmbeddingMixes = dict[str, tuple[str, torch.Tensor, torch.Tensor]]
+"""source group → (target group, normal weight, abnormal weight): the FineGrainedAD code's Attr-MoE. Row r of each
+target NHP (ALP) gets ``weight ·`` row r of the source's NHPs (ALPs), contexts, start and end tokens included; the
+target AHP rows get the source AHP rows with the largest mean embedding value, in descending order (their top-k)."""
+
 
 @dataclass
 class GroupFeatures:
@@ -310,11 +315,15 @@ class PromptLearner(nn.Module):
             values = values * torch.sigmoid(self.slot_gate_logits[side, segment.gate_row, kind]).unsqueeze(-1)
         return rows.index_put((row, position), values.to(rows.dtype))
 
-    def prompt_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token embeddings [P,L,W] of every prompt, body-major (each body's context rows together), and EOT indices."""
+    def prompt_embeddings(self, mixes: EmbeddingMixes | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings [P,L,W] of every prompt, body-major (each body's context rows together), and EOT indices.
+
+        ``mixes`` (FineGrainedAD ``variant: code``'s Attr-MoE) adds whole prompt sequences of source groups into a
+        target group's rows before the text tower, see :data:`EmbeddingMixes`; source groups are then not encoded.
+        """
         if not self.is_built:
             raise RuntimeError("PromptLearner.build must run before encoding")
-        rows, eots = [], []
+        built: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         for segment in self._segments:
             if segment.words.numel() == 0:
                 continue
@@ -324,17 +333,32 @@ class PromptLearner(nn.Module):
             spliced = self._splice(words.repeat_interleave(per_body, dim=0), contexts.repeat(len(words), 1, 1))
             if len(segment.slot_body):
                 spliced = self._fill_slots(spliced, segment, per_body, contexts.shape[1])
-            rows.append(spliced)
-            eots.append((segment.eot + contexts.shape[1]).repeat_interleave(per_body))
-        return torch.cat(rows), torch.cat(eots)
+            built[segment.group, segment.kind] = (spliced, (segment.eot + contexts.shape[1]).repeat_interleave(per_body))
+        for source, (target, normal_weight, abnormal_weight) in (mixes or {}).items():
+            for kind in ("normal", "handcrafted", "learnable"):
+                if (target, kind) not in built or (source, kind) not in built:
+                    continue
+                rows, eot = built[target, kind]
+                added = built[source, kind][0]
+                if kind == "handcrafted":  # the code keeps the rows with the largest mean embedding value, in order
+                    if len(added) < len(rows):
+                        raise ValueError(f"{source}: {len(added)} handcrafted prompts to mix into {len(rows)} of {target}")
+                    added = added[added.float().mean(dim=(1, 2)).topk(len(rows)).indices]
+                weight = normal_weight if kind == "normal" else abnormal_weight
+                built[target, kind] = (rows + weight * added, eot)
+        kept = [key for key in built if key[0] not in (mixes or {})]
+        return torch.cat([built[key][0] for key in kept]), torch.cat([built[key][1] for key in kept])
 
-    def encode(self, backbone: ClipBackbone, truncate: bool = True, bucket: int = 8) -> dict[str, GroupFeatures]:
-        """Encode every group through the text tower (with gradients to the contexts).
+    def encode(
+        self, backbone: ClipBackbone, truncate: bool = True, bucket: int = 8, mixes: EmbeddingMixes | None = None
+    ) -> dict[str, GroupFeatures]:
+        """Encode every group (but the sources of ``mixes``) through the text tower, with gradients to the contexts.
 
         With ``truncate`` the prompts are grouped by length into buckets of ``bucket`` tokens and each bucket is
-        encoded only up to its own longest prompt, which is exact under CLIP's causal mask (P2).
+        encoded only up to its own longest prompt, which is exact under CLIP's causal mask (P2); mixed-in sequences
+        beyond a target's end-of-text are cut with it, as the causal mask ignores them.
         """
-        embeddings, eot = self.prompt_embeddings()
+        embeddings, eot = self.prompt_embeddings(mixes)
         if truncate:
             features = torch.empty(len(eot), backbone.embed_dim, device=embeddings.device)
             lengths = torch.div(eot, bucket, rounding_mode="floor")
@@ -346,6 +370,8 @@ class PromptLearner(nn.Module):
         parts: dict[str, dict[str, torch.Tensor]] = {}
         start = 0
         for segment in self._segments:
+            if segment.group in (mixes or {}):
+                continue
             count = len(segment.words) * self.rows_per_body(segment.is_alp) if segment.words.numel() else 0
             parts.setdefault(segment.group, {})[f"raw_{segment.kind}"] = features[start : start + count]
             start += count
