@@ -51,7 +51,9 @@ AUTHORS_SEED = 111
 SUPPORT = ["bottle/train/good/000.png", "bottle/train/good/001.png"]
 TEST = ["bottle/test/good/000.png", "bottle/test/broken_large/000.png", "bottle/test/contamination/000.png"]
 #: Their prompt learner's attribute-weight parameters (the Attr-MoE scalars, squashed by a sigmoid in ``forward``).
-ATTRIBUTE_WEIGHTS = [f"{side}_{kind}_w" for side in ("normal", "abnormal") for kind in ("relation", "color", "texture", "shape")]
+ATTRIBUTE_WEIGHTS = [
+    f"{side}_{kind}_w" for side in ("normal", "abnormal") for kind in ("relation", "color", "texture", "shape")
+]
 #: Tokenized prompt sets stored on their prompt learner, by the level/kind names we store them under.
 TOKENIZED = {
     "image/normal": "tokenized_normal_prompts",
@@ -93,9 +95,11 @@ def level_features(model) -> dict[str, np.ndarray]:
         }  # fmt: skip
         for index in range(learner.num_entity):
             out[f"entity{index}/normal"] = model.encode_text_embedding(
-                entity_normal[index], model.tokenized_normal_entity_prompts_list[index])
+                entity_normal[index], model.tokenized_normal_entity_prompts_list[index]
+            )
             out[f"entity{index}/handcrafted"] = model.encode_text_embedding(
-                entity_handle[index], model.tokenized_abnormal_entity_prompts_handle_list[index])
+                entity_handle[index], model.tokenized_abnormal_entity_prompts_handle_list[index]
+            )
             out[f"entity{index}/learnable"] = model.encode_text_embedding(
                 entity_learned[index], model.tokenized_abnormal_entity_prompts_learned_list[index])  # fmt: skip
     return {key: as_array(value) for key, value in out.items()}
@@ -103,7 +107,10 @@ def level_features(model) -> dict[str, np.ndarray]:
 
 def learner_state(model, stage: str) -> dict[str, np.ndarray]:
     learner = model.prompt_learner
-    out = {f"{stage}_normal_context": as_array(learner.normal_ctx), f"{stage}_abnormal_context": as_array(learner.abnormal_ctx)}
+    out = {
+        f"{stage}_normal_context": as_array(learner.normal_ctx),
+        f"{stage}_abnormal_context": as_array(learner.abnormal_ctx),
+    }
     for name in ATTRIBUTE_WEIGHTS:
         out[f"{stage}_{name}"] = as_array(getattr(learner, name))
     out.update({f"{stage}_text/{key}": value for key, value in level_features(model).items()})
@@ -119,15 +126,27 @@ def prompt_texts(tokenize_calls: list[str], learner, tokenize) -> dict[str, list
         stored[f"entity{index}/normal"] = learner.tokenized_normal_entity_prompts_list[index]
         stored[f"entity{index}/handcrafted"] = learner.tokenized_abnormal_entity_prompts_handle_list[index]
         stored[f"entity{index}/learnable"] = learner.tokenized_abnormal_entity_prompts_learned_list[index]
-    texts = {}
+    texts, ends = {}, {}
     for key, tensor in stored.items():
         rows = tensor.shape[0]
         for start in range(len(tokens) - rows + 1):
             if all(torch.equal(tokens[start + row], tensor[row]) for row in range(rows)):
-                texts[key] = tokenize_calls[start : start + rows]
+                texts[key], ends[key] = tokenize_calls[start : start + rows], start + rows
                 break
         else:
             raise RuntimeError(f"no recorded prompt strings tokenize to {key}")
+    # the Attr-MoE attribute prompts are not kept tokenized; their learner tokenizes them right after the component
+    # prompts and before the background ones: n_pro normal, n_ab_<attribute>_handle·n_pro handcrafted, n_pro_ab·n_pro
+    # learnable each, in the order relation, color, texture, shape
+    start = ends[f"entity{learner.num_entity - 1}/learnable"]
+    for attribute in ("relation", "color", "texture", "shape"):
+        counts = {"normal": learner.n_pro, "handcrafted": getattr(learner, f"n_ab_{attribute}_handle") * learner.n_pro,
+                  "learnable": learner.n_pro_ab * learner.n_pro}  # fmt: skip
+        for kind, count in counts.items():
+            texts[f"{attribute}/{kind}"] = tokenize_calls[start : start + count]
+            start += count
+    if tokenize_calls[start : start + learner.n_pro] != texts["background/normal"]:
+        raise RuntimeError("attribute prompts are not where their learner tokenizes them")
     return texts
 
 
@@ -173,7 +192,12 @@ def run(data_root: Path, modules, workdir: Path) -> tuple[dict[str, np.ndarray],
     def load_golden(category, k_shot):
         train = ([str(data_root / p) for p in SUPPORT], [0] * len(SUPPORT), [0] * len(SUPPORT), ["good"] * len(SUPPORT))
         masks = [str(data_root / m) if (m := mask_of(p)) else 0 for p in TEST]
-        test = ([str(data_root / p) for p in TEST], masks, [int(m != 0) for m in masks], [p.split("/")[-2] for p in TEST])
+        test = (
+            [str(data_root / p) for p in TEST],
+            masks,
+            [int(m != 0) for m in masks],
+            [p.split("/")[-2] for p in TEST],
+        )
         return train, test
 
     authors_datasets.load_function_dict["golden"] = load_golden
@@ -201,7 +225,9 @@ def run(data_root: Path, modules, workdir: Path) -> tuple[dict[str, np.ndarray],
     out["support_images"] = as_array(torch.stack([model.transform(image) for image in support_rgb]))
     cluster_images = torch.stack([model.cluster_transform(image) for image in support_rgb])
     out["cluster_images_mean"] = as_array(cluster_images.mean(dim=(2, 3)))  # a fingerprint; 2×3×960×960 is too big
-    out["test_images"] = as_array(torch.stack([model.transform(Image.fromarray(test_set[i][0])) for i in range(len(TEST))]))
+    out["test_images"] = as_array(
+        torch.stack([model.transform(Image.fromarray(test_set[i][0])) for i in range(len(TEST))])
+    )
     out["test_masks"] = np.stack(
         [cv2.resize(test_set[i][1].astype(np.uint8), (EVAL_SIZE, EVAL_SIZE), interpolation=cv2.INTER_NEAREST) > 0
          for i in range(len(TEST))]
