@@ -213,6 +213,68 @@ def measure(root: Path) -> dict[str, float]:
     visual_grid = torch.from_numpy(g["visual_grid"])
     ours_score = harmonic_fusion(visual_grid.flatten(1).amax(dim=1), torch.from_numpy(g["image_text_score"]))
     record("image score (fsad: max over the grid)", ours_score, g["image_score"])
+    delta.update(region_stages(tower, g, meta, root))
+    return delta
+
+
+def their_cluster_images(meta: dict, root: Path, names: list[str]) -> torch.Tensor:
+    """The 960-px support images of their ``cluster_transform`` (cv2 read, cv2 1024², BGR→RGB, PIL bicubic 960²,
+    CLIP normalisation) of the shots named ``bottle-good-000``…, in that order."""
+    import cv2
+    from PIL import Image
+
+    mean, std = torch.tensor(open_clip.OPENAI_DATASET_MEAN), torch.tensor(open_clip.OPENAI_DATASET_STD)
+    images = []
+    for name in names:
+        path = next(root / p for p in meta["support"] if Path(p).stem == name.rsplit("-", 1)[1])
+        bgr = cv2.resize(cv2.imread(str(path), cv2.IMREAD_COLOR), (1024, 1024))
+        big = Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).resize((960, 960), Image.BICUBIC)
+        tensor = torch.from_numpy(np.asarray(big, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        images.append((tensor - mean[:, None, None]) / std[:, None, None])
+    return torch.stack(images)
+
+
+def region_stages(tower, g: dict[str, np.ndarray], meta: dict, root: Path) -> dict[str, float]:
+    """Region aggregation: fsad's tiling/stitching and prompt-similarity reference on their 960-px images, then
+    fsad's ``aggregate_regions`` with the code's settings against their label map and region weights."""
+    from fsad.lightning_modules.finegrainedad.regions import (
+        aggregate_regions,
+        reference_features,
+        region_weights,
+        slice_tiles,
+        stitch_tiles,
+    )
+
+    delta: dict[str, float] = {}
+    listed = [f"bottle-good-{Path(p).stem}" for p in meta["support"]]  # the fingerprint follows meta["support"]
+    fingerprint = their_cluster_images(meta, root, listed).mean(dim=(2, 3))
+    delta["regions/960-px images (channel means)"] = float(
+        (fingerprint - torch.from_numpy(g["cluster_images_mean"])).abs().max()
+    )
+    images = their_cluster_images(meta, root, meta["support_order_in_first_batch"])
+    tiles = slice_tiles(images, 4, meta["image_size"])  # already 960 px: the bicubic resize is the identity
+    tokens = stitch_tiles(F.normalize(tower(tiles).vv_tokens, dim=-1), len(images), 4, (15, 15))  # [K,60,60,D]
+    prompts = torch.from_numpy(g["aggregation_entity_features"])
+    cosine = reference_features(tokens.reshape(len(images), -1, tokens.shape[-1]), prompts)
+    delta["regions/cosine to level prompts (60×60)"] = float(
+        (cosine - torch.from_numpy(g["cosine_to_levels"])).abs().max()
+    )
+    regions = aggregate_regions(
+        tokens, prompts[:-1], prompts[-1], semantic_seeds=False, reference_mode="replace", background_rule="prompt",
+        assignment="argmax",
+    )  # fmt: skip
+    theirs = torch.from_numpy(g["component_labels"]).reshape(len(images), 60, 60)
+    matched = g["matched_cluster"]
+    n_components = len(matched) - 1
+    their_regions = torch.stack([theirs == int(c) for c in matched[:n_components]])  # [N_c,K,60,60]
+    our_regions = torch.stack([regions.labels == c for c in range(n_components)])
+    delta["regions/component pixels assigned differently (fraction)"] = float(
+        (their_regions != our_regions).float().mean()
+    )
+    ours = region_weights(regions, n_components, (15, 15)).flatten(2)  # [N_c+2,K,225]
+    their_weights = torch.from_numpy(g["region_weights"])  # [N_c+1 (components, background), K, 225]
+    delta["regions/component weights (15×15)"] = float((ours[:n_components] - their_weights[:n_components]).abs().max())
+    delta["regions/background weights (15×15)"] = float((ours[-1] - their_weights[-1]).abs().max())
     return delta
 
 
@@ -222,6 +284,13 @@ CAUSES = {
     "feature-space Attr-MoE": "fsad mixes attribute *prototypes* after the text tower (model.encode_levels); the "
     "authors mix the attribute prompts' token embeddings — contexts, SOS and EOT rows included — before it, with a "
     "top-k row choice for the handcrafted attribute prompts",
+    "regions/component": "their DPC-KNN (clusters.py) clusters each shot alone with k=1 nearest neighbour, the "
+    "token itself, so the density is exp(0)+1e-6·torch.rand noise and centres follow the noise; their background "
+    "cluster is chosen on shot 0 and its mask reused for shot 1; stage 2 gives every background token the label of "
+    "token 0; the component→cluster match uses shot 0's cluster means only. fsad pools the shots, excludes the token "
+    "from its k-NN (k=8/5) and labels background tokens as background",
+    "regions/background": "see regions/component; also their background weight channel is the cluster matched by "
+    "the background prompt (argmax over stage-2 clusters), fsad's is stage 1's background",
     "image score": "the authors take the max of the bilinearly upsampled visual map at the eval size (their cls "
     "forward); fsad takes the max over the 15×15 grid",
 }
