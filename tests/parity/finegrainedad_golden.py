@@ -35,21 +35,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tests.parity.promptad_golden import as_array, mask_of, record_calls
+from tests.parity.promptad_golden import (  # the same shots, images, seeds and schedule as the PromptAD fixtures
+    AUTHORS_SEED,
+    EPOCHS,
+    EVAL_SIZE,
+    LEARNING_RATE,
+    SUPPORT,
+    TEST,
+    WEIGHT_SEED,
+    as_array,
+    mask_of,
+    record_calls,
+)
 from tests.parity.weights import fill_by_name
 
 HERE = Path(__file__).resolve().parent
 ARCH_CONFIG = HERE.parent / "fixtures" / "parity" / "fsad-parity-240.json"
 ARCH = "fsad-parity-240"
 IMAGE_SIZE = 240
-EVAL_SIZE = 128
-EPOCHS = 3
-#: Larger than the authors' 0.002 so that three epochs move the contexts far beyond the test tolerance.
-LEARNING_RATE = 0.5
-WEIGHT_SEED = 0
-AUTHORS_SEED = 111
-SUPPORT = ["bottle/train/good/000.png", "bottle/train/good/001.png"]
-TEST = ["bottle/test/good/000.png", "bottle/test/broken_large/000.png", "bottle/test/contamination/000.png"]
 #: Their prompt learner's attribute-weight parameters (the Attr-MoE scalars, squashed by a sigmoid in ``forward``).
 ATTRIBUTE_WEIGHTS = [
     f"{side}_{kind}_w" for side in ("normal", "abnormal") for kind in ("relation", "color", "texture", "shape")
