@@ -1,0 +1,348 @@
+"""Golden outputs of the authors' FineGrainedAD code (RetoFan233/FineGrainedAD), stage by stage, for ``variant: code``.
+
+Runs *their* code from a checkout the user points at: their dataset class, their ``FineGrainedPatchAD`` (the
+segmentation model of ``train_seg_finegrained_patch.py``) with their MVTec ``bottle`` record of
+``fine_grained_normal_prompts_v3``, and the ``fit`` loop of ``train_seg_finegrained_patch.py``, on three real bottle
+test images and two support shots. Wrapped methods record what their code returns; only numbers and the prompt
+strings their code built are written.
+
+The architecture is ``fsad-parity-240`` (``fixtures/parity/fsad-parity-240.json``): the ``fsad-parity`` tower at
+240 px, because their region aggregation hard-codes 240-px slices of a 960-px image, a 15×15 grid and a 60×60 label
+map; 12 vision blocks, so their V-V surgery (``layers == 12``) and their hooks on blocks 3 and 8 behave as on
+ViT-B-16-plus-240. Four adjustments let it run here; none changes what is computed:
+
+* ``create_model_and_transforms`` is replaced by their own ``create_model`` without a download, followed by
+  :func:`fill_by_name`; ``fsad-parity-240`` is added to their list of valid backbones;
+* ``precision='fp32'`` is passed to their model (their default is bf16/fp16; the fp32 branch is their own code);
+* ``torch.Tensor.cuda`` is a no-op during the run (``fit`` builds its region weights with ``.cuda()``);
+* the learning rate is 0.5 instead of 0.002 and three epochs run, so the contexts and Attr-MoE weights move far
+  beyond the test tolerance.
+
+Usage (needs the authors' requirements: loguru, scikit-image, matplotlib, seaborn, pandas)::
+
+    python tests/parity/make_golden.py finegrainedad --authors /path/to/FineGrainedAD --data ../shared/data/mvtec_ad
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tests.parity.promptad_golden import (  # the same shots, images, seeds and schedule as the PromptAD fixtures
+    AUTHORS_SEED,
+    EPOCHS,
+    EVAL_SIZE,
+    LEARNING_RATE,
+    SUPPORT,
+    TEST,
+    WEIGHT_SEED,
+    as_array,
+    mask_of,
+    record_calls,
+)
+from tests.parity.weights import fill_by_name
+
+HERE = Path(__file__).resolve().parent
+ARCH_CONFIG = HERE.parent / "fixtures" / "parity" / "fsad-parity-240.json"
+ARCH = "fsad-parity-240"
+IMAGE_SIZE = 240
+#: Their prompt learner's attribute-weight parameters (the Attr-MoE scalars, squashed by a sigmoid in ``forward``).
+ATTRIBUTE_WEIGHTS = [
+    f"{side}_{kind}_w" for side in ("normal", "abnormal") for kind in ("relation", "color", "texture", "shape")
+]
+#: Tokenized prompt sets stored on their prompt learner, by the level/kind names we store them under.
+TOKENIZED = {
+    "image/normal": "tokenized_normal_prompts",
+    "image/handcrafted": "tokenized_abnormal_prompts_handle",
+    "image/learnable": "tokenized_abnormal_prompts_learned",
+    "background/normal": "tokenized_normal_background_prompts",
+    "background/handcrafted": "tokenized_abnormal_background_prompts_handle",
+    "background/learnable": "tokenized_abnormal_background_prompts_learned",
+}
+
+
+def import_authors(repo: Path):
+    """Their modules use top-level imports (``from datasets import *``), so their folder goes on ``sys.path``."""
+    sys.path.insert(0, str(repo))
+    import datasets as authors_datasets  # noqa: PLC0415
+    import train_seg_finegrained_patch as train_seg  # noqa: PLC0415
+    from PromptAD import CLIPAD  # noqa: PLC0415
+    from PromptAD import model as authors_model  # noqa: PLC0415
+
+    return authors_datasets, authors_model, CLIPAD, train_seg
+
+
+def level_features(model) -> dict[str, np.ndarray]:
+    """Raw text features of every level's normal, handcrafted-abnormal and learnable-abnormal prompts (their encode
+    path, ``encode_text_embedding``) at the current contexts and Attr-MoE weights."""
+    learner = model.prompt_learner
+    with torch.no_grad():
+        (normal, handle, learned, entity_normal, entity_handle, entity_learned, background_normal, background_handle,
+         background_learned) = learner()  # fmt: skip
+        out = {
+            "image/normal": model.encode_text_embedding(normal, model.tokenized_normal_prompts),
+            "image/handcrafted": model.encode_text_embedding(handle, model.tokenized_abnormal_prompts_handle),
+            "image/learnable": model.encode_text_embedding(learned, model.tokenized_abnormal_prompts_learned),
+            "background/normal": model.encode_text_embedding(background_normal, model.tokenized_normal_background_prompts),
+            "background/handcrafted": model.encode_text_embedding(
+                background_handle, model.tokenized_abnormal_background_prompts_handle),
+            "background/learnable": model.encode_text_embedding(
+                background_learned, model.tokenized_abnormal_background_prompts_learned),
+        }  # fmt: skip
+        for index in range(learner.num_entity):
+            out[f"entity{index}/normal"] = model.encode_text_embedding(
+                entity_normal[index], model.tokenized_normal_entity_prompts_list[index]
+            )
+            out[f"entity{index}/handcrafted"] = model.encode_text_embedding(
+                entity_handle[index], model.tokenized_abnormal_entity_prompts_handle_list[index]
+            )
+            out[f"entity{index}/learnable"] = model.encode_text_embedding(
+                entity_learned[index], model.tokenized_abnormal_entity_prompts_learned_list[index])  # fmt: skip
+    return {key: as_array(value) for key, value in out.items()}
+
+
+def learner_state(model, stage: str) -> dict[str, np.ndarray]:
+    learner = model.prompt_learner
+    out = {
+        f"{stage}_normal_context": as_array(learner.normal_ctx),
+        f"{stage}_abnormal_context": as_array(learner.abnormal_ctx),
+    }
+    for name in ATTRIBUTE_WEIGHTS:
+        out[f"{stage}_{name}"] = as_array(getattr(learner, name))
+    out.update({f"{stage}_text/{key}": value for key, value in level_features(model).items()})
+    return out
+
+
+def prompt_texts(tokenize_calls: list[str], learner, tokenize) -> dict[str, list[str]]:
+    """The strings behind each tokenized prompt set of their learner: the run of recorded ``tokenize`` inputs whose
+    tokens equal the stored tensor (their construction draws random states and locations; these are its result)."""
+    tokens = [tokenize(text)[0] for text in tokenize_calls]
+    stored = {key: getattr(learner, attribute) for key, attribute in TOKENIZED.items()}
+    for index in range(learner.num_entity):
+        stored[f"entity{index}/normal"] = learner.tokenized_normal_entity_prompts_list[index]
+        stored[f"entity{index}/handcrafted"] = learner.tokenized_abnormal_entity_prompts_handle_list[index]
+        stored[f"entity{index}/learnable"] = learner.tokenized_abnormal_entity_prompts_learned_list[index]
+    texts, ends = {}, {}
+    for key, tensor in stored.items():
+        rows = tensor.shape[0]
+        for start in range(len(tokens) - rows + 1):
+            if all(torch.equal(tokens[start + row], tensor[row]) for row in range(rows)):
+                texts[key], ends[key] = tokenize_calls[start : start + rows], start + rows
+                break
+        else:
+            raise RuntimeError(f"no recorded prompt strings tokenize to {key}")
+    # the Attr-MoE attribute prompts are not kept tokenized; their learner tokenizes them right after the component
+    # prompts and before the background ones: n_pro normal, n_ab_<attribute>_handle·n_pro handcrafted, n_pro_ab·n_pro
+    # learnable each, in the order relation, color, texture, shape
+    start = ends[f"entity{learner.num_entity - 1}/learnable"]
+    for attribute in ("relation", "color", "texture", "shape"):
+        counts = {"normal": learner.n_pro, "handcrafted": getattr(learner, f"n_ab_{attribute}_handle") * learner.n_pro,
+                  "learnable": learner.n_pro_ab * learner.n_pro}  # fmt: skip
+        for kind, count in counts.items():
+            texts[f"{attribute}/{kind}"] = tokenize_calls[start : start + count]
+            start += count
+    if tokenize_calls[start : start + learner.n_pro] != texts["background/normal"]:
+        raise RuntimeError("attribute prompts are not where their learner tokenizes them")
+    return texts
+
+
+def build_authors_model(authors_model, clipad):
+    """Their ``FineGrainedPatchAD`` on ``fsad-parity-240`` with name-filled weights, in fp32 (module docstring)."""
+
+    def create_without_download(model_name, pretrained=None, precision="fp32", **_):
+        model = clipad.create_model(model_name, pretrained=None, precision=precision)
+        fill_by_name(model, WEIGHT_SEED)
+        return model, None, None
+
+    clipad.create_model_and_transforms = create_without_download
+    if ARCH not in authors_model.valid_backbones:
+        authors_model.valid_backbones.append(ARCH)
+    return authors_model.FineGrainedPatchAD(
+        out_size_h=EVAL_SIZE, out_size_w=EVAL_SIZE, device="cpu", backbone=ARCH, pretrained_dataset="laion400m_e32",
+        n_ctx=4, n_pro=1, n_ctx_ab=1, n_pro_ab=4, class_name="bottle", precision="fp32", k_shot=len(SUPPORT),
+        img_resize=IMAGE_SIZE, img_cropsize=IMAGE_SIZE,
+    )  # fmt: skip
+
+
+def hook_last(module: torch.nn.Module, store: dict, name: str) -> None:
+    """Keep the last input token dict of one of their clustering modules (``CTM``) and what it returned."""
+
+    def before(_, inputs):
+        token_dict = inputs[0]
+        store[f"{name}_x"] = as_array(token_dict["x"])
+        store[f"{name}_mask"] = None if token_dict["mask"] is None else as_array(token_dict["mask"])
+
+    def after(_, __, output):
+        store[f"{name}_idx_token"] = output[0]["idx_token"].numpy().astype(np.int64)
+
+    module.register_forward_pre_hook(before)
+    module.register_forward_hook(after)
+
+
+def run(data_root: Path, modules, workdir: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Their segmentation model through their own ``fit``; returns the arrays and the facts for ``meta.json``."""
+    authors_datasets, authors_model, clipad, train_seg = modules
+    import cv2  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    def load_golden(category, k_shot):
+        train = ([str(data_root / p) for p in SUPPORT], [0] * len(SUPPORT), [0] * len(SUPPORT), ["good"] * len(SUPPORT))
+        masks = [str(data_root / m) if (m := mask_of(p)) else 0 for p in TEST]
+        test = (
+            [str(data_root / p) for p in TEST],
+            masks,
+            [int(m != 0) for m in masks],
+            [p.split("/")[-2] for p in TEST],
+        )
+        return train, test
+
+    authors_datasets.load_function_dict["golden"] = load_golden
+    tokenize_calls: list[str] = []
+    original_tokenize = clipad.tokenize
+
+    def recording_tokenize(texts, *args, **kwargs):
+        tokenize_calls.extend([texts] if isinstance(texts, str) else list(texts))
+        return original_tokenize(texts, *args, **kwargs)
+
+    authors_model.CLIPAD.tokenize = recording_tokenize
+    train_seg.setup_seed(AUTHORS_SEED)
+    model = build_authors_model(authors_model, clipad)
+    authors_model.CLIPAD.tokenize = original_tokenize
+    texts = prompt_texts(tokenize_calls, model.prompt_learner, original_tokenize)
+
+    loader_kwargs = dict(dataset="golden", class_name="bottle", k_shot=len(SUPPORT), batch_size=len(TEST))
+    train_loader, train_set = authors_datasets.get_dataloader_from_args(phase="train", **loader_kwargs)
+    test_loader, test_set = authors_datasets.get_dataloader_from_args(phase="test", **loader_kwargs)
+
+    out: dict[str, np.ndarray] = learner_state(model, "initial")
+    out.update({f"query_former/{k}": as_array(v) for k, v in model.q_former.state_dict().items()})
+    # their preprocessing: support shots BGR→RGB before the transforms, test images fed as read (BGR)
+    support_rgb = [Image.fromarray(cv2.cvtColor(train_set[i][0], cv2.COLOR_BGR2RGB)) for i in range(len(SUPPORT))]
+    out["support_images"] = as_array(torch.stack([model.transform(image) for image in support_rgb]))
+    cluster_images = torch.stack([model.cluster_transform(image) for image in support_rgb])
+    out["cluster_images_mean"] = as_array(cluster_images.mean(dim=(2, 3)))  # a fingerprint; 2×3×960×960 is too big
+    out["test_images"] = as_array(
+        torch.stack([model.transform(Image.fromarray(test_set[i][0])) for i in range(len(TEST))])
+    )
+    out["test_masks"] = np.stack(
+        [cv2.resize(test_set[i][1].astype(np.uint8), (EVAL_SIZE, EVAL_SIZE), interpolation=cv2.INTER_NEAREST) > 0
+         for i in range(len(TEST))]
+    ).astype(np.uint8)  # fmt: skip
+
+    regions: dict = {}
+    hook_last(model.ctm0, regions, "foreground_split")
+    hook_last(model.ctm1, regions, "component_split")
+    calls: dict[str, list] = {}
+    record_calls(model, ["calculate_textual_patch_anomaly_score", "calculate_visual_anomaly_score",
+                         "get_max_cosine_similarity_match", "forward"], calls)  # fmt: skip
+    record_calls(model.q_former, ["forward"], calls.setdefault("q_former", {}))
+    aggregation_inputs: list = []
+    original_aggregation = model.language_guided_progressive_region_aggregation
+
+    def aggregation(image_features, entity_features):
+        aggregation_inputs.append(as_array(entity_features))
+        return original_aggregation(image_features, entity_features)
+
+    model.language_guided_progressive_region_aggregation = aggregation
+    rescale: dict[str, np.ndarray] = {}
+    original_rescale = train_seg.scale_rescale_matrix_to_standard_shape
+
+    def recording_rescale(matrix):
+        rescale["region_weights_3600"] = as_array(matrix)
+        result = original_rescale(matrix)
+        rescale["region_weights"] = as_array(result)
+        return result
+
+    train_seg.scale_rescale_matrix_to_standard_shape = recording_rescale
+    args = argparse.Namespace(
+        lr=LEARNING_RATE, momentum=0.9, weight_decay=0.0005, Epoch=EPOCHS, lambda1=0.001, resolution=EVAL_SIZE,
+        vis=False, class_name="bottle", k_shot=len(SUPPORT), precision="fp32",
+    )  # fmt: skip
+    cuda = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            check = Path(tmp) / "check_point.pt"
+            shots: list[list[str]] = []
+            original_iter = type(train_loader).__iter__
+
+            def recording_iter(loader):
+                for batch in original_iter(loader):
+                    if loader is train_loader:
+                        shots.append(list(batch[3]))
+                    yield batch
+
+            type(train_loader).__iter__ = recording_iter
+            try:
+                result = train_seg.fit(model, args, test_loader, "cpu", img_dir=str(workdir), check_path=str(check),
+                                       train_data=train_loader)  # fmt: skip
+            finally:
+                type(train_loader).__iter__ = original_iter
+    finally:
+        torch.Tensor.cuda = cuda
+
+    out.update(learner_state(model, "final"))
+    out["final_image_prototypes"] = as_array(model.text_features)
+    out["final_background_prototypes"] = as_array(model.background_features)
+    out["final_entity_prototypes"] = as_array(model.entity_features_list)
+    out["gallery_tap3"] = as_array(model.feature_gallery1)
+    out["gallery_tap8"] = as_array(model.feature_gallery2)
+    # region aggregation on the 960-px support shots (first training batch, in the loader's order)
+    out["aggregation_entity_features"] = aggregation_inputs[0]
+    out["cosine_to_levels"] = regions["foreground_split_x"]
+    out["foreground_labels"] = regions["foreground_split_idx_token"]
+    out["component_mask"] = regions["component_split_mask"]
+    out["component_labels"] = regions["component_split_idx_token"]
+    out["label_map_support0"] = regions["component_split_idx_token"][0].reshape(60, 60)
+    out.update(rescale)
+    bonus = rescale["region_weights_3600"][:, 0] > 1.0
+    out["matched_cluster"] = np.array(
+        [(np.unique(out["component_labels"][0][row]).tolist() or [-1])[0] for row in bonus], dtype=np.int64
+    )  # the cluster each component (and, last, the background) was matched to; -1: none of support 0's tokens
+    # evaluation of the last epoch: queries, token-wise textual map, visual map, fused map, image score
+    query_calls = calls["q_former"]["forward"]
+    out["queries"] = as_array(query_calls[-1])
+    out["token_matches"] = np.array([[j for _, j in image] for image in calls["get_max_cosine_similarity_match"][-1]])
+    out["textual_grid"] = as_array(calls["calculate_textual_patch_anomaly_score"][-1])[:, 0]
+    out["visual_grid"] = as_array(calls["calculate_visual_anomaly_score"][-1])[:, 0]
+    out["anomaly_map"] = np.stack(calls["forward"][-1]).astype(np.float32)
+    with torch.no_grad():
+        text_scores, visual_maps = model(torch.from_numpy(out["test_images"]), "cls")
+    text_score = np.asarray(text_scores, dtype=np.float32)
+    visual_max = np.stack(visual_maps).reshape(len(TEST), -1).max(axis=1).astype(np.float32)
+    out["image_text_score"] = text_score
+    out["image_visual_max"] = visual_max
+    # utils/metrics.py::metric_cal_img: 1 / (1/max(upsampled M_v) + 1/text score)
+    out["image_score"] = (1.0 / (1.0 / visual_max + 1.0 / text_score)).astype(np.float32)
+    out["best_pixel_auroc"] = np.float32(result["p_roc"])
+    facts = {"prompt_texts": texts, "training_batches": shots, "support_order_in_first_batch": shots[0]}
+    return out, facts
+
+
+def generate(authors_repo: Path, data_root: Path, out_dir: Path) -> None:
+    """Write ``seg.npz`` and ``meta.json`` for the FineGrainedAD parity comparison."""
+    authors_repo, data_root = authors_repo.resolve(), data_root.resolve()
+    modules = import_authors(authors_repo)
+    modules[2].add_model_config(ARCH_CONFIG)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        arrays, facts = run(data_root, modules, Path(tmp))
+    np.savez_compressed(out_dir / "seg.npz", **arrays)
+    commit = subprocess.run(
+        ["git", "-C", str(authors_repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    meta = {
+        "authors_repository": "RetoFan233/FineGrainedAD",
+        "authors_commit": commit or "aa6b0414b77b712a0e7a763a42a855ea38114bcc (files read from the index, not a git checkout)",
+        "arch": ARCH, "image_size": IMAGE_SIZE, "eval_size": EVAL_SIZE, "epochs": EPOCHS, "lr": LEARNING_RATE,
+        "weight_seed": WEIGHT_SEED, "authors_seed": AUTHORS_SEED, "support": SUPPORT, "test": TEST,
+        "precision": "fp32", "torch": torch.__version__, "attribute_weights": ATTRIBUTE_WEIGHTS, **facts,
+    }  # fmt: skip
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
