@@ -20,6 +20,7 @@ from fsad.lightning_modules.components.thresholds import DecisionThresholds
 class SizeMismatchError(FsadError, ValueError):
     """Images or masks do not have the size the model was built for (``data.*_size`` versus ``model.*_size``)."""
 
+
 ProtocolStage = Literal["fewshot_fit", "training_free", "pretrained"]
 """How a sweep runs a method per (category, k, seed) cell (DESIGN.md, "Sweep protocol per method"):
 

@@ -64,7 +64,9 @@ class FeatureCache:
         dtype: ``float16`` (half the disk) or ``float32`` (exact).
     """
 
-    def __init__(self, folder: str | Path, preprocessing: str, max_bytes: int = 4 << 30, dtype: str = "float16") -> None:
+    def __init__(
+        self, folder: str | Path, preprocessing: str, max_bytes: int = 4 << 30, dtype: str = "float16"
+    ) -> None:
         if dtype not in CACHE_DTYPES:
             raise ValueError(f"feature cache dtype: {dtype!r} is not one of {sorted(CACHE_DTYPES)}")
         self.folder = Path(folder)

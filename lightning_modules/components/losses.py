@@ -72,7 +72,9 @@ def level_regulariser(
     return (image_learnable.mean(dim=0) - components - weight * background_normal.mean(dim=0)).norm()
 
 
-def focal_loss(probabilities: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, eps: float = 1e-6) -> torch.Tensor:
+def focal_loss(
+    probabilities: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, eps: float = 1e-6
+) -> torch.Tensor:
     """Binary focal loss on anomaly probabilities [B,H,W] and {0,1} targets: ``−(1−p_t)^γ log p_t``, mean."""
     p = probabilities.clamp(eps, 1 - eps)
     p_true = torch.where(target > 0.5, p, 1 - p)

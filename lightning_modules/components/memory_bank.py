@@ -55,7 +55,9 @@ class MemoryBank(nn.Module):
     def is_fitted(self) -> bool:
         return bool(self.taps)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         """Take the banks' taps and sizes from the state dict being loaded (they depend on the support set)."""
         start = prefix + BANK_PREFIX
         saved = {int(key[len(start) :]): value for key, value in state_dict.items() if key.startswith(start)}

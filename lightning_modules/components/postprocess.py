@@ -51,4 +51,3 @@ def upsample_and_smooth(maps: torch.Tensor, size: int | tuple[int, int], sigma: 
 def harmonic_fusion(first: torch.Tensor, second: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``1/(1/a + 1/b)``: PromptAD's fusion of textual and visual maps (half the harmonic mean, same ranking)."""
     return 1.0 / (1.0 / first.clamp_min(eps) + 1.0 / second.clamp_min(eps))
-

@@ -140,5 +140,7 @@ def abnormal_states(category: str, wording: Wording = "ours") -> tuple[str, ...]
     ``wording="authors"`` takes the category states as the released PromptAD code words them (``variant: code``);
     a category that code does not know falls back to ours.
     """
-    table = AUTHORS_CATEGORY_DEFECTS if wording == "authors" and category in AUTHORS_CATEGORY_DEFECTS else CATEGORY_DEFECTS
+    table = (
+        AUTHORS_CATEGORY_DEFECTS if wording == "authors" and category in AUTHORS_CATEGORY_DEFECTS else CATEGORY_DEFECTS
+    )
     return GENERIC_STATES + table.get(category, ())

@@ -333,7 +333,10 @@ class PromptLearner(nn.Module):
             spliced = self._splice(words.repeat_interleave(per_body, dim=0), contexts.repeat(len(words), 1, 1))
             if len(segment.slot_body):
                 spliced = self._fill_slots(spliced, segment, per_body, contexts.shape[1])
-            built[segment.group, segment.kind] = (spliced, (segment.eot + contexts.shape[1]).repeat_interleave(per_body))
+            built[segment.group, segment.kind] = (
+                spliced,
+                (segment.eot + contexts.shape[1]).repeat_interleave(per_body),
+            )
         for source, (target, normal_weight, abnormal_weight) in (mixes or {}).items():
             for kind in ("normal", "handcrafted", "learnable"):
                 if (target, kind) not in built or (source, kind) not in built:
@@ -342,7 +345,9 @@ class PromptLearner(nn.Module):
                 added = built[source, kind][0]
                 if kind == "handcrafted":  # the code keeps the rows with the largest mean embedding value, in order
                     if len(added) < len(rows):
-                        raise ValueError(f"{source}: {len(added)} handcrafted prompts to mix into {len(rows)} of {target}")
+                        raise ValueError(
+                            f"{source}: {len(added)} handcrafted prompts to mix into {len(rows)} of {target}"
+                        )
                     added = added[added.float().mean(dim=(1, 2)).topk(len(rows)).indices]
                 weight = normal_weight if kind == "normal" else abnormal_weight
                 built[target, kind] = (rows + weight * added, eot)

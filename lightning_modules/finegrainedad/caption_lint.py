@@ -119,7 +119,9 @@ def _colon_problems(record: CaptionRecord) -> Iterator[str]:
     for i, component in enumerate(record.components):
         if not word_pattern(component.name).search(component.caption):
             yield f"components[{i}].caption: never names the component {component.name!r} (prompts would get a prefix)"
-        if record.foreground_level and not word_pattern(component.name).search(record.foreground_level.logical_relation):
+        if record.foreground_level and not word_pattern(component.name).search(
+            record.foreground_level.logical_relation
+        ):
             yield f"foreground_level.logical_relation: never names the component {component.name!r}"
 
 

@@ -329,11 +329,18 @@ def _replace_first(text: str, old: str, new: str) -> str | None:
 
 
 def _with_defect(text: str, noun: str, defect_state: str) -> str:
-    """Insert a defect after the first mention of ``noun``, keeping its plural: ``LEDs`` → ``LEDs with a crack``."""
+    """Insert a defect after the first mention of ``noun``, keeping its plural: ``LEDs`` → ``LEDs with a crack``;
+    a state ending in the word that follows is not doubled (``tile with rough surface`` + ``surface``)."""
     pattern = word_pattern(noun)
     if not pattern.search(text):  # the text never names the noun: state the defect as its own leading sentence
         return f"{_sentence(defect_state.format(noun))} {text}"
-    return pattern.sub(lambda m: defect_state.format(m.group(1)), text, count=1)
+    match = pattern.search(text)
+    inserted = defect_state.format(match.group(1))
+    rest = text[match.end() :]
+    last = inserted.split()[-1]
+    if re.match(rf"\s+{re.escape(last)}\b", rest, flags=re.IGNORECASE):
+        rest = rest.lstrip()[len(last) :]
+    return text[: match.start()] + inserted + rest
 
 
 SLOT_VOCABULARIES = {
@@ -409,15 +416,16 @@ def mllp_texts(
     background_noun = f"{record.image_level.background} background" if record.image_level.background else "background"
     summary = _sentence(record.image_level.summary)
     image_abnormal = [_sentence(_with_defect(summary, fg, state)) for state in record.abnormal_states]
-    for component in record.components:
-        for attribute in ("color", "texture"):
-            values = getattr(component.attributes, attribute)
-            for absent in _absent_values(record, attribute, 1, rng):
-                replaced = _replace_first(component.caption, values.render(), absent) if values.base else None
-                if replaced:
-                    image_abnormal.append(_sentence(replaced))
-    article = "an" if fg[:1].lower() in "aeiou" else "a"
-    image_abnormal.append(f"{article} {fg} that does not look like this: {summary}")
+    if placeholders:  # the code's image AHPs are the defect states alone
+        for component in record.components:
+            for attribute in ("color", "texture"):
+                values = getattr(component.attributes, attribute)
+                for absent in _absent_values(record, attribute, 1, rng):
+                    replaced = _replace_first(component.caption, values.render(), absent) if values.base else None
+                    if replaced:
+                        image_abnormal.append(_sentence(replaced))
+        article = "an" if fg[:1].lower() in "aeiou" else "a"
+        image_abnormal.append(f"{article} {fg} that does not look like this: {summary}")
     image_alp = with_placeholders(summary, "replace") if placeholders else summary
     image = PromptGroupTexts(normal=[summary], abnormal=image_abnormal, learnable_abnormal=[image_alp])
 
@@ -460,15 +468,16 @@ def mllp_texts(
                 normal=[relation], abnormal=list(dict.fromkeys(relation_abnormal + swapped)),
                 learnable_abnormal=[with_placeholders(relation, "replace")],
             )  # fmt: skip
-        else:
-            attributes["relation"] = PromptGroupTexts(normal=[relation], abnormal=relation_abnormal)
+        else:  # the code: the relation with the object in each defect state, mixed into the image level
+            relation_states = [_sentence(_with_defect(relation, fg, state)) for state in record.abnormal_states]
+            attributes["relation"] = PromptGroupTexts([relation], relation_states, [relation])
     for attribute in ("color", "texture", "shape") if not placeholders else ():
+        # the code's attribute prompts: the values the object has; AHPs every vocabulary value it never has
         present = sorted({v for c in record.components for v in getattr(c.attributes, attribute).base})
-        absent = _absent_values(record, attribute, 3, rng)
-        if present and absent:
-            attributes[attribute] = PromptGroupTexts(
-                normal=[f"{fg} that is {' and '.join(present)}."], abnormal=[f"{fg} that is {a}." for a in absent]
-            )
+        absent = [v for v in VOCABULARIES[attribute] if v not in present]
+        if present and len(absent) >= len(record.abnormal_states):
+            values = f"{' and '.join(present)}."
+            attributes[attribute] = PromptGroupTexts([values], [f"{a}." for a in absent], [values])
     return PromptTexts(image, components, background, attributes, foreground)
 
 

@@ -122,8 +122,8 @@ class FineGrainedADModel(nn.Module):
         )
         self.query_former = LevelQueryFormer(embed_dim) if code else CrossAttentionQueryFormer(embed_dim)
         self.reg_lambda = reg_lambda
-        # the code's Attr-MoE: gated attribute prototypes added to the image level, [normal/abnormal, relation/color/
-        # texture/shape]. The paper's Attr-MoE weighs the component placeholders instead (PromptLearner.slot_gate_logits).
+        # the code's Attr-MoE: gated attribute prompt sequences added to the image prompts, [normal/abnormal,
+        # relation/color/texture/shape]. The paper's weighs the component placeholders (PromptLearner.slot_gate_logits).
         self.attribute_gates = nn.Parameter(torch.randn(2, 4)) if code else None
         self.memory = MemoryBank()
         self.eam_margin, self.mean_loss_weight, self.reg_weight = eam_margin, mean_loss_weight, reg_weight
@@ -172,33 +172,25 @@ class FineGrainedADModel(nn.Module):
 
     # ------------------------------------------------------------------ text side
     def encode_levels(self, backbone: ClipBackbone) -> tuple[dict[str, GroupFeatures], dict[str, torch.Tensor]]:
-        """Encode all prompts; return the raw groups and the per-level prototypes stacked in ``level_names`` order.
+        """Encode all prompts; return the groups and the per-level prototypes stacked in ``level_names`` order.
 
-        ``variant: code`` mixes the attribute prototypes into the image prototypes through its Attr-MoE gates,
-        ``p̄_img ← norm(p̄_img + Σ_a σ(w_a)·p̄_a)`` (normal and abnormal apart). ``image_learnable`` is the image
-        level's ALP prototype (Eq. 6).
+        ``variant: code``'s Attr-MoE adds each attribute prompt's token sequence, weighted by σ(w_a), into the image
+        prompts before the text tower (normal weights into the NHPs, abnormal weights into the AHPs and ALPs).
+        ``image_learnable`` is the image level's ALP prototype (Eq. 6).
         """
-        groups = self.prompts.encode(backbone)
-        image = groups["image"]
-        image_normal, image_abnormal = image.normal_prototype, image.abnormal_prototype
-        for slot, name in enumerate(self.ATTRIBUTE_ORDER):
-            if name in self.attributes:
-                attribute = groups[f"attribute:{name}"]
-                image_normal = image_normal + torch.sigmoid(self.attribute_gates[0, slot]) * attribute.normal_prototype
-                image_abnormal = (
-                    image_abnormal + torch.sigmoid(self.attribute_gates[1, slot]) * attribute.abnormal_prototype
-                )
+        mixes = {
+            f"attribute:{name}": ("image", torch.sigmoid(self.attribute_gates[0, slot]),
+                                  torch.sigmoid(self.attribute_gates[1, slot]))
+            for slot, name in enumerate(self.ATTRIBUTE_ORDER) if name in self.attributes
+        }  # fmt: skip
+        groups = self.prompts.encode(backbone, mixes=mixes)
         level_groups = [groups[name] for name in self.level_names]
-        normal = [F.normalize(image_normal, dim=-1) if n == "image" else g.normal_prototype
-                  for n, g in zip(self.level_names, level_groups, strict=True)]  # fmt: skip
-        abnormal = [F.normalize(image_abnormal, dim=-1) if n == "image" else g.abnormal_prototype
-                    for n, g in zip(self.level_names, level_groups, strict=True)]  # fmt: skip
         return groups, {
-            "normal": torch.stack(normal),
-            "abnormal": torch.stack(abnormal),
+            "normal": torch.stack([g.normal_prototype for g in level_groups]),
+            "abnormal": torch.stack([g.abnormal_prototype for g in level_groups]),
             "normal_features": torch.cat([g.normal for g in level_groups]),
             "abnormal_features": torch.cat([g.abnormal for g in level_groups]),
-            "image_learnable": image.learnable_prototype,
+            "image_learnable": groups["image"].learnable_prototype,
         }
 
     def queries(self, levels: dict[str, torch.Tensor]) -> torch.Tensor:

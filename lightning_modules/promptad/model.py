@@ -54,7 +54,9 @@ def class_prompt_texts(category: str, wording: Wording = "ours") -> PromptGroupT
     )
 
 
-def two_way_probability(features: torch.Tensor, normal: torch.Tensor, abnormal: torch.Tensor, temperature) -> torch.Tensor:
+def two_way_probability(
+    features: torch.Tensor, normal: torch.Tensor, abnormal: torch.Tensor, temperature
+) -> torch.Tensor:
     """``softmax(t·[⟨f,pⁿ⟩, ⟨f,pᵃ⟩])₁`` for L2-normalised features [..., D]."""
     logits = temperature * torch.stack([features @ normal, features @ abnormal], dim=-1)
     return logits.softmax(dim=-1)[..., 1]

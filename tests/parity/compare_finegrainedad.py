@@ -66,23 +66,44 @@ def spliced_embeddings(tower, texts: list[str], normal: torch.Tensor, abnormal: 
     return words, tokens.argmax(dim=-1)
 
 
+def strip_contexts(text: str) -> str:
+    """Their prompt string without the ``N N N N (A)`` context placeholders: the body fsad's learner splices after."""
+    words = text.split(" ")
+    return " ".join(words[5:] if words[4] == "A" else words[4:])
+
+
+def image_level_through_fsad(tower, g, meta, stage: str):
+    """The image level's features from fsad's own ``PromptLearner`` (``variant: code``'s Attr-MoE embedding mixes)
+    on their strings, contexts and σ(Attr-MoE weights)."""
+    from fsad.lightning_modules.components.prompts import PromptGroupTexts, PromptLearner
+
+    texts = meta["prompt_texts"]
+
+    def group(level: str) -> PromptGroupTexts:
+        bodies = {kind: [strip_contexts(t) for t in texts[f"{level}/{kind}"]] for kind in ("normal", "handcrafted")}
+        learnable = [strip_contexts(texts[f"{level}/learnable"][0])]  # one body, one row per abnormal context
+        return PromptGroupTexts(bodies["normal"], bodies["handcrafted"], learnable)
+
+    learner = PromptLearner(tower.text_width, n_ctx=4, n_ctx_ab=1, n_pro_ab=4, prototype_rule="raw_mean")
+    learner.build(tower, {"image": group("image"), **{f"attribute:{a}": group(a) for a in ATTRIBUTES}})
+    with torch.no_grad():
+        learner.normal_context.copy_(torch.from_numpy(g[f"{stage}_normal_context"]))
+        learner.abnormal_context.copy_(torch.from_numpy(g[f"{stage}_abnormal_context"]))
+        weight = {side: {a: torch.sigmoid(torch.from_numpy(g[f"{stage}_{side}_{a}_w"]))[0] for a in ATTRIBUTES}
+                  for side in ("normal", "abnormal")}  # fmt: skip
+        mixes = {f"attribute:{a}": ("image", weight["normal"][a], weight["abnormal"][a]) for a in ATTRIBUTES}
+        return learner.encode(tower, mixes=mixes)["image"]
+
+
 def encode_level(tower, g, meta, stage: str, level: str, kind: str) -> torch.Tensor:
-    """fsad's text tower on the authors' strings and contexts; the image level mixes in the Attr-MoE attribute
-    prompt *embeddings* as their learner does (with their top-k choice of handcrafted attribute rows)."""
+    """fsad's text tower on the authors' strings and contexts; the image level through fsad's prompt learner with
+    the code's Attr-MoE (attribute prompt embeddings mixed in, top-k handcrafted attribute rows)."""
+    if level == "image":
+        return getattr(image_level_through_fsad(tower, g, meta, stage), f"raw_{kind}")
     texts = meta["prompt_texts"]
     rows = len(texts[f"{level}/{kind}"])
     normal, abnormal = context_rows(g, stage, kind, rows)
     words, eot = spliced_embeddings(tower, texts[f"{level}/{kind}"], normal, abnormal)
-    if level == "image":
-        side = "normal" if kind == "normal" else "abnormal"
-        for attribute in ATTRIBUTES:
-            strings = texts[f"{attribute}/{kind}"]
-            a_normal, a_abnormal = context_rows(g, stage, kind, len(strings))
-            mix, _ = spliced_embeddings(tower, strings, a_normal, a_abnormal)
-            if kind == "handcrafted":  # their learner keeps the rows with the largest mean embedding (torch.topk)
-                mix = mix[torch.topk(mix.mean(dim=(1, 2)), rows).indices]
-            weight = torch.sigmoid(torch.from_numpy(g[f"{stage}_{side}_{attribute}_w"]))
-            words = words + weight * mix
     with torch.no_grad():
         return tower.encode_text_embeddings(words, eot)
 
@@ -134,6 +155,7 @@ def measure(root: Path) -> dict[str, float]:
     from fsad.lightning_modules.components.memory_bank import MemoryBank
     from fsad.lightning_modules.components.postprocess import harmonic_fusion, upsample_and_smooth
     from fsad.lightning_modules.finegrainedad.model import token_wise_scores
+    from fsad.lightning_modules.promptad.model import upsampled_max
     from fsad.lightning_modules.promptad.module import swap_rgb_bgr
 
     g, meta = golden()
@@ -160,22 +182,6 @@ def measure(root: Path) -> dict[str, float]:
         for key in [k for k in g if k.startswith(f"{stage}_text/")]:
             level, kind = key.split("/", 1)[1].split("/")
             record(f"text/{stage}/{level}/{kind}", encode_level(tower, g, meta, stage, level, kind), g[key])
-    # fsad variant: code mixes the attribute *prototypes* after encoding instead (model.encode_levels)
-    texts = meta["prompt_texts"]
-    features = {}
-    for level in ("image", *ATTRIBUTES):
-        normal, _ = context_rows(g, "final", "normal", 1)
-        words, eot = spliced_embeddings(tower, texts[f"{level}/normal"], normal, None)
-        with torch.no_grad():
-            features[level] = tower.encode_text_embeddings(words, eot)[0]
-    mixed = features["image"] + sum(torch.sigmoid(torch.from_numpy(g[f"final_normal_{a}_w"]))[0] * features[a]
-                                    for a in ATTRIBUTES)  # fmt: skip
-    delta["image prototype, fsad's feature-space Attr-MoE"] = float(
-        (F.normalize(mixed, dim=-1) - F.normalize(torch.from_numpy(g["final_text/image/normal"])[0], dim=-1))
-        .abs()
-        .max()
-    )
-
     # 3. Query Former (their weights composed into fsad's LevelQueryFormer, their prototypes)
     normal, abnormal = level_prototypes(g)
     with torch.no_grad():
@@ -210,9 +216,9 @@ def measure(root: Path) -> dict[str, float]:
     cls = F.normalize(features_test.cls, dim=-1)
     image_text = token_wise_scores(cls, queries, normal, abnormal, temperature)
     record("image text score (CLS)", image_text, g["image_text_score"])
-    visual_grid = torch.from_numpy(g["visual_grid"])
-    ours_score = harmonic_fusion(visual_grid.flatten(1).amax(dim=1), torch.from_numpy(g["image_text_score"]))
-    record("image score (fsad: max over the grid)", ours_score, g["image_score"])
+    visual_max = upsampled_max(torch.from_numpy(g["visual_grid"]), meta["eval_size"])  # variant: code's Eq. 8 max
+    ours_score = harmonic_fusion(visual_max, torch.from_numpy(g["image_text_score"]))
+    record("image score (max of the upsampled visual map)", ours_score, g["image_score"])
     delta.update(region_stages(tower, g, meta, root))
     return delta
 
@@ -279,11 +285,6 @@ def region_stages(tower, g: dict[str, np.ndarray], meta: dict, root: Path) -> di
 
 
 CAUSES = {
-    "image/": "image level: their learner adds σ(w_a)·(attribute prompt embeddings) to the image prompt embeddings "
-    "before encoding; this script reproduces that; fsad variant: code mixes encoded attribute prototypes instead",
-    "feature-space Attr-MoE": "fsad mixes attribute *prototypes* after the text tower (model.encode_levels); the "
-    "authors mix the attribute prompts' token embeddings — contexts, SOS and EOT rows included — before it, with a "
-    "top-k row choice for the handcrafted attribute prompts",
     "regions/component": "their DPC-KNN (clusters.py) clusters each shot alone with k=1 nearest neighbour, the "
     "token itself, so the density is exp(0)+1e-6·torch.rand noise and centres follow the noise; their background "
     "cluster is chosen on shot 0 and its mask reused for shot 1; stage 2 gives every background token the label of "
@@ -291,8 +292,6 @@ CAUSES = {
     "from its k-NN (k=8/5) and labels background tokens as background",
     "regions/background": "see regions/component; also their background weight channel is the cluster matched by "
     "the background prompt (argmax over stage-2 clusters), fsad's is stage 1's background",
-    "image score": "the authors take the max of the bilinearly upsampled visual map at the eval size (their cls "
-    "forward); fsad takes the max over the 15×15 grid",
 }
 
 

@@ -20,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--authors", type=Path, required=True, help="checkout of the authors' repository")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mvtec_ad",
                         help="MVTec-AD root holding bottle/ (promptad, finegrainedad)")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=None, help="fixture folder (default tests/fixtures/parity/<method>)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="fixture folder (default tests/fixtures/parity/<method>)"
+    )
     args = parser.parse_args(argv)
     out = args.out or REPO / "tests" / "fixtures" / "parity" / args.method
     if args.method == "promptad":
