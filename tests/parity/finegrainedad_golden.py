@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -44,7 +43,8 @@ from tests.parity.promptad_golden import (  # the same shots, images, seeds and 
     TEST,
     WEIGHT_SEED,
     as_array,
-    mask_of,
+    authors_commit,
+    golden_split,
     record_calls,
 )
 from tests.parity.weights import fill_by_name
@@ -192,18 +192,7 @@ def run(data_root: Path, modules, workdir: Path) -> tuple[dict[str, np.ndarray],
     import cv2  # noqa: PLC0415
     from PIL import Image  # noqa: PLC0415
 
-    def load_golden(category, k_shot):
-        train = ([str(data_root / p) for p in SUPPORT], [0] * len(SUPPORT), [0] * len(SUPPORT), ["good"] * len(SUPPORT))
-        masks = [str(data_root / m) if (m := mask_of(p)) else 0 for p in TEST]
-        test = (
-            [str(data_root / p) for p in TEST],
-            masks,
-            [int(m != 0) for m in masks],
-            [p.split("/")[-2] for p in TEST],
-        )
-        return train, test
-
-    authors_datasets.load_function_dict["golden"] = load_golden
+    authors_datasets.load_function_dict["golden"] = golden_split(data_root)
     tokenize_calls: list[str] = []
     original_tokenize = clipad.tokenize
 
@@ -335,9 +324,7 @@ def generate(authors_repo: Path, data_root: Path, out_dir: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         arrays, facts = run(data_root, modules, Path(tmp))
     np.savez_compressed(out_dir / "seg.npz", **arrays)
-    commit = subprocess.run(
-        ["git", "-C", str(authors_repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    commit = authors_commit(authors_repo)
     meta = {
         "authors_repository": "RetoFan233/FineGrainedAD",
         "authors_commit": commit or "aa6b0414b77b712a0e7a763a42a855ea38114bcc (files read from the index, not a git checkout)",

@@ -130,10 +130,9 @@ def authors_text_features(model) -> dict[str, np.ndarray]:
         }
 
 
-def run_task(task: str, data_root: Path, modules, workdir: Path) -> dict[str, np.ndarray]:
-    """One of the authors' two models (``seg``: maps, ``cls``: image score) through their own ``fit``."""
-    authors_datasets, authors_model, clipad, train_seg, train_cls = modules
-    from PIL import Image  # noqa: PLC0415
+def golden_split(data_root: Path):
+    """A loader for their ``load_function_dict``: the golden support shots and test images (with masks) in their
+    (paths, masks, labels, types) format."""
 
     def load_golden(category, k_shot):
         train = ([str(data_root / p) for p in SUPPORT], [0] * len(SUPPORT), [0] * len(SUPPORT), ["good"] * len(SUPPORT))
@@ -146,7 +145,21 @@ def run_task(task: str, data_root: Path, modules, workdir: Path) -> dict[str, np
         )
         return train, test
 
-    authors_datasets.load_function_dict["golden"] = load_golden
+    return load_golden
+
+
+def authors_commit(repo: Path) -> str:
+    """The checkout's commit, or an empty string when it is not a git checkout."""
+    result = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    return result.stdout.strip()
+
+
+def run_task(task: str, data_root: Path, modules, workdir: Path) -> dict[str, np.ndarray]:
+    """One of the authors' two models (``seg``: maps, ``cls``: image score) through their own ``fit``."""
+    authors_datasets, authors_model, clipad, train_seg, train_cls = modules
+    from PIL import Image  # noqa: PLC0415
+
+    authors_datasets.load_function_dict["golden"] = golden_split(data_root)
     train_seg.setup_seed(AUTHORS_SEED)
     model = build_authors_model(authors_model, clipad, n_pro=1 if task == "seg" else 3)
     loader_kwargs = dict(dataset="golden", class_name="bottle", k_shot=len(SUPPORT), batch_size=len(TEST))
@@ -236,9 +249,7 @@ def generate(authors_repo: Path, data_root: Path, out_dir: Path) -> None:
             np.savez_compressed(out_dir / f"{task}.npz", **run_task(task, data_root, modules, Path(tmp)))
     with np.load(out_dir / "seg.npz") as seg:
         np.savez_compressed(out_dir / "fp16.npz", **run_fp16(modules, seg["test_images"]))
-    commit = subprocess.run(
-        ["git", "-C", str(authors_repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    commit = authors_commit(authors_repo)
     meta = {
         "authors_repository": "FuNz-0/PromptAD",
         "authors_commit": commit or "unknown (not a git checkout)",
