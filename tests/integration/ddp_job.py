@@ -54,8 +54,14 @@ def main(devices: int, out_dir: Path, data_root: str) -> None:
     trainer.test(model, datamodule=data)
     rank = trainer.global_rank
     (out_dir / f"rank{rank}.json").write_text(
-        json.dumps({"indices": recorder.indices, "results": metrics.results, "binned": binned.results,
-                    "logged": recorder.logged})
+        json.dumps(
+            {
+                "indices": recorder.indices,
+                "results": metrics.results,
+                "binned": binned.results,
+                "logged": recorder.logged,
+            }
+        )
     )
 
 

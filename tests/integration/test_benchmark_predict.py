@@ -99,7 +99,10 @@ def test_bad_benchmark_config_names_the_field(tmp_path: Path, capsys) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("method_config: [configs/demo.yaml]\nshots: [one]\n")
     assert main(["benchmark", "-c", str(path)]) == 1
-    assert capsys.readouterr().err.strip() == f"error: {path}: shots.0: Input should be a valid integer, unable to parse string as an integer"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: {path}: shots.0: Input should be a valid integer, unable to parse string as an integer"
+    )
 
 
 def test_table_mean_row_is_mean_over_seeds_of_category_means() -> None:
@@ -124,7 +127,10 @@ def test_lightning_detects_slurm_ranks_with_our_trainer_config(monkeypatch) -> N
     environment = SLURMEnvironment()
     assert SLURMEnvironment.detect()
     assert (environment.world_size(), environment.global_rank(), environment.local_rank(), environment.node_rank()) == (
-        8, 5, 1, 1,
+        8,
+        5,
+        1,
+        1,
     )
 
 
@@ -152,7 +158,9 @@ def test_predict_on_a_real_folder_reports_and_skips_a_corrupt_file(tmp_path: Pat
     assert sorted(Path(r["path"]).name for r in rows if not r["error"]) == readable
     broken = [r for r in rows if r["error"]]
     assert len(broken) == 1 and broken[0]["path"].endswith("broken.jpg") and "cannot read image" in broken[0]["error"]
-    assert len(list(out.glob("*_map.png"))) == len(readable) == len([p for p in out.glob("*.png") if "_map" not in p.name])
+    assert (
+        len(list(out.glob("*_map.png"))) == len(readable) == len([p for p in out.glob("*.png") if "_map" not in p.name])
+    )
     odd = next(out.glob("*odd_512x522.png"))
     assert odd.is_file() and all(r["label"] == "" for r in rows)
 
@@ -172,7 +180,10 @@ def test_f1_threshold_is_fitted_then_reused_from_the_checkpoint(tmp_path: Path, 
     first = list(csv.DictReader((run_dir / "predictions/scores.csv").open()))
     assert all(r["label"] == str(int(float(r["score"]) >= threshold)) for r in first)
     # a later predict on other images reuses the stored threshold without validation folders
-    assert main(predict_args(tmp_path, hazelnut / "test/good", hazelnut / "train/good", "--ckpt_path", str(checkpoint))) == 0
+    assert (
+        main(predict_args(tmp_path, hazelnut / "test/good", hazelnut / "train/good", "--ckpt_path", str(checkpoint)))
+        == 0
+    )
     later = list(csv.DictReader((run_dir / "predictions/scores.csv").open()))
     assert len(later) == 6 and all(r["label"] == str(int(float(r["score"]) >= threshold)) for r in later)
 

@@ -63,13 +63,17 @@ def test_kag_sweep_pretrains_once_then_only_tests_every_cell(tmp_path: Path, mon
 
 
 def test_pretrained_method_without_weights_and_fewshot_method_with_them_are_refused(tmp_path: Path, capsys) -> None:
-    kag = write(tmp_path, "kag", method_config=[str(REPO / "configs/kagprompt/synthetic_tiny.yaml")], categories=["disc"])
+    kag = write(
+        tmp_path, "kag", method_config=[str(REPO / "configs/kagprompt/synthetic_tiny.yaml")], categories=["disc"]
+    )
     assert main(["benchmark", "-c", str(kag)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: kagprompt is a pretrained-protocol method") and "\n" not in err
     checkpoint = tmp_path / "weights.ckpt"
     checkpoint.write_bytes(b"")
-    membank = write(tmp_path, "mb", method_config=[str(REPO / "configs/demo.yaml")], pretrained_checkpoint=str(checkpoint))
+    membank = write(
+        tmp_path, "mb", method_config=[str(REPO / "configs/demo.yaml")], pretrained_checkpoint=str(checkpoint)
+    )
     assert main(["benchmark", "-c", str(membank)]) == 1
     assert capsys.readouterr().err.strip() == (
         "error: pretrained_checkpoint: only for pretrained-protocol methods; membank is training_free"
@@ -114,7 +118,9 @@ def test_a_failed_cell_is_one_line_the_others_run_and_the_exit_code_says_so(tmp_
                    shots=[1], seeds=[0], extra_args=["--data.init_args.root", str(tmp_path / "synthetic")])  # fmt: skip
     assert main(["benchmark", "-c", str(config)]) == 1
     log = (tmp_path / "fail/failures.log").read_text().splitlines()
-    assert len(log) == 1 and "cell 1 (nope k=1 seed=0" in log[0] and "DataError: data.category: 'nope' not found" in log[0]
+    assert (
+        len(log) == 1 and "cell 1 (nope k=1 seed=0" in log[0] and "DataError: data.category: 'nope' not found" in log[0]
+    )
     assert [r["category"] for r in read_rows(tmp_path / "fail")] == ["tile"]
     assert "failed cells: [1]" in capsys.readouterr().out
 
@@ -215,7 +221,9 @@ def test_fewshot_fit_cells_fit_then_test_and_record_the_paper_protocol(tmp_path:
     assert fits == ["SyntheticDataModule"]
     (row,) = read_rows(tmp_path / "pad")
     assert float(row["fit_seconds"]) > 0 and float(row["test_seconds"]) > 0
-    best = yaml.safe_load(next((tmp_path / "pad/runs").glob("*/promptad/synthetic/disc/k2_s0/paper_best_epoch.json")).read_text())
+    best = yaml.safe_load(
+        next((tmp_path / "pad/runs").glob("*/promptad/synthetic/disc/k2_s0/paper_best_epoch.json")).read_text()
+    )
     assert float(row["paper_best_epoch_image_AUROC"]) == best["best"]["image_AUROC"]
     assert 0 <= float(row["image_AUROC_paper_max_fusion"]) <= 1
     table = (tmp_path / "pad/benchmark.md").read_text()

@@ -157,7 +157,9 @@ def test_merge_takes_majority_counts_and_reports_conflicts() -> None:
             "images": [{"name": f"{number}-{colour}.png", "sha256": "0" * 64}]})  # fmt: skip
         return parse_record(data, "test")
 
-    merged = merge_records([record("one", "brown", False), record("two", "dark brown", True), record("one", "tan", False)])
+    merged = merge_records(
+        [record("one", "brown", False), record("two", "dark brown", True), record("one", "tan", False)]
+    )
     shell = next(c for c in merged.record.components if c.name == "shell")
     assert shell.number == "one"  # 2 of 3 votes
     assert shell.attributes.color.base == ["brown", "beige", "dark brown", "tan"]  # union, first-seen order
@@ -166,7 +168,9 @@ def test_merge_takes_majority_counts_and_reports_conflicts() -> None:
     assert [i.name for i in merged.record.provenance.images] == ["one-brown.png", "two-dark brown.png", "one-tan.png"]
 
 
-def test_cli_generate_then_finegrainedad_fit_on_the_record(tmp_path: Path, shared_data: Path, monkeypatch, capsys) -> None:
+def test_cli_generate_then_finegrainedad_fit_on_the_record(
+    tmp_path: Path, shared_data: Path, monkeypatch, capsys
+) -> None:
     from fsad.cli import main
 
     hazelnut = shared_data / "hazelnut_toy"

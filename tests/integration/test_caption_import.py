@@ -19,7 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
 
 # Invented content in the authors' layout: an older and a newer records list, the category index, defect states,
 # and statements that are not literals (an import, a call, a function, a main block) that must never run.
-AUTHORS_FORMAT = '''
+AUTHORS_FORMAT = """
 import os
 SIDE_EFFECT = open(os.path.join(os.path.dirname(__file__), "EXECUTED"), "w")
 
@@ -56,7 +56,7 @@ def helper():
 
 if __name__ == "__main__":
     helper()
-'''
+"""
 
 
 @pytest.fixture
@@ -78,14 +78,18 @@ def test_import_maps_the_newest_list_and_reports_every_guess(tmp_path: Path, aut
     assert disc.image_level.summary == "A grey disc with radial stripes on a pure black background."
     assert disc.foreground_level.logical_relation == "The stripes run from the center of the disc to its rim."
     assert [(c.name, c.number, c.location) for c in disc.components] == [
-        ("disc", "one", "center"), ("stripes", "many", "whole")
+        ("disc", "one", "center"),
+        ("stripes", "many", "whole"),
     ]
     body, stripes = disc.components
     assert (body.attributes.color.base, body.attributes.color.connector) == (["grey", "white"], "and")
     assert body.attributes.direction.base == [] and stripes.attributes.direction.base == ["radial"]
     assert stripes.attributes.color.extensions == ["metallic grey"] and stripes.attributes.color.base == []
     assert disc.abnormal_states == ["{} with paint blob", "{} with scratch"]
-    assert disc.provenance.kind == "image-derived" and disc.provenance.imported_from.variable == "fine_grained_normal_prompts_v3"
+    assert (
+        disc.provenance.kind == "image-derived"
+        and disc.provenance.imported_from.variable == "fine_grained_normal_prompts_v3"
+    )
 
     widget = load_record(out / "synthetic/widget.json")
     assert widget.image_level.background is None and widget.foreground_level is None
@@ -107,11 +111,23 @@ def test_import_maps_the_newest_list_and_reports_every_guess(tmp_path: Path, aut
 
 def test_import_reads_the_list_asked_for(tmp_path: Path, authors_file: Path, capsys) -> None:
     out = tmp_path / "records"
-    argv = ["captions", "import", "--from", str(authors_file), "--out", str(out), "--variable", "fine_grained_normal_prompts_v2"]
+    argv = [
+        "captions",
+        "import",
+        "--from",
+        str(authors_file),
+        "--out",
+        str(out),
+        "--variable",
+        "fine_grained_normal_prompts_v2",
+    ]
     assert main(argv) == 0
     assert load_record(out / "custom/disc.json").image_level.background == "white"
     printed = capsys.readouterr().out
-    assert "changed: widget: total_classes2id points at 1, not a record in fine_grained_normal_prompts_v2; skipped" in printed
+    assert (
+        "changed: widget: total_classes2id points at 1, not a record in fine_grained_normal_prompts_v2; skipped"
+        in printed
+    )
     assert "changed: disc: dataset guessed as 'custom'" in printed and not (out / "custom/widget.json").exists()
 
 
@@ -123,7 +139,9 @@ def test_import_names_the_file_when_the_index_is_missing(tmp_path: Path, capsys)
         "fine_grained_normal_prompts_v3) not found"  # fmt: skip
 
 
-def test_a_bad_record_names_file_entry_and_field_and_nothing_is_written(tmp_path: Path, authors_file: Path, capsys) -> None:
+def test_a_bad_record_names_file_entry_and_field_and_nothing_is_written(
+    tmp_path: Path, authors_file: Path, capsys
+) -> None:
     authors_file.write_text(AUTHORS_FORMAT.replace('"caption": "A widget with two red knobs."', '"caption": ""'))
     out = tmp_path / "records"
     assert main(["captions", "import", "--from", str(authors_file), "--out", str(out)]) == 1

@@ -82,7 +82,9 @@ def test_inferencer_from_checkpoint_matches_fsad_test_on_any_input_type(tmp_path
     trainer.test(module, datamodule=data)
     trainer.save_checkpoint(tmp_path / "plain.ckpt")  # no _class_path: written by a plain Trainer
     seed_everything(0)
-    inferencer = Inferencer.from_checkpoint(tmp_path / "plain.ckpt", support=data.support_paths, model_class=MemoryBankAD)
+    inferencer = Inferencer.from_checkpoint(
+        tmp_path / "plain.ckpt", support=data.support_paths, model_class=MemoryBankAD
+    )
     scores = torch.cat(collector.scores)
     for index in (0, len(data.test_samples) - 1):
         path = data.test_samples[index].image_path

@@ -21,8 +21,18 @@ pytestmark = pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
 def test_auxiliary_fit_then_few_shot_test_on_real_bottle(tmp_path: Path, mvtec_root: Path, monkeypatch) -> None:
     monkeypatch.setenv("FSAD_CACHE_DIR", str(tmp_path / "cache"))
     runs = ["--run_root", str(tmp_path / "runs")]
-    fit = FsadCLI(args=["-c", str(REPO / "configs/kagprompt/train_synthetic_tiny.yaml"),
-                        "-c", str(REPO / "configs/logger/csv.yaml"), *runs, "--trainer.max_epochs", "4"], run=False)
+    fit = FsadCLI(
+        args=[
+            "-c",
+            str(REPO / "configs/kagprompt/train_synthetic_tiny.yaml"),
+            "-c",
+            str(REPO / "configs/logger/csv.yaml"),
+            *runs,
+            "--trainer.max_epochs",
+            "4",
+        ],
+        run=False,
+    )
     fit.trainer.fit(fit.model, datamodule=fit.datamodule)
     train_dir = tmp_path / "runs/kagprompt/synthetic_aux/all/k0_s0"
     rows = list(csv.DictReader((train_dir / "logs/version_0/metrics.csv").open()))
@@ -46,4 +56,3 @@ def test_auxiliary_fit_then_few_shot_test_on_real_bottle(tmp_path: Path, mvtec_r
     results = (tmp_path / "runs/kagprompt/mvtec/bottle/k4_s0/results.csv").read_text()
     assert "kagprompt,mvtec,bottle,4,0" in results and "pixel_AUROC" in results
     assert len((tmp_path / "runs/kagprompt/mvtec/bottle/k4_s0/support.txt").read_text().splitlines()) == 4
-

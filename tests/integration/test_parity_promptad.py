@@ -60,6 +60,18 @@ def mvtec_subset(source: Path, target: Path, meta: dict) -> Path:
     return target
 
 
+def authors_datamodule(mvtec_root: Path, folder: Path, meta: dict) -> tuple[MVTecDataModule, Path]:
+    """The golden run's shots and test images, on the authors' resize chain, set up for test; and its root."""
+    root = mvtec_subset(mvtec_root, folder / "mvtec", meta)
+    data = MVTecDataModule(
+        root=str(root), category="bottle", k_shot=len(meta["support"]), image_size=meta["image_size"],
+        eval_size=meta["eval_size"], resize="authors", support_files=[Path(p).name for p in meta["support"]],
+        batch_size=len(meta["test"]),
+    )  # fmt: skip
+    data.setup("test")
+    return data, root
+
+
 def code_variant(meta: dict, lr: float) -> PromptAD:
     module = PromptAD(
         BackboneSpec(arch=meta["arch"], pretrained=None, taps=[3, 8]), image_size=meta["image_size"],
@@ -80,13 +92,7 @@ def test_code_variant_reproduces_the_authors_promptad_stage_by_stage(
     tmp_path: Path, mvtec_root: Path, meta: dict
 ) -> None:
     seg, cls = golden("seg"), golden("cls")
-    root = mvtec_subset(mvtec_root, tmp_path / "mvtec", meta)
-    data = MVTecDataModule(
-        root=str(root), category="bottle", k_shot=len(meta["support"]), image_size=meta["image_size"],
-        eval_size=meta["eval_size"], resize="authors", support_files=[Path(p).name for p in meta["support"]],
-        batch_size=len(meta["test"]),
-    )  # fmt: skip
-    data.setup("test")
+    data, root = authors_datamodule(mvtec_root, tmp_path, meta)
     module = code_variant(meta, lr=meta["lr"])
     measured: dict[str, float] = {}
 

@@ -136,20 +136,6 @@ def level_prototypes(g: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tens
     return stacked[:, 0], stacked[:, 1]
 
 
-def data_module(meta: dict, root: Path):
-    from fsad.datamodules.mvtec import MVTecDataModule
-    from tests.integration.test_parity_promptad import mvtec_subset
-
-    subset = mvtec_subset(root, Path(tempfile.mkdtemp()) / "mvtec", meta)
-    data = MVTecDataModule(
-        root=str(subset), category="bottle", k_shot=len(meta["support"]), image_size=meta["image_size"],
-        eval_size=meta["eval_size"], resize="authors", support_files=[Path(p).name for p in meta["support"]],
-        batch_size=len(meta["test"]),
-    )  # fmt: skip
-    data.setup("test")
-    return data, subset
-
-
 def measure(root: Path) -> dict[str, float]:
     """Every compared stage's max |Δ| (see the module docstring); the keys name the stages."""
     from fsad.lightning_modules.components.memory_bank import MemoryBank
@@ -157,6 +143,7 @@ def measure(root: Path) -> dict[str, float]:
     from fsad.lightning_modules.finegrainedad.model import token_wise_scores
     from fsad.lightning_modules.promptad.model import upsampled_max
     from fsad.lightning_modules.promptad.module import swap_rgb_bgr
+    from tests.integration.test_parity_promptad import authors_datamodule
 
     g, meta = golden()
     tower = backbone(meta)
@@ -167,7 +154,7 @@ def measure(root: Path) -> dict[str, float]:
         delta[name] = float(diff)
 
     # 1. preprocessing (their cv2-1024 → PIL-bicubic chain; test images fed as read, BGR)
-    data, subset = data_module(meta, root)
+    data, subset = authors_datamodule(root, Path(tempfile.mkdtemp()), meta)
     support = next(iter(data.support_dataloader()))
     names = [Path(p).name for p in meta["support"]]
     order = [names.index(Path(p).name) for p in support.image_path]

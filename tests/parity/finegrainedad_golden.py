@@ -46,8 +46,8 @@ from tests.parity.promptad_golden import (  # the same shots, images, seeds and 
     authors_commit,
     golden_split,
     record_calls,
+    use_name_filled_weights,
 )
-from tests.parity.weights import fill_by_name
 
 HERE = Path(__file__).resolve().parent
 ARCH_CONFIG = HERE.parent / "fixtures" / "parity" / "fsad-parity-240.json"
@@ -156,14 +156,7 @@ def prompt_texts(tokenize_calls: list[str], learner, tokenize) -> dict[str, list
 def build_authors_model(authors_model, clipad):
     """Their ``FineGrainedPatchAD`` on ``fsad-parity-240`` with name-filled weights, in fp32 (module docstring)."""
 
-    def create_without_download(model_name, pretrained=None, precision="fp32", **_):
-        model = clipad.create_model(model_name, pretrained=None, precision=precision)
-        fill_by_name(model, WEIGHT_SEED)
-        return model, None, None
-
-    clipad.create_model_and_transforms = create_without_download
-    if ARCH not in authors_model.valid_backbones:
-        authors_model.valid_backbones.append(ARCH)
+    use_name_filled_weights(authors_model, clipad, ARCH, "fp32")
     return authors_model.FineGrainedPatchAD(
         out_size_h=EVAL_SIZE, out_size_w=EVAL_SIZE, device="cpu", backbone=ARCH, pretrained_dataset="laion400m_e32",
         n_ctx=4, n_pro=1, n_ctx_ab=1, n_pro_ab=4, class_name="bottle", precision="fp32", k_shot=len(SUPPORT),

@@ -71,18 +71,25 @@ def import_authors(repo: Path):
     return authors_datasets, authors_model, CLIPAD, train_seg, train_cls
 
 
-def build_authors_model(authors_model, clipad, n_pro: int, precision: str = "fp32"):
-    """Their ``PromptAD`` on ``fsad-parity`` with name-filled weights, as fp32 (see the module docstring) or, with
-    ``precision="fp16"``, exactly as they build it."""
+def use_name_filled_weights(authors_model, clipad, arch: str, precision: str) -> None:
+    """Their model factory without a download: their ``create_model`` at ``precision`` (whatever their call asks
+    for), then :func:`fill_by_name`; ``arch`` joins their list of valid backbones."""
 
-    def create_without_download(model_name, pretrained=None, **_):  # their call always asks for fp16
+    def create_without_download(model_name, pretrained=None, **_):
         model = clipad.create_model(model_name, pretrained=None, precision=precision)
         fill_by_name(model, WEIGHT_SEED)
         return model, None, None
 
     clipad.create_model_and_transforms = create_without_download
-    if ARCH not in authors_model.valid_backbones:
-        authors_model.valid_backbones.append(ARCH)
+    if arch not in authors_model.valid_backbones:
+        authors_model.valid_backbones.append(arch)
+
+
+def build_authors_model(authors_model, clipad, n_pro: int, precision: str = "fp32"):
+    """Their ``PromptAD`` on ``fsad-parity`` with name-filled weights, as fp32 (see the module docstring) or, with
+    ``precision="fp16"``, exactly as they build it."""
+
+    use_name_filled_weights(authors_model, clipad, ARCH, precision)
     kwargs = dict(
         out_size_h=EVAL_SIZE, out_size_w=EVAL_SIZE, device="cpu", backbone=ARCH, pretrained_dataset="laion400m_e32",
         n_ctx=4, n_pro=n_pro, n_ctx_ab=1, n_pro_ab=4, class_name="bottle", k_shot=len(SUPPORT),

@@ -67,7 +67,9 @@ def test_show_prints_the_provenance(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["captions", "show", "realiad", "toy"]) == 0
     out = capsys.readouterr().out
-    assert "[provenance]" in out and "kind: generic" in out and "source: category name and dataset defect list only" in out
+    assert (
+        "[provenance]" in out and "kind: generic" in out and "source: category name and dataset defect list only" in out
+    )
     assert "[component:" not in out
 
 
@@ -118,14 +120,19 @@ def border_and_centre(path: Path) -> tuple[np.ndarray, np.ndarray]:
     pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
     h, w, _ = pixels.shape
     e = max(4, h // 25)
-    border = np.concatenate([pixels[:e], pixels[-e:], pixels[:, :e].transpose(1, 0, 2), pixels[:, -e:].transpose(1, 0, 2)], axis=1)
+    border = np.concatenate(
+        [pixels[:e], pixels[-e:], pixels[:, :e].transpose(1, 0, 2), pixels[:, -e:].transpose(1, 0, 2)], axis=1
+    )
     centre = pixels[h * 3 // 8 : h * 5 // 8, w * 3 // 8 : w * 5 // 8]
     return np.median(border.reshape(-1, 3), axis=0), np.median(centre.reshape(-1, 3), axis=0)
 
 
 @pytest.mark.parametrize(
     ("dataset", "category", "images"),
-    [("mvtec", "bottle", "mvtec_ad/bottle/train/good/*.png"), ("folder", "hazelnut_toy", "hazelnut_toy/train/good/*.jpg")],
+    [
+        ("mvtec", "bottle", "mvtec_ad/bottle/train/good/*.png"),
+        ("folder", "hazelnut_toy", "hazelnut_toy/train/good/*.jpg"),
+    ],
 )
 def test_stated_background_and_object_colours_match_the_pixels(shared_data: Path, dataset, category, images) -> None:
     record = packaged_record(dataset, category)

@@ -304,7 +304,9 @@ def test_authors_resize_is_cv2_bilinear_1024_then_pil_bicubic(mvtec_root: Path) 
 def test_realiad_both_json_layouts_and_the_datasets_own_mask_rules(tmp_path: Path, layout: str) -> None:
     root = make_realiad(tmp_path / "realiad", layout=layout, quirks=True)
     if layout == "side_by_side":
-        assert (root / "realiad_jsons/audiojack.json").is_file() and (root / "realiad_jsons_sv/audiojack.json").is_file()
+        assert (root / "realiad_jsons/audiojack.json").is_file() and (
+            root / "realiad_jsons_sv/audiojack.json"
+        ).is_file()
     data = RealIADDataModule(root=str(root), category="audiojack", k_shot=2, resolution=256, image_size=32)
     data.setup()
     assert data.available_categories() == ["audiojack"]

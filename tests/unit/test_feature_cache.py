@@ -19,7 +19,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
 
 def tiny_membank(seed: int = 0, image_size: int = 64) -> MemoryBankAD:
     torch.manual_seed(seed)
-    return MemoryBankAD(BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[2, 4]), image_size=image_size, eval_size=64)
+    return MemoryBankAD(
+        BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[2, 4]), image_size=image_size, eval_size=64
+    )
 
 
 @pytest.fixture

@@ -81,7 +81,9 @@ def paper_graph_reference(graph: KernelAwareGraph, nodes: torch.Tensor) -> torch
         return torch.sigmoid(conv(graph.gate, message).mean(0))
 
     def gru(message: torch.Tensor, state: torch.Tensor) -> torch.Tensor:  # Eq. 10, on [HW, C]
-        z = torch.sigmoid(torch.cat([message, state], 1) @ graph.gru.update.weight[:, :, 0, 0].T + graph.gru.update.bias)
+        z = torch.sigmoid(
+            torch.cat([message, state], 1) @ graph.gru.update.weight[:, :, 0, 0].T + graph.gru.update.bias
+        )
         r = torch.sigmoid(torch.cat([message, state], 1) @ graph.gru.reset.weight[:, :, 0, 0].T + graph.gru.reset.bias)
         cand = torch.tanh(
             torch.cat([message, r * state], 1) @ graph.gru.candidate.weight[:, :, 0, 0].T + graph.gru.candidate.bias

@@ -23,7 +23,9 @@ def close(value: torch.Tensor, expected: float) -> bool:
 
 def test_prompt_contrastive_loss_by_hand() -> None:
     # v=[1,0], p̄ⁿ=[1,0], 𝒫ᵃ={[0,1]}, t=1: logits [1, 0]; −log(e/(e+1)) = log(1+e⁻¹) = 0.3132616875
-    loss = prompt_contrastive_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([1.0, 0.0]), torch.tensor([[0.0, 1.0]]), 1.0)
+    loss = prompt_contrastive_loss(
+        torch.tensor([[1.0, 0.0]]), torch.tensor([1.0, 0.0]), torch.tensor([[0.0, 1.0]]), 1.0
+    )
     assert close(loss, math.log(1 + math.exp(-1)))
     # weight 2 doubles the logits: log(1+e⁻²) = 0.1269280110
     weighted = prompt_contrastive_loss(

@@ -33,7 +33,9 @@ class TinyProxy(socketserver.ThreadingTCPServer):
                 self.requests.append(line)
                 method, target, _ = line.split(" ", 2)
                 ok = method == "CONNECT" and target in self.allowed
-                handler.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n" if ok else b"HTTP/1.1 403 No\r\n\r\n")
+                handler.wfile.write(
+                    b"HTTP/1.1 200 Connection established\r\n\r\n" if ok else b"HTTP/1.1 403 No\r\n\r\n"
+                )
 
         super().__init__(("127.0.0.1", 0), Handler)
 
@@ -113,7 +115,10 @@ def test_a_signal_outside_the_trainer_ends_with_its_code_and_one_line(
     previous = signal.getsignal(signum)
     assert run_guarded(command, SignalGuard(resume_hint="rerun it")) == code
     assert signal.getsignal(signum) == previous  # handlers restored
-    assert capsys.readouterr().err.strip() == f"interrupted by {signal.Signals(signum).name}: nothing new saved; to resume, rerun it"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"interrupted by {signal.Signals(signum).name}: nothing new saved; to resume, rerun it"
+    )
 
 
 def test_a_user_error_is_one_line_and_a_bug_still_raises(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,7 +13,9 @@ def test_gaussian_blur_equals_scipy_mirror() -> None:
     maps = torch.rand(2, 40, 33, dtype=torch.float32)
     ours = gaussian_blur(maps, sigma=2.5).numpy()
     for i in range(2):
-        ref = gaussian_filter(maps[i].numpy().astype(np.float64), sigma=2.5, truncate=4.0)  # scipy's default border, mode="reflect"
+        ref = gaussian_filter(
+            maps[i].numpy().astype(np.float64), sigma=2.5, truncate=4.0
+        )  # scipy's default border, mode="reflect"
         np.testing.assert_allclose(ours[i], ref, atol=1e-6)
 
 

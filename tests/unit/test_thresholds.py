@@ -124,7 +124,9 @@ def test_dict_backbone_and_size_errors_name_both_fields() -> None:
 
     module = MemoryBankAD(backbone=TINY, image_size=96, eval_size=128)
     assert module.backbone.spec.taps == [2, 4]
-    with pytest.raises(SizeMismatchError, match=r"data\.image_size.*model\.image_size|model\.image_size.*data\.image_size"):
+    with pytest.raises(
+        SizeMismatchError, match=r"data\.image_size.*model\.image_size|model\.image_size.*data\.image_size"
+    ):
         module(torch.zeros(1, 3, 64, 64))
     module.fit_support(module.backbone(torch.zeros(1, 3, 96, 96)))
     batch = Batch(image=torch.zeros(1, 3, 96, 96), gt_mask=torch.zeros(1, 64, 64, dtype=torch.uint8),
@@ -161,7 +163,9 @@ def test_checkpoints_from_before_the_thresholds_component_still_load() -> None:
     from fsad.lightning_modules.membank.module import MemoryBankAD
 
     module = MemoryBankAD(backbone=TINY, image_size=96)
-    state = {key: value for key, value in module.state_dict().items() if not key.startswith(("thresholds.", "backbone."))}
+    state = {
+        key: value for key, value in module.state_dict().items() if not key.startswith(("thresholds.", "backbone."))
+    }
     checkpoint = {"state_dict": {**state, "image_threshold": torch.tensor(0.25)}}  # the old bare buffer
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])  # strict
