@@ -251,14 +251,12 @@ class PromptLearner(nn.Module):
                     raise ValueError(f"prompt too long for CLIP's {tokens.shape[1]} tokens with contexts: {worst!r}")
                 with torch.no_grad():
                     words = backbone.token_embedding(tokens.to(backbone.clip.token_embedding.weight.device)).float()
-                flat = [
-                    (body, position, kind_index) for body, found in enumerate(slots) for position, kind_index in found
+                # one row per placeholder: (body, token position, kind index)
+                placed = [
+                    (body, position, slot_kind) for body, found in enumerate(slots) for position, slot_kind in found
                 ]
-                body_index, position, kind_index = (
-                    (torch.tensor(column, dtype=torch.long, device=device) for column in zip(*flat, strict=True))
-                    if flat
-                    else (torch.empty(0, dtype=torch.long, device=device),) * 3
-                )
+                table = torch.tensor(placed, dtype=torch.long, device=device).reshape(-1, 3)
+                body_index, position, kind_index = table.unbind(dim=1)
                 segments.append(
                     Segment(
                         name, kind, words.to(device), eot.to(device), is_alp, body_index, position, kind_index, gate_row

@@ -331,10 +331,9 @@ def _replace_first(text: str, old: str, new: str) -> str | None:
 def _with_defect(text: str, noun: str, defect_state: str) -> str:
     """Insert a defect after the first mention of ``noun``, keeping its plural: ``LEDs`` → ``LEDs with a crack``;
     a state ending in the word that follows is not doubled (``tile with rough surface`` + ``surface``)."""
-    pattern = word_pattern(noun)
-    if not pattern.search(text):  # the text never names the noun: state the defect as its own leading sentence
+    match = word_pattern(noun).search(text)
+    if match is None:  # the text never names the noun: state the defect as its own leading sentence
         return f"{_sentence(defect_state.format(noun))} {text}"
-    match = pattern.search(text)
     inserted = defect_state.format(match.group(1))
     rest = text[match.end() :]
     last = inserted.split()[-1]
@@ -459,10 +458,10 @@ def mllp_texts(
     foreground = None
     if record.foreground_level is not None:
         relation = _sentence(record.foreground_level.logical_relation)
-        relation_abnormal = [
-            _sentence(_with_defect(relation, c.name, "{} with " + COMPONENT_DEFECTS[0])) for c in record.components
-        ]
         if placeholders:
+            relation_abnormal = [
+                _sentence(_with_defect(relation, c.name, "{} with " + COMPONENT_DEFECTS[0])) for c in record.components
+            ]
             swapped = _swapped_values(relation, ("number", "location"), rng)
             foreground = PromptGroupTexts(
                 normal=[relation], abnormal=list(dict.fromkeys(relation_abnormal + swapped)),
