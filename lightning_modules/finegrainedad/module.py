@@ -6,6 +6,7 @@ import warnings
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 
 from fsad.batch import Batch
 from fsad.lightning_modules.components.clip import BackboneSpec
@@ -16,7 +17,15 @@ from fsad.lightning_modules.finegrainedad.mfsc import (
     resolve_record,
 )
 from fsad.lightning_modules.finegrainedad.model import FineGrainedADModel
-from fsad.lightning_modules.finegrainedad.regions import aggregate_regions, region_weights, slice_tiles, stitch_tiles
+from fsad.lightning_modules.finegrainedad.regions import (
+    aggregate_regions,
+    aggregate_regions_released,
+    region_weights,
+    released_reference,
+    released_region_weights,
+    slice_tiles,
+    stitch_tiles,
+)
 from fsad.lightning_modules.promptad.model import Variant
 from fsad.lightning_modules.promptad.module import PromptTuningModule, Protocol
 
@@ -31,13 +40,13 @@ class FineGrainedAD(PromptTuningModule):
         eam_margin, mean_loss_weight, reg_weight: m (1.0), λ of L_mean (0.001), weight of L_reg (1.0).
         reg_lambda: λ of the background term inside L_reg (Eq. 3; 1 in the paper).
         region_boost: region weight ``w = 1 + boost`` inside a level's region (1.5).
-        semantic_seeds: DPC-KNN starts from prompt-chosen centres; default from ``variant`` (paper on; the authors'
-            code passes none).
-        reference_mode: cluster the prompt cosines alone (``replace``, the paper's reference dimension and the
-            code's) or, our option, [visual token; prompt cosines] (``concat``).
-        background_rule: stage-1 background = the cluster nearer the background prompt (``prompt``, language-guided
-            as in both paper and code) or, our option, the cluster on the image border (``border``).
-        assignment: components take regions ``one_to_one`` (paper) or by ``argmax`` (code); default from ``variant``.
+        semantic_seeds, reference_mode, background_rule, assignment: the paper variant's clustering. ``semantic_seeds``
+            starts DPC-KNN from prompt-chosen centres (on); ``reference_mode`` clusters the prompt cosines alone
+            (``replace``, the paper's reference dimension) or, our option, [visual token; prompt cosines]
+            (``concat``); ``background_rule`` takes as stage-1 background the cluster nearer the background prompt
+            (``prompt``) or, our option, the cluster on the image border (``border``); ``assignment`` gives
+            components regions ``one_to_one`` (the paper) or by ``argmax``. ``variant: code`` runs the released
+            clustering instead, which has none of these choices: setting one there is an error.
         slice_factor: high-resolution slicing: support shots at ``factor × image_size``, cut into factor² tiles.
         train_query_former: train the Query Former with the paper's objective; default from ``variant`` (the
             authors' code never trains it).
@@ -66,10 +75,10 @@ class FineGrainedAD(PromptTuningModule):
         reg_weight: float = 1.0,
         reg_lambda: float = 1.0,
         region_boost: float = 1.5,
-        semantic_seeds: bool | None = None,
+        semantic_seeds: bool = True,
         reference_mode: Literal["concat", "replace"] = "replace",
         background_rule: Literal["border", "prompt"] = "prompt",
-        assignment: Literal["one_to_one", "argmax"] | None = None,
+        assignment: Literal["one_to_one", "argmax"] = "one_to_one",
         slice_factor: int = 4,
         train_query_former: bool | None = None,
         image_reweighting: bool | None = None,
@@ -85,6 +94,19 @@ class FineGrainedAD(PromptTuningModule):
         best_epoch_on_test: bool | None = None,
         max_fusion_quirk: bool | None = None,
     ) -> None:
+        if variant == "code":  # the released clustering has none of the paper clustering's choices
+            chosen = {
+                "semantic_seeds": (semantic_seeds, True),
+                "reference_mode": (reference_mode, "replace"),
+                "background_rule": (background_rule, "prompt"),
+                "assignment": (assignment, "one_to_one"),
+            }
+            changed = [field for field, (value, default) in chosen.items() if value != default]
+            if changed:
+                raise ValueError(
+                    f"model.{changed[0]}: configures variant: paper's clustering; variant: code runs the released "
+                    "clustering, which has no such choice (remove the field or use variant: paper)"
+                )
         super().__init__(
             backbone, image_size, eval_size, gaussian_sigma, variant, protocol, bgr_test_quirk, best_epoch_on_test,
             max_fusion_quirk,
@@ -97,8 +119,6 @@ class FineGrainedAD(PromptTuningModule):
             train_query_former=not code if train_query_former is None else train_query_former,
             variant=variant, reg_lambda=reg_lambda, image_max_size=eval_size if code else None,
         )  # fmt: skip
-        self.semantic_seeds = not code if semantic_seeds is None else semantic_seeds
-        self.assignment = ("argmax" if code else "one_to_one") if assignment is None else assignment
         self.record: CaptionRecord | None = None
         self.region_weights_by_path: dict[str, torch.Tensor] = {}
 
@@ -137,28 +157,39 @@ class FineGrainedAD(PromptTuningModule):
         """MLSA region aggregation on the support shots (``images`` at high resolution, in ``paths`` order), once per
         run: path → [N_c+2, rows, cols] weights (components…, foreground, background).
 
-        A generic record has no components to aggregate: its background level weighs every token 1.
+        ``variant: code`` runs the released clustering and pooling (:func:`aggregate_regions_released`, shot 0 =
+        the first path). A generic record has no components to aggregate: its background level weighs every token 1.
         """
         if not self.model.components:
             return {path: torch.ones(2, *self.backbone.grid) for path in paths}
         with torch.no_grad():
             groups = self.model.prompts.encode(self.backbone)
-        component_prompts = torch.stack([groups[f"component:{c}"].normal_prototype for c in self.model.components])
-        foreground = groups["foreground"].normal_prototype if "foreground" in groups else None
-        regions = aggregate_regions(
-            self.support_tokens_high_res(images), component_prompts, groups["background"].normal_prototype,
-            semantic_seeds=self.semantic_seeds, reference_mode=self.hparams.reference_mode,
-            background_rule=self.hparams.background_rule, assignment=self.assignment, foreground_prompt=foreground,
-        )  # fmt: skip
+            tokens = self.support_tokens_high_res(images)
+        components = [groups[f"component:{c}"].normal_prototype for c in self.model.components]
+        background = groups["background"].normal_prototype
+        grid, boost = self.backbone.grid, self.hparams.region_boost
+        if self.variant == "code":
+            tokens = F.normalize(tokens, dim=-1)
+            prompts = torch.stack([*components, background])
+            reference = released_reference(tokens.flatten(1, 2), prompts)
+            regions = aggregate_regions_released(reference, tokens, prompts)
+            weights = released_region_weights(regions, grid, boost)
+        else:
+            foreground = groups["foreground"].normal_prototype if "foreground" in groups else None
+            regions = aggregate_regions(
+                tokens, torch.stack(components), background, semantic_seeds=self.hparams.semantic_seeds,
+                reference_mode=self.hparams.reference_mode, background_rule=self.hparams.background_rule,
+                assignment=self.hparams.assignment, foreground_prompt=foreground,
+            )  # fmt: skip
+            weights = region_weights(regions, grid, boost)
         for index, component in enumerate(self.model.components):
-            if not (regions.labels == index).any():
+            if not regions.masks[index].any():
                 warnings.warn(
                     f"FineGrainedAD: component {component!r} got no region after clustering the support shots; it is "
                     "trained on the whole image (every token at weight 1, as the image level) instead",
                     UserWarning,
                     stacklevel=2,
                 )
-        weights = region_weights(regions, len(self.model.components), self.backbone.grid, self.hparams.region_boost)
         return {path: weights[:, i] for i, path in enumerate(paths)}
 
     # ------------------------------------------------------------------ training

@@ -69,10 +69,13 @@ def stitch_tiles(tokens: torch.Tensor, shots: int, factor: int, grid: tuple[int,
 
 @dataclass
 class Regions:
-    """Region assignment of high-resolution support tokens: -1 is unassigned foreground."""
+    """Each level's region over high-resolution support tokens, as the rows of :func:`region_weights`."""
 
-    labels: torch.Tensor  # [K, H, W] region index per token: 0..Nc-1 components, Nc background, -1 none
-    background: torch.Tensor  # [K, H, W] bool
+    masks: torch.Tensor  # [N_c+2, K, H, W] bool: the component regions…, the foreground, the background
+
+    @property
+    def background(self) -> torch.Tensor:
+        return self.masks[-1]
 
 
 def border_fraction(mask: torch.Tensor) -> torch.Tensor:
@@ -161,13 +164,111 @@ def aggregate_regions(
             claimed = dict(enumerate(similarity.argmax(dim=1).tolist()))
         for component, cluster in claimed.items():
             labels[foreground[stage2 == cluster]] = component
-    return Regions(labels=labels.reshape(shots, height, width), background=background.reshape(shots, height, width))
+    masks = torch.stack([*(labels == c for c in range(n_components)), ~background, background])
+    return Regions(masks=masks.reshape(-1, shots, height, width))
 
 
-def region_weights(regions: Regions, n_components: int, grid: tuple[int, int], boost: float = 1.5) -> torch.Tensor:
+def region_weights(regions: Regions, grid: tuple[int, int], boost: float = 1.5) -> torch.Tensor:
     """``w_i = 1 + boost·𝟙[token ∈ region i]`` average-pooled to the patch grid: [N_c+2, K, rows, cols] for the
     component regions, the foreground (every token stage 1 did not call background) and the background."""
-    components = [(regions.labels == i).float() for i in range(n_components)]
-    one_hot = torch.stack([*components, (~regions.background).float(), regions.background.float()])  # [N_c+2,K,H,W]
-    pooled = F.adaptive_avg_pool2d(one_hot, grid)
-    return 1.0 + boost * pooled
+    return 1.0 + boost * F.adaptive_avg_pool2d(regions.masks.float(), grid)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# variant: code — the released clustering (PromptAD/clusters.py and language_guided_progressive_region_aggregation of
+# RetoFan233/FineGrainedAD), every quirk kept; methods.md §2 and the README's deviations list describe them.
+
+
+def released_reference(tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """The code's reference points: each token's cosine to every level prompt, [K,N,D] × [P,D] → [K,N,P]."""
+    return (tokens @ prompts.T) / (tokens.norm(dim=-1, keepdim=True) * prompts.norm(dim=-1))
+
+
+def released_neighbours(requested: int, n_clusters: int) -> int:
+    """The code's k-NN size: asked for more neighbours than clusters, it uses ``min(3, max(n_clusters // 2, 1))``,
+    so a 2- or 3-cluster split uses k = 1, and the nearest neighbour of a token is the token itself."""
+    return min(3, max(n_clusters // 2, 1)) if requested > n_clusters else requested
+
+
+def released_dpc_knn(
+    points: torch.Tensor,
+    n_clusters: int,
+    k: int,
+    token_mask: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The code's DPC-KNN, each shot of [K,N,P] on its own: labels [K,N].
+
+    Distances are Euclidean over √P. ρ = exp(−mean of the k smallest squared distances, the token's own included)
+    + 10⁻⁶·``noise`` (``torch.rand`` when None). δ is the distance to the nearest denser token, the largest distance
+    of the shot for the densest. The centres are the ``topk`` of δ·ρ, and every token joins its nearest centre.
+    ``token_mask`` (> 0 kept) gives masked tokens density 0 and puts them at the batch's largest distance + 1 from
+    every token, so a masked token is equally far from every centre and joins centre 0.
+    """
+    distances = torch.cdist(points.float(), points.float()) / points.shape[-1] ** 0.5
+    kept = None if token_mask is None else token_mask > 0
+    if kept is not None:
+        distances = torch.where(kept[:, None, :], distances, distances.max() + 1)
+    density = torch.exp(-(distances.topk(k, dim=-1, largest=False).values ** 2).mean(dim=-1))
+    if noise is None:
+        noise = torch.rand(density.shape, dtype=density.dtype, device=density.device)
+    density = density + noise * 1e-6
+    if kept is not None:
+        density = density * kept
+    denser = density[:, None, :] > density[:, :, None]  # [K,i,j]: token j is denser than token i
+    farthest = distances.flatten(1).amax(dim=-1)[:, None, None]
+    delta = torch.where(denser, distances, farthest).amin(dim=-1)
+    centres = (delta * density).topk(n_clusters, dim=-1).indices  # [K,C]
+    labels = distances.gather(1, centres[..., None].expand(-1, -1, distances.shape[-1])).argmin(dim=1)
+    return labels.scatter(1, centres, torch.arange(n_clusters, device=labels.device).expand_as(centres))
+
+
+def aggregate_regions_released(
+    reference: torch.Tensor,
+    tokens: torch.Tensor,
+    prompts: torch.Tensor,
+    k_stage1: int = 8,
+    k_stage2: int = 5,
+    noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Regions:
+    """The code's two-stage aggregation of support tokens [K,H,W,D] with ``reference`` = :func:`released_reference`
+    [K,H·W,P] against ``prompts`` [P,D] = the normal prompts of components…, background.
+
+    Stage 1 splits each shot in two. Shot 0 decides which side is background: the side whose mean token (each shot's
+    own tokens at shot 0's positions) has the larger unnormalised dot product with the background prompt. A shot
+    whose decision is "side 1" takes shot 0's inverted partition, the others keep their own. Stage 2 clusters
+    every shot into N_c + 1 groups over its foreground; the tokens shot 0 calls background take the label of token 0.
+    Every level prompt, the background one included, claims the cluster whose shot-0 mean token it is most similar
+    to, so two levels may share a region and a region may be empty. ``noise``: the two stages' density noise.
+    """
+    shots, height, width, dim = tokens.shape
+    flat = tokens.reshape(shots, -1, dim)
+    n_levels = prompts.shape[0]
+    stage1_noise, stage2_noise = (None, None) if noise is None else noise
+    stage1 = released_dpc_knn(reference, 2, released_neighbours(k_stage1, 2), noise=stage1_noise)
+    shot0 = stage1[0]
+    evidence = torch.stack([flat[:, shot0 == side].mean(dim=1) @ prompts[-1] for side in (0, 1)])  # [2,K]
+    foreground = torch.where((evidence[0] < evidence[1])[:, None], 1 - shot0, stage1)  # 1 = foreground
+    stage2 = released_dpc_knn(
+        reference, n_levels, released_neighbours(k_stage2, n_levels), token_mask=foreground, noise=stage2_noise
+    )
+    source = torch.arange(flat.shape[1], device=flat.device).masked_fill(foreground[0] == 0, 0)
+    labels = stage2[:, source]
+    means = torch.stack([flat[0, labels[0] == cluster].mean(dim=0) for cluster in range(n_levels)])
+    claimed = (F.normalize(prompts, dim=-1) @ F.normalize(means, dim=-1).T).argmax(dim=-1)  # [P]
+    masks = labels[None] == claimed[:, None, None]  # [P,K,N]: components…, background
+    masks = torch.cat([masks[:-1], (foreground == 1)[None], masks[-1:]])
+    return Regions(masks=masks.reshape(n_levels + 1, shots, height, width))
+
+
+def released_region_weights(regions: Regions, grid: tuple[int, int], boost: float = 1.5) -> torch.Tensor:
+    """The code's region weights: ``1 + boost·𝟙`` at full resolution, then its "4×4 average pool", [N_c+2,K,rows,cols].
+
+    The pool unfolds k×k windows, a [offset, window] layout per shot, and reshapes it as [window, offset]: weight
+    cell i averages entries 16i … 16i+15 of the unfolded layout (for k = 4), which are 16 consecutive windows at one
+    in-window offset, not window i. So the weights the code trains with are a scrambled copy of the regions.
+    """
+    levels, shots, height, _ = regions.masks.shape
+    kernel = height // grid[0]
+    unfolded = F.unfold(1.0 + boost * regions.masks.float(), kernel_size=kernel, stride=kernel)  # [P, K·k², L]
+    return unfolded.reshape(levels, shots, -1, kernel * kernel).mean(dim=-1).reshape(levels, shots, *grid)

@@ -226,11 +226,24 @@ def run(data_root: Path, modules, workdir: Path) -> tuple[dict[str, np.ndarray],
                          "get_max_cosine_similarity_match", "forward"], calls)  # fmt: skip
     record_calls(model.q_former, ["forward"], calls.setdefault("q_former", {}))
     aggregation_inputs: list = []
+    density_noise: list[np.ndarray] = []
     original_aggregation = model.language_guided_progressive_region_aggregation
 
     def aggregation(image_features, entity_features):
+        """Keep the level prompts and every ``torch.rand`` draw of their clustering (the density noise)."""
         aggregation_inputs.append(as_array(entity_features))
-        return original_aggregation(image_features, entity_features)
+        original_rand = torch.rand
+
+        def recording_rand(*args, **kwargs):
+            draw = original_rand(*args, **kwargs)
+            density_noise.append(as_array(draw))
+            return draw
+
+        torch.rand = recording_rand
+        try:
+            return original_aggregation(image_features, entity_features)
+        finally:
+            torch.rand = original_rand
 
     model.language_guided_progressive_region_aggregation = aggregation
     rescale: dict[str, np.ndarray] = {}
@@ -247,6 +260,26 @@ def run(data_root: Path, modules, workdir: Path) -> tuple[dict[str, np.ndarray],
         lr=LEARNING_RATE, momentum=0.9, weight_decay=0.0005, Epoch=EPOCHS, lambda1=0.001, resolution=EVAL_SIZE,
         vis=False, class_name="bottle", k_shot=len(SUPPORT), precision="fp32",
     )  # fmt: skip
+    first_step_gradients: dict[str, np.ndarray] = {}
+    original_step = torch.optim.SGD.step
+
+    def recording_step(optimizer, *a, **k):
+        """Keep the prompt learner's gradients of the first optimiser step (a sharper check than 3 epochs' end)."""
+        if not first_step_gradients:
+            for name, parameter in model.prompt_learner.named_parameters():
+                if parameter.grad is not None:
+                    first_step_gradients[f"first_step_gradient/{name}"] = as_array(parameter.grad)
+        return original_step(optimizer, *a, **k)
+
+    step_losses: list[float] = []
+    original_backward = torch.Tensor.backward
+
+    def recording_backward(loss, *a, **k):
+        step_losses.append(float(loss.detach()))
+        return original_backward(loss, *a, **k)
+
+    torch.optim.SGD.step = recording_step
+    torch.Tensor.backward = recording_backward
     cuda = torch.Tensor.cuda
     torch.Tensor.cuda = lambda self, *a, **k: self
     try:
@@ -269,8 +302,12 @@ def run(data_root: Path, modules, workdir: Path) -> tuple[dict[str, np.ndarray],
                 type(train_loader).__iter__ = original_iter
     finally:
         torch.Tensor.cuda = cuda
+        torch.optim.SGD.step = original_step
+        torch.Tensor.backward = original_backward
 
     out.update(learner_state(model, "final"))
+    out.update(first_step_gradients)
+    out["step_losses"] = np.asarray(step_losses, dtype=np.float32)  # their total loss at every training step
     out["final_image_prototypes"] = as_array(model.text_features)
     out["final_background_prototypes"] = as_array(model.background_features)
     out["final_entity_prototypes"] = as_array(model.entity_features_list)
@@ -278,6 +315,7 @@ def run(data_root: Path, modules, workdir: Path) -> tuple[dict[str, np.ndarray],
     out["gallery_tap8"] = as_array(model.feature_gallery2)
     # region aggregation on the 960-px support shots (first training batch, in the loader's order)
     out["aggregation_entity_features"] = aggregation_inputs[0]
+    out["density_noise"] = np.stack(density_noise)  # [stage 1, stage 2] × [K, 3600]: their torch.rand draws
     out["cosine_to_levels"] = regions["foreground_split_x"]
     out["foreground_labels"] = regions["foreground_split_idx_token"]
     out["component_mask"] = regions["component_split_mask"]

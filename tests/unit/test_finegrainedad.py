@@ -29,6 +29,7 @@ from fsad.lightning_modules.finegrainedad.regions import (
     aggregate_regions,
     dpc_knn,
     region_weights,
+    released_neighbours,
     slice_tiles,
     stitch_tiles,
 )
@@ -192,8 +193,8 @@ def test_region_aggregation_on_a_real_bottle(mvtec_root: Path) -> None:
             ),
         )
         assert torch.equal(regions.background[0].flatten(), nearer)
-        assert len(regions.labels.unique()) >= 2
-    weights = region_weights(regions, len(components), (12, 12))
+        assert regions.masks[: len(components)].any()  # stage 2 gave some component a region
+    weights = region_weights(regions, (12, 12))
     assert weights.shape == (4, 1, 12, 12) and weights.min() >= 1.0 and weights.max() <= 2.5
     # the foreground channel weighs what stage 1 kept, the background channel the rest: together 1 + boost
     torch.testing.assert_close(weights[2] + weights[3], torch.full_like(weights[2], 3.5))
@@ -282,11 +283,11 @@ def test_components_get_regions_one_to_one_where_argmax_would_share() -> None:
     truth = torch.arange(4).repeat_interleave(10).reshape(1, 5, 8)
     one_to_one = aggregate_regions(tokens, components, axes[3], reference_mode="concat", semantic_seeds=False)
     assert torch.equal(one_to_one.background, truth == 3)
-    assert torch.equal(one_to_one.labels == 0, truth == 0) and torch.equal(one_to_one.labels == 1, truth == 1)
+    assert torch.equal(one_to_one.masks[0], truth == 0) and torch.equal(one_to_one.masks[1], truth == 1)
     argmax = aggregate_regions(
         tokens, components, axes[3], reference_mode="concat", semantic_seeds=False, assignment="argmax"
     )
-    assert not (argmax.labels == 0).any() and torch.equal(argmax.labels == 1, truth == 0)
+    assert not argmax.masks[0].any() and torch.equal(argmax.masks[1], truth == 0)
 
 
 def test_every_prompt_of_every_shipped_record_is_well_formed() -> None:
@@ -371,3 +372,19 @@ def test_paper_levels_and_gradients_reach_every_learnable_part() -> None:
     code.model.build(code.backbone, mllp_texts(record))
     assert code.model.level_names == ["component:disc", "component:stripes", "image", "background"]
     assert code.model.prompts.normal_placeholders is None and code.model.prompts.slot_gate_logits is None
+
+
+def test_released_neighbour_count_follows_the_ctm_rule() -> None:
+    """CTM: asked for more neighbours than clusters, k = min(3, max(clusters // 2, 1)); so the code's 2-cluster
+    stage 1 (k 8) and a 1-component stage 2 (k 5) both use k = 1."""
+    assert [released_neighbours(8, 2), released_neighbours(5, 2), released_neighbours(5, 3)] == [1, 1, 1]
+    assert [released_neighbours(5, 4), released_neighbours(5, 5), released_neighbours(5, 9)] == [2, 5, 5]
+
+
+@pytest.mark.parametrize("field", [{"semantic_seeds": False}, {"assignment": "argmax"}, {"reference_mode": "concat"}])
+def test_paper_clustering_options_are_refused_by_the_code_variant(field: dict) -> None:
+    from fsad.lightning_modules.components.clip import BackboneSpec
+    from fsad.lightning_modules.finegrainedad.module import FineGrainedAD
+
+    with pytest.raises(ValueError, match=f"model.{next(iter(field))}: configures variant: paper's clustering"):
+        FineGrainedAD(BackboneSpec(arch="fsad-tiny", pretrained=None), variant="code", **field)
