@@ -63,10 +63,11 @@ def level_regulariser(
 ) -> torch.Tensor:
     """FineGrainedAD L_reg (Eq. 3): ``‖mean(ALP_img) − mean(norm Σᵢ ALP_cᵢ) − λ·mean(NHP_bg)‖``, not squared.
 
-    image_learnable: [P,D] unit image-level ALP features; component_learnables: [N_c,P,D] unit ALP features of each
-    component (row p of every component used the same abnormal context set); background_normal: [Pn,D] unit NHP
-    features. The component sum is renormalised row by row before averaging, as the authors' code does, so the loss
-    does not grow with the number of components. λ is the weight of the background term (1 in the paper).
+    image_learnable: [P,D] unit image-level ALP features; component_learnables: [N_c,P,D] ALP features of each
+    component (row p of every component used the same abnormal context set; unit features in our reading, raw ones
+    in the authors' code); background_normal: [Pn,D] unit NHP features. The component sum is renormalised row by row
+    before averaging, as the authors' code does, so the loss does not grow with the number of components. λ is the
+    weight of the background term (1 in the paper).
     """
     components = F.normalize(component_learnables.sum(dim=0), dim=-1).mean(dim=0)
     return (image_learnable.mean(dim=0) - components - weight * background_normal.mean(dim=0)).norm()

@@ -219,8 +219,11 @@ class FineGrainedADModel(nn.Module):
         """Eq. 2–3 at every level plus the Query Former objective.
 
         region_weights: [B, N_c+2, rows, cols] weights w_i of each component region, the foreground and the
-        background (:meth:`region_channel`).
+        background (:meth:`region_channel`). ``variant: code`` computes the released segmentation loss
+        (``train_seg_finegrained_patch.py``): no CLS terms, L_EAM summed over the token axis, and L_reg over the raw
+        sum of the component ALP features.
         """
+        code = self.variant == "code"
         groups, levels = self.encode_levels(backbone)
         t = self.temperature(backbone)
         tokens = F.normalize(features.vv_tokens, dim=-1)  # [B,N,D]
@@ -232,15 +235,18 @@ class FineGrainedADModel(nn.Module):
             normal, abnormal_mean = levels["normal"][level], levels["abnormal"][level]
             channel = self.region_channel(name)
             w = None if channel is None else weights[:, channel]
-            if name == "image":
+            if name == "image" and not code:
                 losses["clip_cls"] = prompt_contrastive_loss(cls, normal, group.abnormal, t)
                 losses["eam_cls"] = explicit_anomaly_margin_loss(cls, normal, abnormal_mean, self.eam_margin)
             losses[f"clip/{name}"] = prompt_contrastive_loss(tokens, normal, group.abnormal, t, w)
-            losses[f"eam/{name}"] = explicit_anomaly_margin_loss(tokens, normal, abnormal_mean, self.eam_margin, w)
+            losses[f"eam/{name}"] = explicit_anomaly_margin_loss(
+                tokens, normal, abnormal_mean, self.eam_margin, w, sum_over_tokens_quirk=code
+            )
             if name != "background":
                 losses[f"mean/{name}"] = self.mean_loss_weight * prompt_mean_loss(group.handcrafted, group.learnable)
         if self.components:  # Eq. 3 on the learnable abnormal prompts (a record without components has no L_reg)
-            component_learnables = torch.stack([groups[f"component:{c}"].learnable for c in self.components])
+            learnables = [groups[f"component:{c}"] for c in self.components]
+            component_learnables = torch.stack([g.raw_learnable if code else g.learnable for g in learnables])
             losses["reg"] = self.reg_weight * level_regulariser(
                 groups["image"].learnable, component_learnables, groups["background"].normal, self.reg_lambda
             )

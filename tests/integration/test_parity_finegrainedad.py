@@ -21,13 +21,20 @@ from fsad.lightning_modules.finegrainedad.regions import (
     released_dpc_knn,
     released_region_weights,
 )
-from tests.parity.compare_finegrainedad import backbone, encode_level, golden, measure
+from tests.parity.compare_finegrainedad import (
+    backbone,
+    code_variant_on_their_prompts,
+    encode_level,
+    first_step_losses,
+    golden,
+    measure,
+)
 
 TOLERANCE = 1e-5
 #: Stages of compare_finegrainedad.py that match the authors' code today (prefixes of its stage names).
 MATCHING = (
     "preprocess/", "text/", "query former", "memory bank/", "visual map", "textual map", "token → level matches",
-    "anomaly map", "image text score", "image score", "regions/",
+    "anomaly map", "image text score", "image score", "regions/", "training/",
 )  # fmt: skip
 #: Stages that differ, with their cause in tests/parity/README.md; listed so that a new stage cannot go unasserted.
 DIFFERING: tuple[str, ...] = ()
@@ -71,3 +78,16 @@ def test_the_region_comparison_can_fail() -> None:
     rows = [*range(len(claimed) - 1), len(claimed)]  # their rows: components…, background
     assert (released_region_weights(regions, (15, 15)).flatten(2)[rows] - theirs).abs().max() == 0
     assert (region_weights(regions, (15, 15)).flatten(2)[rows] - theirs).abs().max() > 1.0
+
+
+def test_the_training_comparison_can_fail() -> None:
+    """Control: fsad's own loss form on the same prompts, parameters, shots and region weights (CLS terms, L_EAM
+    over channels, L_reg on unit component features) must miss their first-step loss."""
+    arrays, meta = golden()
+    backbone(meta)  # registers the golden architecture with open_clip
+    module, weights = code_variant_on_their_prompts(arrays, meta)
+    module.prepare_for_data(None)
+    module.model.variant = "paper"
+    with torch.no_grad():
+        loss = float(first_step_losses(module, arrays, meta, weights)["total"])
+    assert abs(loss - float(arrays["step_losses"][0])) > 0.1

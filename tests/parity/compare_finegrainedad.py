@@ -67,32 +67,43 @@ def spliced_embeddings(tower, texts: list[str], normal: torch.Tensor, abnormal: 
     return words, tokens.argmax(dim=-1)
 
 
-def strip_contexts(text: str) -> str:
-    """Their prompt string without the ``N N N N (A)`` context placeholders: the body fsad's learner splices after."""
-    words = text.split(" ")
-    return " ".join(words[5:] if words[4] == "A" else words[4:])
+def strip_contexts(text: str, learnable: bool = False) -> str:
+    """Their prompt string without the ``N N N N`` context placeholders (and the ``A`` of a learnable prompt): the
+    body fsad's learner splices after. A body may itself start with the article "A"."""
+    return " ".join(text.split(" ")[5 if learnable else 4 :])
+
+
+def their_group(meta: dict, level: str):
+    """One level's prompt bodies from the authors' strings: their ``N N N N (A)`` contexts stripped, one learnable
+    body (their learner writes each abnormal context in front of the same body)."""
+    from fsad.lightning_modules.components.prompts import PromptGroupTexts
+
+    texts = meta["prompt_texts"]
+    bodies = {kind: [strip_contexts(t) for t in texts[f"{level}/{kind}"]] for kind in ("normal", "handcrafted")}
+    return PromptGroupTexts(
+        bodies["normal"], bodies["handcrafted"], [strip_contexts(texts[f"{level}/learnable"][0], learnable=True)]
+    )
+
+
+def attribute_gate_logits(g: dict[str, np.ndarray], stage: str) -> torch.Tensor:
+    """Their eight Attr-MoE parameters (before the sigmoid) as fsad's ``attribute_gates`` [normal/abnormal, kind]."""
+    return torch.tensor([[float(g[f"{stage}_{side}_{a}_w"][0]) for a in ATTRIBUTES] for side in ("normal", "abnormal")])
 
 
 def image_level_through_fsad(tower, g, meta, stage: str):
     """The image level's features from fsad's own ``PromptLearner`` (``variant: code``'s Attr-MoE embedding mixes)
     on their strings, contexts and σ(Attr-MoE weights)."""
-    from fsad.lightning_modules.components.prompts import PromptGroupTexts, PromptLearner
-
-    texts = meta["prompt_texts"]
-
-    def group(level: str) -> PromptGroupTexts:
-        bodies = {kind: [strip_contexts(t) for t in texts[f"{level}/{kind}"]] for kind in ("normal", "handcrafted")}
-        learnable = [strip_contexts(texts[f"{level}/learnable"][0])]  # one body, one row per abnormal context
-        return PromptGroupTexts(bodies["normal"], bodies["handcrafted"], learnable)
+    from fsad.lightning_modules.components.prompts import PromptLearner
 
     learner = PromptLearner(tower.text_width, n_ctx=4, n_ctx_ab=1, n_pro_ab=4, prototype_rule="raw_mean")
-    learner.build(tower, {"image": group("image"), **{f"attribute:{a}": group(a) for a in ATTRIBUTES}})
+    learner.build(
+        tower, {"image": their_group(meta, "image"), **{f"attribute:{a}": their_group(meta, a) for a in ATTRIBUTES}}
+    )
     with torch.no_grad():
         learner.normal_context.copy_(torch.from_numpy(g[f"{stage}_normal_context"]))
         learner.abnormal_context.copy_(torch.from_numpy(g[f"{stage}_abnormal_context"]))
-        weight = {side: {a: torch.sigmoid(torch.from_numpy(g[f"{stage}_{side}_{a}_w"]))[0] for a in ATTRIBUTES}
-                  for side in ("normal", "abnormal")}  # fmt: skip
-        mixes = {f"attribute:{a}": ("image", weight["normal"][a], weight["abnormal"][a]) for a in ATTRIBUTES}
+        normal, abnormal = torch.sigmoid(attribute_gate_logits(g, stage))
+        mixes = {f"attribute:{a}": ("image", normal[i], abnormal[i]) for i, a in enumerate(ATTRIBUTES)}
         return learner.encode(tower, mixes=mixes)["image"]
 
 
@@ -208,6 +219,8 @@ def measure(root: Path) -> dict[str, float]:
     ours_score = harmonic_fusion(visual_max, torch.from_numpy(g["image_text_score"]))
     record("image score (max of the upsampled visual map)", ours_score, g["image_score"])
     delta.update(region_stages(tower, g, meta, root))
+    data.setup("fit")
+    delta.update(training_stages(g, meta, data))
     return delta
 
 
@@ -274,6 +287,97 @@ def region_stages(tower, g: dict[str, np.ndarray], meta: dict, root: Path) -> di
     weights = released_region_weights(regions, (15, 15)).flatten(2)
     ours_levels = torch.cat([weights[: n_levels - 1], weights[n_levels:]])  # their rows: components…, background
     delta["regions/region weights (15×15)"] = float((ours_levels - torch.from_numpy(g["region_weights"])).abs().max())
+    return delta
+
+
+def code_variant_on_their_prompts(g: dict[str, np.ndarray], meta: dict):
+    """fsad's ``FineGrainedAD(variant="code")`` on the golden architecture and weights, built from the authors' prompt
+    strings with their initial contexts and Attr-MoE weights, training with their region weights (the clustering is
+    compared on its own in :func:`region_stages`; fresh density noise would give other regions)."""
+    from fsad.lightning_modules.components.clip import BackboneSpec
+    from fsad.lightning_modules.finegrainedad.mfsc import PromptTexts
+    from fsad.lightning_modules.finegrainedad.module import FineGrainedAD
+    from tests.parity.weights import fill_by_name
+
+    entities = sorted({key.split("/")[1] for key in g if key.startswith("initial_text/entity")})
+    texts = PromptTexts(
+        image=their_group(meta, "image"), components={name: their_group(meta, name) for name in entities},
+        background=their_group(meta, "background"), attributes={a: their_group(meta, a) for a in ATTRIBUTES},
+    )  # fmt: skip
+    theirs = torch.from_numpy(g["region_weights"])  # [components…, background] × shots in their first batch × 225
+    rows = torch.cat([theirs[:-1], torch.ones_like(theirs[:1]), theirs[-1:]])  # fsad's rows add the foreground
+    weights = {
+        name.rsplit("-", 1)[1]: rows[:, i].reshape(-1, 15, 15)
+        for i, name in enumerate(meta["support_order_in_first_batch"])
+    }
+
+    class OnTheirPrompts(FineGrainedAD):
+        def prepare_for_data(self, data) -> None:
+            self.model.build(self.backbone, texts)
+            with torch.no_grad():
+                self.model.prompts.normal_context.copy_(torch.from_numpy(g["initial_normal_context"]))
+                self.model.prompts.abnormal_context.copy_(torch.from_numpy(g["initial_abnormal_context"]))
+                self.model.attribute_gates.copy_(attribute_gate_logits(g, "initial"))
+
+        def on_fit_start(self) -> None:
+            self.region_weights_by_path = {
+                path: weights[Path(path).stem] for path in self.trainer.datamodule.support_paths
+            }
+
+    module = OnTheirPrompts(
+        BackboneSpec(arch=meta["arch"], pretrained=None, taps=[3, 8]), image_size=meta["image_size"],
+        eval_size=meta["eval_size"], variant="code", lr=meta["lr"], eta_min=1e-5,
+    )  # fmt: skip
+    fill_by_name(module.backbone.clip, meta["weight_seed"])
+    return module, weights
+
+
+def first_step_losses(module, g: dict[str, np.ndarray], meta: dict, weights: dict) -> dict[str, torch.Tensor]:
+    """fsad's training losses on their first training batch (their preprocessed shots, in their order)."""
+    stems = [Path(p).stem for p in meta["support"]]
+    batch = [stems.index(name.rsplit("-", 1)[1]) for name in meta["support_order_in_first_batch"]]
+    features = module.backbone(torch.from_numpy(g["support_images"][batch]))
+    return module.model.losses(features, module.backbone, torch.stack([weights[stems[i]] for i in batch]))
+
+
+def training_stages(g: dict[str, np.ndarray], meta: dict, data) -> dict[str, float]:
+    """The released segmentation loss and its training: fsad's loss and gradients at the first step on their
+    first batch, then fsad's own Lightning ``fit`` (SGD, momentum, weight decay, cosine schedule) for their epochs,
+    against their trained contexts and Attr-MoE weights."""
+    from lightning import Trainer
+
+    delta: dict[str, float] = {}
+    module, weights = code_variant_on_their_prompts(g, meta)
+    module.prepare_for_data(data)
+    losses = first_step_losses(module, g, meta, weights)
+    delta["training/first-step loss"] = abs(float(losses["total"]) - float(g["step_losses"][0]))
+    losses["total"].backward()
+    learner = module.model.prompts
+    for ours, name in ((learner.normal_context, "normal_ctx"), (learner.abnormal_context, "abnormal_ctx")):
+        theirs = g[f"first_step_gradient/{name}"]
+        delta[f"training/first-step gradient {name}"] = float(
+            (ours.grad - torch.from_numpy(theirs).reshape(ours.shape)).abs().max()
+        )
+    gates = module.model.attribute_gates.grad
+    their_gates = torch.tensor(
+        [[float(g[f"first_step_gradient/{side}_{a}_w"][0]) for a in ATTRIBUTES] for side in ("normal", "abnormal")]
+    )
+    delta["training/first-step gradient Attr-MoE"] = float((gates - their_gates).abs().max())
+    module.zero_grad()
+
+    trainer = Trainer(accelerator="cpu", max_epochs=meta["epochs"], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    for ours, key in (
+        (learner.normal_context, "final_normal_context"),
+        (learner.abnormal_context, "final_abnormal_context"),
+    ):
+        delta[f"training/trained {key.removeprefix('final_')}"] = float(
+            (ours - torch.from_numpy(g[key]).reshape(ours.shape)).abs().max()
+        )
+    delta["training/trained Attr-MoE weights"] = float(
+        (module.model.attribute_gates - attribute_gate_logits(g, "final")).abs().max()
+    )
     return delta
 
 
