@@ -105,20 +105,27 @@ def token_wise_scores(
 
 
 class FineGrainedADModel(nn.Module):
-    """Prompt learner over all MFSC levels, Attr-MoE gates, Query Former and the memory bank."""
+    """Prompt learner over all MFSC levels, Attr-MoE gates, Query Former and the memory bank.
+
+    ``variant: code`` also holds ``classifier``: the released code's separate classification model, the same levels
+    with ``n_pro_cls`` normal context sets, its own Attr-MoE weights and Query Former, trained on CLS losses alone;
+    it gives the image score's text part. Its parameters are disjoint from the segmentation prompts', so training
+    both on the sum of their losses with one SGD equals the code's two trainings.
+    """
 
     def __init__(
         self, text_width: int, embed_dim: int, n_ctx: int = 4, n_ctx_ab: int = 1, n_pro_ab: int = 4,
         eam_margin: float = 1.0, mean_loss_weight: float = 0.001, reg_weight: float = 1.0,
         temperature_quirk: bool = False, image_reweighting: bool = False, train_query_former: bool = True,
-        variant: str = "paper", reg_lambda: float = 1.0, image_max_size: int | None = None,
+        variant: str = "paper", reg_lambda: float = 1.0, image_max_size: int | None = None, n_pro: int = 1,
+        n_pro_cls: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.variant = variant
         self.image_max_size = image_max_size  # code: max M_v of Eq. 8 over the map upsampled to this size
         code = variant == "code"
         self.prompts = PromptLearner(
-            text_width, n_ctx, n_ctx_ab, n_pro_ab, prototype_rule="raw_mean" if code else "normalised_mean"
+            text_width, n_ctx, n_ctx_ab, n_pro_ab, n_pro=n_pro, prototype_rule="raw_mean" if code else "normalised_mean"
         )
         self.query_former = LevelQueryFormer(embed_dim) if code else CrossAttentionQueryFormer(embed_dim)
         self.reg_lambda = reg_lambda
@@ -135,6 +142,12 @@ class FineGrainedADModel(nn.Module):
         self.attributes: list[str] = []
         self.level_names: list[str] = []
         self.levels: dict[str, torch.Tensor] | None = None
+        self.classifier = None
+        if n_pro_cls is not None:
+            self.classifier = FineGrainedADModel(
+                text_width, embed_dim, n_ctx, n_ctx_ab, n_pro_ab, eam_margin, mean_loss_weight,
+                temperature_quirk=temperature_quirk, train_query_former=False, variant=variant, n_pro=n_pro_cls,
+            )  # fmt: skip
 
     ATTRIBUTE_ORDER = ("relation", "color", "texture", "shape")
 
@@ -151,6 +164,8 @@ class FineGrainedADModel(nn.Module):
         if isinstance(self.query_former, CrossAttentionQueryFormer):
             self.query_former.resize(len(self.level_names))
         self.levels = None
+        if self.classifier is not None:
+            self.classifier.build(backbone, texts)
 
     def region_channel(self, level: str) -> int | None:
         """Which channel of the region weights (components…, foreground, background) weighs a level's tokens;
@@ -201,11 +216,13 @@ class FineGrainedADModel(nn.Module):
         )  # fmt: skip
 
     def cache_text(self, backbone: ClipBackbone) -> None:
-        """Level prototypes and queries, computed once per evaluation run."""
+        """Level prototypes and queries (the classifier's too), computed once per evaluation run."""
         with torch.no_grad():
             _, levels = self.encode_levels(backbone)
             levels["queries"] = self.queries(levels)
         self.levels = levels
+        if self.classifier is not None:
+            self.classifier.cache_text(backbone)
 
     @property
     def image_level(self) -> int:
@@ -253,7 +270,24 @@ class FineGrainedADModel(nn.Module):
         if self.train_query_former:
             detached = {key: value.detach() for key, value in levels.items()}
             losses["query_former"] = query_former_loss(self.queries(detached), detached["normal"], detached["abnormal"])
+        if self.classifier is not None:
+            losses.update({f"cls/{k}": v for k, v in self.classifier.classification_losses(cls, backbone).items()})
         losses["total"] = sum(losses.values())
+        return losses
+
+    def classification_losses(self, cls: torch.Tensor, backbone: ClipBackbone) -> dict[str, torch.Tensor]:
+        """The released classification model's loss (``train_cls_finegrained_patch.py``) on normalised CLS
+        embeddings [B,D]: L_clip and L_EAM at every level, unweighted, and L_mean at every level but the
+        background; no L_reg."""
+        groups, levels = self.encode_levels(backbone)
+        t = self.temperature(backbone)
+        losses: dict[str, torch.Tensor] = {}
+        for level, name in enumerate(self.level_names):
+            group, normal = groups[name], levels["normal"][level]
+            losses[f"clip/{name}"] = prompt_contrastive_loss(cls, normal, group.abnormal, t)
+            losses[f"eam/{name}"] = explicit_anomaly_margin_loss(cls, normal, levels["abnormal"][level], self.eam_margin)
+            if name != "background":
+                losses[f"mean/{name}"] = self.mean_loss_weight * prompt_mean_loss(group.handcrafted, group.learnable)
         return losses
 
     # ------------------------------------------------------------------ inference
@@ -276,7 +310,8 @@ class FineGrainedADModel(nn.Module):
         visual = self.memory(features.taps)
         grid = harmonic_fusion(textual, visual).reshape(visual.shape[0], *features.grid)
         cls = F.normalize(features.cls, dim=-1)
-        image_text = token_wise_scores(cls, levels["queries"], levels["normal"], levels["abnormal"], t)
+        scorer = self.levels if self.classifier is None else self.classifier.levels
+        image_text = token_wise_scores(cls, scorer["queries"], scorer["normal"], scorer["abnormal"], t)
         if self.image_max_size is None:
             visual_max = visual.amax(dim=1)
         else:  # the authors' cls forward: max of the bilinearly upsampled visual map

@@ -37,6 +37,8 @@ class FineGrainedAD(PromptTuningModule):
         captions: an MFSC record JSON, or a folder of them (``<dataset>/<category>.json``, as ``fsad captions
             import`` writes); ``None`` uses the packaged record of (dataset, category). A generic record (no
             components) runs the image and background levels only, with one warning.
+        n_pro_cls: normal context sets of ``variant: code``'s separate classification prompts (3, as the authors'
+            ``train_cls_finegrained_patch.py``), which give the image score's text part.
         eam_margin, mean_loss_weight, reg_weight: m (1.0), λ of L_mean (0.001), weight of L_reg (1.0).
         reg_lambda: λ of the background term inside L_reg (Eq. 3; 1 in the paper).
         region_boost: region weight ``w = 1 + boost`` inside a level's region (1.5).
@@ -70,6 +72,7 @@ class FineGrainedAD(PromptTuningModule):
         n_ctx: int = 4,
         n_ctx_ab: int = 1,
         n_pro_ab: int = 4,
+        n_pro_cls: int = 3,
         eam_margin: float = 1.0,
         mean_loss_weight: float = 0.001,
         reg_weight: float = 1.0,
@@ -118,6 +121,7 @@ class FineGrainedAD(PromptTuningModule):
             image_reweighting=not code if image_reweighting is None else image_reweighting,
             train_query_former=not code if train_query_former is None else train_query_former,
             variant=variant, reg_lambda=reg_lambda, image_max_size=eval_size if code else None,
+            n_pro_cls=n_pro_cls if code else None,
         )  # fmt: skip
         self.record: CaptionRecord | None = None
         self.region_weights_by_path: dict[str, torch.Tensor] = {}
@@ -202,7 +206,10 @@ class FineGrainedAD(PromptTuningModule):
         return losses["total"]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Contexts, placeholders, Attr-MoE weights and the Query Former; the backbone stays frozen."""
-        model = self.model
+        """Contexts, placeholders, Attr-MoE weights and the Query Former; with ``variant: code`` also the
+        classification model's contexts and Attr-MoE weights (its Query Former is never trained). The backbone
+        stays frozen."""
+        model, classifier = self.model, self.model.classifier
         gates = [] if model.attribute_gates is None else [model.attribute_gates]
-        return [*model.prompts.parameters(), *gates, *model.query_former.parameters()]
+        extra = [] if classifier is None else [*classifier.prompts.parameters(), classifier.attribute_gates]
+        return [*model.prompts.parameters(), *gates, *model.query_former.parameters(), *extra]

@@ -27,8 +27,9 @@ GOLDEN = FIXTURES / "finegrainedad"
 ATTRIBUTES = ("relation", "color", "texture", "shape")
 
 
-def golden() -> tuple[dict[str, np.ndarray], dict]:
-    with np.load(GOLDEN / "seg.npz") as data:
+def golden(task: str = "seg") -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays of their segmentation (``seg``) or classification (``cls``) model, and the run's facts."""
+    with np.load(GOLDEN / f"{task}.npz") as data:
         arrays = {key: data[key] for key in data.files}
     return arrays, json.loads((GOLDEN / "meta.json").read_text())
 
@@ -85,9 +86,10 @@ def their_group(meta: dict, level: str):
     )
 
 
-def attribute_gate_logits(g: dict[str, np.ndarray], stage: str) -> torch.Tensor:
-    """Their eight Attr-MoE parameters (before the sigmoid) as fsad's ``attribute_gates`` [normal/abnormal, kind]."""
-    return torch.tensor([[float(g[f"{stage}_{side}_{a}_w"][0]) for a in ATTRIBUTES] for side in ("normal", "abnormal")])
+def attribute_gate_logits(g: dict[str, np.ndarray], prefix: str) -> torch.Tensor:
+    """Their eight Attr-MoE parameters (before the sigmoid; ``prefix`` ``initial_``, ``final_`` or, for their
+    gradients, ``first_step_gradient/``) as fsad's ``attribute_gates`` [normal/abnormal, kind]."""
+    return torch.tensor([[float(g[f"{prefix}{side}_{a}_w"][0]) for a in ATTRIBUTES] for side in ("normal", "abnormal")])
 
 
 def image_level_through_fsad(tower, g, meta, stage: str):
@@ -102,7 +104,7 @@ def image_level_through_fsad(tower, g, meta, stage: str):
     with torch.no_grad():
         learner.normal_context.copy_(torch.from_numpy(g[f"{stage}_normal_context"]))
         learner.abnormal_context.copy_(torch.from_numpy(g[f"{stage}_abnormal_context"]))
-        normal, abnormal = torch.sigmoid(attribute_gate_logits(g, stage))
+        normal, abnormal = torch.sigmoid(attribute_gate_logits(g, f"{stage}_"))
         mixes = {f"attribute:{a}": ("image", normal[i], abnormal[i]) for i, a in enumerate(ATTRIBUTES)}
         return learner.encode(tower, mixes=mixes)["image"]
 
@@ -220,7 +222,7 @@ def measure(root: Path) -> dict[str, float]:
     record("image score (max of the upsampled visual map)", ours_score, g["image_score"])
     delta.update(region_stages(tower, g, meta, root))
     data.setup("fit")
-    delta.update(training_stages(g, meta, data))
+    delta.update(training_stages(g, golden("cls")[0], meta, data, test_order))
     return delta
 
 
@@ -290,10 +292,11 @@ def region_stages(tower, g: dict[str, np.ndarray], meta: dict, root: Path) -> di
     return delta
 
 
-def code_variant_on_their_prompts(g: dict[str, np.ndarray], meta: dict):
+def code_variant_on_their_prompts(g: dict[str, np.ndarray], c: dict[str, np.ndarray], meta: dict):
     """fsad's ``FineGrainedAD(variant="code")`` on the golden architecture and weights, built from the authors' prompt
-    strings with their initial contexts and Attr-MoE weights, training with their region weights (the clustering is
-    compared on its own in :func:`region_stages`; fresh density noise would give other regions)."""
+    strings with the initial contexts and Attr-MoE weights of their segmentation (``g``) and classification (``c``)
+    models and their Query Formers, training with their region weights (the clustering is compared on its own in
+    :func:`region_stages`; fresh density noise would give other regions)."""
     from fsad.lightning_modules.components.clip import BackboneSpec
     from fsad.lightning_modules.finegrainedad.mfsc import PromptTexts
     from fsad.lightning_modules.finegrainedad.module import FineGrainedAD
@@ -313,11 +316,16 @@ def code_variant_on_their_prompts(g: dict[str, np.ndarray], meta: dict):
 
     class OnTheirPrompts(FineGrainedAD):
         def prepare_for_data(self, data) -> None:
+            """Build on their strings; their initial parameters once (``test`` after ``fit`` sets up again)."""
+            if self.model.level_names:
+                return
             self.model.build(self.backbone, texts)
             with torch.no_grad():
-                self.model.prompts.normal_context.copy_(torch.from_numpy(g["initial_normal_context"]))
-                self.model.prompts.abnormal_context.copy_(torch.from_numpy(g["initial_abnormal_context"]))
-                self.model.attribute_gates.copy_(attribute_gate_logits(g, "initial"))
+                for model, arrays in ((self.model, g), (self.model.classifier, c)):
+                    model.prompts.normal_context.copy_(torch.from_numpy(arrays["initial_normal_context"]))
+                    model.prompts.abnormal_context.copy_(torch.from_numpy(arrays["initial_abnormal_context"]))
+                    model.attribute_gates.copy_(attribute_gate_logits(arrays, "initial_"))
+                    model.query_former.load_state_dict(composed_query_former(arrays).state_dict())
 
         def on_fit_start(self) -> None:
             self.region_weights_by_path = {
@@ -340,43 +348,70 @@ def first_step_losses(module, g: dict[str, np.ndarray], meta: dict, weights: dic
     return module.model.losses(features, module.backbone, torch.stack([weights[stems[i]] for i in batch]))
 
 
-def training_stages(g: dict[str, np.ndarray], meta: dict, data) -> dict[str, float]:
-    """The released segmentation loss and its training: fsad's loss and gradients at the first step on their
-    first batch, then fsad's own Lightning ``fit`` (SGD, momentum, weight decay, cosine schedule) for their epochs,
-    against their trained contexts and Attr-MoE weights."""
+def parameter_deltas(model, arrays: dict[str, np.ndarray], gradients: bool) -> dict[str, float]:
+    """max |Δ| of one model's contexts and Attr-MoE logits against their trained values, or of their gradients
+    against their first-step gradients."""
+
+    def value(parameter: torch.Tensor) -> torch.Tensor:
+        return parameter.grad if gradients else parameter.detach()
+
+    learner = model.prompts
+    names = ("normal_ctx", "abnormal_ctx") if gradients else ("normal_context", "abnormal_context")
+    prefix = "first_step_gradient/" if gradients else "final_"
+    delta = {
+        f"{kind} contexts": float((value(ours) - torch.from_numpy(arrays[prefix + name]).reshape(ours.shape)).abs().max())
+        for kind, ours, name in zip(("normal", "abnormal"), (learner.normal_context, learner.abnormal_context), names, strict=True)
+    }  # fmt: skip
+    delta["Attr-MoE"] = float((value(model.attribute_gates) - attribute_gate_logits(arrays, prefix)).abs().max())
+    return delta
+
+
+def training_stages(
+    g: dict[str, np.ndarray], c: dict[str, np.ndarray], meta: dict, data, test_order: list[int]
+) -> dict[str, float]:
+    """The released segmentation and classification losses and their training, then evaluation: fsad's losses and
+    gradients at the first step on their first batch; fsad's own Lightning ``fit`` (one SGD over both prompt sets,
+    momentum, weight decay, cosine schedule) for their epochs, against both models' trained contexts and Attr-MoE
+    weights; and fsad's ``test`` of the trained module against their last epoch's maps and image scores
+    (``test_order``: each test image's index in their order, for the datamodule's one test batch)."""
     from lightning import Trainer
 
+    from tests.integration.test_cli_and_membank import CollectOutputs
+
     delta: dict[str, float] = {}
-    module, weights = code_variant_on_their_prompts(g, meta)
+    module, weights = code_variant_on_their_prompts(g, c, meta)
     module.prepare_for_data(data)
     losses = first_step_losses(module, g, meta, weights)
-    delta["training/first-step loss"] = abs(float(losses["total"]) - float(g["step_losses"][0]))
+    parts = {
+        "segmentation": sum(v for k, v in losses.items() if k != "total" and not k.startswith("cls/")),
+        "classification": sum(v for k, v in losses.items() if k.startswith("cls/")),
+    }
     losses["total"].backward()
-    learner = module.model.prompts
-    for ours, name in ((learner.normal_context, "normal_ctx"), (learner.abnormal_context, "abnormal_ctx")):
-        theirs = g[f"first_step_gradient/{name}"]
-        delta[f"training/first-step gradient {name}"] = float(
-            (ours.grad - torch.from_numpy(theirs).reshape(ours.shape)).abs().max()
+    models = {"segmentation": (module.model, g), "classification": (module.model.classifier, c)}
+    for task, (model, arrays) in models.items():
+        delta[f"training/{task} first-step loss"] = abs(float(parts[task]) - float(arrays["step_losses"][0]))
+        delta.update(
+            {f"training/{task} first-step gradient, {k}": v for k, v in parameter_deltas(model, arrays, True).items()}
         )
-    gates = module.model.attribute_gates.grad
-    their_gates = torch.tensor(
-        [[float(g[f"first_step_gradient/{side}_{a}_w"][0]) for a in ATTRIBUTES] for side in ("normal", "abnormal")]
-    )
-    delta["training/first-step gradient Attr-MoE"] = float((gates - their_gates).abs().max())
     module.zero_grad()
 
     trainer = Trainer(accelerator="cpu", max_epochs=meta["epochs"], logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(module, datamodule=data)
-    for ours, key in (
-        (learner.normal_context, "final_normal_context"),
-        (learner.abnormal_context, "final_abnormal_context"),
-    ):
-        delta[f"training/trained {key.removeprefix('final_')}"] = float(
-            (ours - torch.from_numpy(g[key]).reshape(ours.shape)).abs().max()
-        )
-    delta["training/trained Attr-MoE weights"] = float(
-        (module.model.attribute_gates - attribute_gate_logits(g, "final")).abs().max()
+    for task, (model, arrays) in models.items():
+        delta.update({f"training/{task} trained {k}": v for k, v in parameter_deltas(model, arrays, False).items()})
+
+    collector = CollectOutputs()
+    Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[collector]).test(
+        module, datamodule=data
+    )
+    maps = torch.cat(collector.maps).reshape(-1, meta["eval_size"], meta["eval_size"])[np.argsort(test_order)]
+    scores = torch.cat(collector.scores)[np.argsort(test_order)]
+    delta["evaluation/anomaly map after fsad's training"] = float(
+        (maps - torch.from_numpy(g["anomaly_map"])).abs().max()
+    )
+    delta["evaluation/image score after fsad's training"] = float(
+        (scores - torch.from_numpy(c["image_score"])).abs().max()
     )
     return delta
 

@@ -29,6 +29,8 @@ import argparse
 import json
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -153,15 +155,91 @@ def prompt_texts(tokenize_calls: list[str], learner, tokenize) -> dict[str, list
     return texts
 
 
-def build_authors_model(authors_model, clipad):
-    """Their ``FineGrainedPatchAD`` on ``fsad-parity-240`` with name-filled weights, in fp32 (module docstring)."""
+def build_authors_model(authors_model, clipad, n_pro: int = 1):
+    """Their ``FineGrainedPatchAD`` on ``fsad-parity-240`` with name-filled weights, in fp32 (module docstring);
+    ``n_pro`` 1 is their segmentation model, 3 their classification model."""
 
     use_name_filled_weights(authors_model, clipad, ARCH, "fp32")
     return authors_model.FineGrainedPatchAD(
         out_size_h=EVAL_SIZE, out_size_w=EVAL_SIZE, device="cpu", backbone=ARCH, pretrained_dataset="laion400m_e32",
-        n_ctx=4, n_pro=1, n_ctx_ab=1, n_pro_ab=4, class_name="bottle", precision="fp32", k_shot=len(SUPPORT),
+        n_ctx=4, n_pro=n_pro, n_ctx_ab=1, n_pro_ab=4, class_name="bottle", precision="fp32", k_shot=len(SUPPORT),
         img_resize=IMAGE_SIZE, img_cropsize=IMAGE_SIZE,
     )  # fmt: skip
+
+
+def seeded_model_and_texts(modules, n_pro: int = 1):
+    """Their model built right after their ``setup_seed`` (its prompt construction draws states and locations),
+    with the prompt strings behind every tokenized set."""
+    _, authors_model, clipad, train_seg = modules
+    tokenize_calls: list[str] = []
+    original_tokenize = clipad.tokenize
+
+    def recording_tokenize(texts, *args, **kwargs):
+        tokenize_calls.extend([texts] if isinstance(texts, str) else list(texts))
+        return original_tokenize(texts, *args, **kwargs)
+
+    authors_model.CLIPAD.tokenize = recording_tokenize
+    try:
+        train_seg.setup_seed(AUTHORS_SEED)
+        model = build_authors_model(authors_model, clipad, n_pro)
+    finally:
+        authors_model.CLIPAD.tokenize = original_tokenize
+    return model, prompt_texts(tokenize_calls, model.prompt_learner, original_tokenize)
+
+
+def golden_loaders(authors_datasets, data_root: Path):
+    """Their train and test loaders (and datasets) over the golden shots and test images."""
+    authors_datasets.load_function_dict["golden"] = golden_split(data_root)
+    loader_kwargs = dict(dataset="golden", class_name="bottle", k_shot=len(SUPPORT), batch_size=len(TEST))
+    return (*authors_datasets.get_dataloader_from_args(phase="train", **loader_kwargs),
+            *authors_datasets.get_dataloader_from_args(phase="test", **loader_kwargs))  # fmt: skip
+
+
+def training_args():
+    """Their ``fit`` arguments: SGD momentum 0.9, weight decay 5e-4, λ 0.001, with the golden lr and epochs."""
+    return argparse.Namespace(
+        lr=LEARNING_RATE, momentum=0.9, weight_decay=0.0005, Epoch=EPOCHS, lambda1=0.001, resolution=EVAL_SIZE,
+        vis=False, class_name="bottle", k_shot=len(SUPPORT), precision="fp32",
+    )  # fmt: skip
+
+
+def image_scores(model, test_images: np.ndarray) -> dict[str, np.ndarray]:
+    """Their ``cls`` forward on the test tensors: the text score, the max of the upsampled visual map, and the image
+    score of ``utils/metrics.py::metric_cal_img``, 1 / (1/max + 1/text score)."""
+    with torch.no_grad():
+        text_scores, visual_maps = model(torch.from_numpy(test_images), "cls")
+    text_score = np.asarray(text_scores, dtype=np.float32)
+    visual_max = np.stack(visual_maps).reshape(len(test_images), -1).max(axis=1).astype(np.float32)
+    return {"image_text_score": text_score, "image_visual_max": visual_max,
+            "image_score": (1.0 / (1.0 / visual_max + 1.0 / text_score)).astype(np.float32)}  # fmt: skip
+
+
+def run_cls(data_root: Path, modules, test_images: np.ndarray, seg_texts: dict) -> dict[str, np.ndarray]:
+    """Their classification model (``n_pro`` 3) through the ``fit`` of ``train_cls_finegrained_patch.py``: its
+    parameters, text features and gradients, its loss at every step, its prototypes and queries, and the image
+    scores its ``cls`` forward gives on the same test tensors."""
+    authors_datasets, _, _, _ = modules
+    sys.path.insert(0, str(Path(authors_datasets.__file__).resolve().parents[1]))
+    import train_cls_finegrained_patch as train_cls  # noqa: PLC0415
+
+    model, texts = seeded_model_and_texts(modules, n_pro=3)
+    if any(list(dict.fromkeys(v)) != list(dict.fromkeys(seg_texts[k])) for k, v in texts.items()):  # each ×n_pro
+        raise RuntimeError("the classification model drew other prompt strings than the segmentation model")
+    train_loader, _, test_loader, _ = golden_loaders(authors_datasets, data_root)
+    out = learner_state(model, "initial")
+    out.update({f"query_former/{k}": as_array(v) for k, v in model.q_former.state_dict().items()})
+    with tempfile.TemporaryDirectory() as tmp, recorded_training(model.prompt_learner, train_loader) as training:
+        train_cls.fit(model, training_args(), test_loader, "cpu", check_path=str(Path(tmp) / "check_point.pt"),
+                      train_data=train_loader)  # fmt: skip
+    out.update(learner_state(model, "final"))
+    out.update(training["first_step_gradients"])
+    out["step_losses"] = np.asarray(training["step_losses"], dtype=np.float32)
+    out["training_batches"] = np.array([[name.rsplit("-", 1)[1] for name in batch] for batch in training["shots"]])
+    out["final_image_prototypes"] = as_array(model.text_features)
+    out["final_background_prototypes"] = as_array(model.background_features)
+    out["final_entity_prototypes"] = as_array(model.entity_features_list)
+    out.update(image_scores(model, test_images))
+    return out
 
 
 def hook_last(module: torch.nn.Module, store: dict, name: str) -> None:
@@ -179,29 +257,53 @@ def hook_last(module: torch.nn.Module, store: dict, name: str) -> None:
     module.register_forward_hook(after)
 
 
+@contextmanager
+def recorded_training(learner: torch.nn.Module, loader) -> Iterator[dict]:
+    """While their ``fit`` runs: ``Tensor.cuda`` is a no-op, and the record keeps the file names of every batch
+    ``loader`` yields, every step's loss, and ``learner``'s gradients at the first optimiser step (a sharper check
+    than the parameters after the last epoch)."""
+    record: dict = {"shots": [], "step_losses": [], "first_step_gradients": {}}
+    originals = (torch.Tensor.cuda, torch.Tensor.backward, torch.optim.SGD.step, type(loader).__iter__)
+    cuda, backward, step, iterate = originals
+
+    def recording_iter(this):
+        for batch in iterate(this):
+            if this is loader:
+                record["shots"].append(list(batch[3]))
+            yield batch
+
+    def recording_backward(loss, *args, **kwargs):
+        record["step_losses"].append(float(loss.detach()))
+        return backward(loss, *args, **kwargs)
+
+    def recording_step(optimizer, *args, **kwargs):
+        if not record["first_step_gradients"]:
+            record["first_step_gradients"] = {
+                f"first_step_gradient/{name}": as_array(parameter.grad)
+                for name, parameter in learner.named_parameters() if parameter.grad is not None
+            }  # fmt: skip
+        return step(optimizer, *args, **kwargs)
+
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.Tensor.backward, torch.optim.SGD.step, type(loader).__iter__ = (
+        recording_backward,
+        recording_step,
+        recording_iter,
+    )
+    try:
+        yield record
+    finally:
+        torch.Tensor.cuda, torch.Tensor.backward, torch.optim.SGD.step, type(loader).__iter__ = originals
+
+
 def run(data_root: Path, modules, workdir: Path) -> tuple[dict[str, np.ndarray], dict]:
     """Their segmentation model through their own ``fit``; returns the arrays and the facts for ``meta.json``."""
     authors_datasets, authors_model, clipad, train_seg = modules
     import cv2  # noqa: PLC0415
     from PIL import Image  # noqa: PLC0415
 
-    authors_datasets.load_function_dict["golden"] = golden_split(data_root)
-    tokenize_calls: list[str] = []
-    original_tokenize = clipad.tokenize
-
-    def recording_tokenize(texts, *args, **kwargs):
-        tokenize_calls.extend([texts] if isinstance(texts, str) else list(texts))
-        return original_tokenize(texts, *args, **kwargs)
-
-    authors_model.CLIPAD.tokenize = recording_tokenize
-    train_seg.setup_seed(AUTHORS_SEED)
-    model = build_authors_model(authors_model, clipad)
-    authors_model.CLIPAD.tokenize = original_tokenize
-    texts = prompt_texts(tokenize_calls, model.prompt_learner, original_tokenize)
-
-    loader_kwargs = dict(dataset="golden", class_name="bottle", k_shot=len(SUPPORT), batch_size=len(TEST))
-    train_loader, train_set = authors_datasets.get_dataloader_from_args(phase="train", **loader_kwargs)
-    test_loader, test_set = authors_datasets.get_dataloader_from_args(phase="test", **loader_kwargs)
+    model, texts = seeded_model_and_texts(modules)
+    train_loader, train_set, test_loader, test_set = golden_loaders(authors_datasets, data_root)
 
     out: dict[str, np.ndarray] = learner_state(model, "initial")
     out.update({f"query_former/{k}": as_array(v) for k, v in model.q_former.state_dict().items()})
@@ -256,58 +358,14 @@ def run(data_root: Path, modules, workdir: Path) -> tuple[dict[str, np.ndarray],
         return result
 
     train_seg.scale_rescale_matrix_to_standard_shape = recording_rescale
-    args = argparse.Namespace(
-        lr=LEARNING_RATE, momentum=0.9, weight_decay=0.0005, Epoch=EPOCHS, lambda1=0.001, resolution=EVAL_SIZE,
-        vis=False, class_name="bottle", k_shot=len(SUPPORT), precision="fp32",
-    )  # fmt: skip
-    first_step_gradients: dict[str, np.ndarray] = {}
-    original_step = torch.optim.SGD.step
-
-    def recording_step(optimizer, *a, **k):
-        """Keep the prompt learner's gradients of the first optimiser step (a sharper check than 3 epochs' end)."""
-        if not first_step_gradients:
-            for name, parameter in model.prompt_learner.named_parameters():
-                if parameter.grad is not None:
-                    first_step_gradients[f"first_step_gradient/{name}"] = as_array(parameter.grad)
-        return original_step(optimizer, *a, **k)
-
-    step_losses: list[float] = []
-    original_backward = torch.Tensor.backward
-
-    def recording_backward(loss, *a, **k):
-        step_losses.append(float(loss.detach()))
-        return original_backward(loss, *a, **k)
-
-    torch.optim.SGD.step = recording_step
-    torch.Tensor.backward = recording_backward
-    cuda = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            check = Path(tmp) / "check_point.pt"
-            shots: list[list[str]] = []
-            original_iter = type(train_loader).__iter__
-
-            def recording_iter(loader):
-                for batch in original_iter(loader):
-                    if loader is train_loader:
-                        shots.append(list(batch[3]))
-                    yield batch
-
-            type(train_loader).__iter__ = recording_iter
-            try:
-                result = train_seg.fit(model, args, test_loader, "cpu", img_dir=str(workdir), check_path=str(check),
-                                       train_data=train_loader)  # fmt: skip
-            finally:
-                type(train_loader).__iter__ = original_iter
-    finally:
-        torch.Tensor.cuda = cuda
-        torch.optim.SGD.step = original_step
-        torch.Tensor.backward = original_backward
+    with tempfile.TemporaryDirectory() as tmp, recorded_training(model.prompt_learner, train_loader) as training:
+        result = train_seg.fit(model, training_args(), test_loader, "cpu", img_dir=str(workdir),
+                               check_path=str(Path(tmp) / "check_point.pt"), train_data=train_loader)  # fmt: skip
+    shots = training["shots"]
 
     out.update(learner_state(model, "final"))
-    out.update(first_step_gradients)
-    out["step_losses"] = np.asarray(step_losses, dtype=np.float32)  # their total loss at every training step
+    out.update(training["first_step_gradients"])
+    out["step_losses"] = np.asarray(training["step_losses"], dtype=np.float32)  # their loss at every training step
     out["final_image_prototypes"] = as_array(model.text_features)
     out["final_background_prototypes"] = as_array(model.background_features)
     out["final_entity_prototypes"] = as_array(model.entity_features_list)
@@ -333,21 +391,14 @@ def run(data_root: Path, modules, workdir: Path) -> tuple[dict[str, np.ndarray],
     out["textual_grid"] = as_array(calls["calculate_textual_patch_anomaly_score"][-1])[:, 0]
     out["visual_grid"] = as_array(calls["calculate_visual_anomaly_score"][-1])[:, 0]
     out["anomaly_map"] = np.stack(calls["forward"][-1]).astype(np.float32)
-    with torch.no_grad():
-        text_scores, visual_maps = model(torch.from_numpy(out["test_images"]), "cls")
-    text_score = np.asarray(text_scores, dtype=np.float32)
-    visual_max = np.stack(visual_maps).reshape(len(TEST), -1).max(axis=1).astype(np.float32)
-    out["image_text_score"] = text_score
-    out["image_visual_max"] = visual_max
-    # utils/metrics.py::metric_cal_img: 1 / (1/max(upsampled M_v) + 1/text score)
-    out["image_score"] = (1.0 / (1.0 / visual_max + 1.0 / text_score)).astype(np.float32)
+    out.update(image_scores(model, out["test_images"]))
     out["best_pixel_auroc"] = np.float32(result["p_roc"])
     facts = {"prompt_texts": texts, "training_batches": shots, "support_order_in_first_batch": shots[0]}
     return out, facts
 
 
 def generate(authors_repo: Path, data_root: Path, out_dir: Path) -> None:
-    """Write ``seg.npz`` and ``meta.json`` for the FineGrainedAD parity comparison."""
+    """Write ``seg.npz``, ``cls.npz`` and ``meta.json`` for the FineGrainedAD parity comparison."""
     authors_repo, data_root = authors_repo.resolve(), data_root.resolve()
     modules = import_authors(authors_repo)
     modules[2].add_model_config(ARCH_CONFIG)
@@ -355,6 +406,9 @@ def generate(authors_repo: Path, data_root: Path, out_dir: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         arrays, facts = run(data_root, modules, Path(tmp))
     np.savez_compressed(out_dir / "seg.npz", **arrays)
+    np.savez_compressed(
+        out_dir / "cls.npz", **run_cls(data_root, modules, arrays["test_images"], facts["prompt_texts"])
+    )
     commit = authors_commit(authors_repo)
     meta = {
         "authors_repository": "RetoFan233/FineGrainedAD",
