@@ -34,13 +34,14 @@ def golden(task: str = "seg") -> tuple[dict[str, np.ndarray], dict]:
     return arrays, json.loads((GOLDEN / "meta.json").read_text())
 
 
-def backbone(meta: dict):
-    """fsad's CLIP tower on the golden architecture with the same name-filled weights, the authors' tap hook on."""
+def backbone(meta: dict, precision: str = "fp32"):
+    """fsad's CLIP tower on the golden architecture with the same name-filled weights, the authors' tap hook on;
+    ``precision`` as ``backbone.precision``."""
     from fsad.lightning_modules.components.clip import BackboneSpec, ClipBackbone
     from tests.parity.weights import fill_by_name
 
     open_clip.add_model_config(FIXTURES / f"{meta['arch']}.json")
-    spec = BackboneSpec(arch=meta["arch"], pretrained=None, taps=[3, 8], authors_tap_hook=True)
+    spec = BackboneSpec(arch=meta["arch"], pretrained=None, taps=[3, 8], authors_tap_hook=True, precision=precision)
     tower = ClipBackbone(spec, image_size=meta["image_size"])
     fill_by_name(tower.clip, meta["weight_seed"])
     return tower.eval()

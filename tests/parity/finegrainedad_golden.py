@@ -155,14 +155,15 @@ def prompt_texts(tokenize_calls: list[str], learner, tokenize) -> dict[str, list
     return texts
 
 
-def build_authors_model(authors_model, clipad, n_pro: int = 1):
-    """Their ``FineGrainedPatchAD`` on ``fsad-parity-240`` with name-filled weights, in fp32 (module docstring);
-    ``n_pro`` 1 is their segmentation model, 3 their classification model."""
+def build_authors_model(authors_model, clipad, n_pro: int = 1, precision: str = "fp32"):
+    """Their ``FineGrainedPatchAD`` on ``fsad-parity-240`` with name-filled weights, in fp32 (module docstring) or,
+    with ``precision="bf16"``, as their segmentation script runs it; ``n_pro`` 1 is their segmentation model, 3
+    their classification model."""
 
-    use_name_filled_weights(authors_model, clipad, ARCH, "fp32")
+    use_name_filled_weights(authors_model, clipad, ARCH, precision)
     return authors_model.FineGrainedPatchAD(
         out_size_h=EVAL_SIZE, out_size_w=EVAL_SIZE, device="cpu", backbone=ARCH, pretrained_dataset="laion400m_e32",
-        n_ctx=4, n_pro=n_pro, n_ctx_ab=1, n_pro_ab=4, class_name="bottle", precision="fp32", k_shot=len(SUPPORT),
+        n_ctx=4, n_pro=n_pro, n_ctx_ab=1, n_pro_ab=4, class_name="bottle", precision=precision, k_shot=len(SUPPORT),
         img_resize=IMAGE_SIZE, img_cropsize=IMAGE_SIZE,
     )  # fmt: skip
 
@@ -397,8 +398,22 @@ def run(data_root: Path, modules, workdir: Path) -> tuple[dict[str, np.ndarray],
     return out, facts
 
 
+def run_bf16(modules, test_images: np.ndarray) -> dict[str, np.ndarray]:
+    """Their segmentation model as ``train_seg_finegrained_patch.py`` builds it by default (``--precision bf16``:
+    their factory's ``convert_weights_to_lp``, bf16 prompt learner): the backbone outputs of the fp32 run's test
+    tensors and the raw text features of every level and kind at its initial contexts."""
+    _, authors_model, clipad, train_seg = modules
+    train_seg.setup_seed(AUTHORS_SEED)
+    model = build_authors_model(authors_model, clipad, precision="bf16")
+    with torch.no_grad():
+        cls, vv, tap3, tap8 = model.encode_image(torch.from_numpy(test_images))
+    out = dict(test_cls=as_array(cls), test_vv=as_array(vv), test_tap3=as_array(tap3), test_tap8=as_array(tap8))
+    out.update(learner_state(model, "initial"))
+    return out
+
+
 def generate(authors_repo: Path, data_root: Path, out_dir: Path) -> None:
-    """Write ``seg.npz``, ``cls.npz`` and ``meta.json`` for the FineGrainedAD parity comparison."""
+    """Write ``seg.npz``, ``cls.npz``, ``bf16.npz`` and ``meta.json`` for the FineGrainedAD parity comparison."""
     authors_repo, data_root = authors_repo.resolve(), data_root.resolve()
     modules = import_authors(authors_repo)
     modules[2].add_model_config(ARCH_CONFIG)
@@ -409,6 +424,7 @@ def generate(authors_repo: Path, data_root: Path, out_dir: Path) -> None:
     np.savez_compressed(
         out_dir / "cls.npz", **run_cls(data_root, modules, arrays["test_images"], facts["prompt_texts"])
     )
+    np.savez_compressed(out_dir / "bf16.npz", **run_bf16(modules, arrays["test_images"]))
     commit = authors_commit(authors_repo)
     meta = {
         "authors_repository": "RetoFan233/FineGrainedAD",
