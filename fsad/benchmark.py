@@ -212,7 +212,9 @@ class Sweep:
         self.output = Path(config.output)
         self.csv_path = self.output / "benchmark.csv"
         self.failures_path = self.output / "failures.log"
-        probe = ParsedConfig(args=Cell(0, "__probe__", config.shots[0], config.seeds[0]).args(config, self.output), run=False)
+        probe = ParsedConfig(
+            args=Cell(0, "__probe__", config.shots[0], config.seeds[0]).args(config, self.output), run=False
+        )
         model_cls, data_cls = probe.model_class, probe.data_class
         self.method = getattr(model_cls, "method_name", model_cls.__name__)
         self.dataset = getattr(data_cls, "dataset_name", data_cls.__name__)
@@ -227,8 +229,9 @@ class Sweep:
         self.config_hash = config_hash(self.resolved)
         self.run_root = self.output / "runs" / self.config_hash
         self.feature_cache = (
-            FeatureCache(self.output / "feature_cache", "", int(config.feature_cache.max_gb * 2**30),
-                         config.feature_cache.dtype)  # fmt: skip
+            FeatureCache(
+                self.output / "feature_cache", "", int(config.feature_cache.max_gb * 2**30), config.feature_cache.dtype
+            )  # fmt: skip
             if config.feature_cache.enabled
             else None
         )
@@ -240,8 +243,7 @@ class Sweep:
         else:
             categories = list(config.categories)
         self.cells = [
-            Cell(i, c, k, s)
-            for i, (c, k, s) in enumerate(itertools.product(categories, config.shots, config.seeds))
+            Cell(i, c, k, s) for i, (c, k, s) in enumerate(itertools.product(categories, config.shots, config.seeds))
         ]
 
     # ----------------------------------------------------------------- protocol
@@ -334,7 +336,9 @@ class Sweep:
         for old in sorted(hashes):
             saved = self.output / "configs" / f"{old}.yaml"
             if old and saved.is_file():
-                lines.append(f"config {old} -> {self.config_hash}: {config_changes(yaml.safe_load(saved.read_text()), self.resolved)}")
+                lines.append(
+                    f"config {old} -> {self.config_hash}: {config_changes(yaml.safe_load(saved.read_text()), self.resolved)}"
+                )
             else:
                 lines.append(f"cells of config {old or '(no hash: an older fsad)'} -> {self.config_hash}")
         return "benchmark: the resolved config changed, so its cells run again (" + " | ".join(lines) + ")"
@@ -468,7 +472,9 @@ def build_table(rows: list[dict[str, str]]) -> str:
     The mean row averages the categories per seed first, then reports mean ± std of those averages over seeds.
     Paper-protocol columns follow the honest ones when any cell recorded them, explained by a legend.
     """
-    present = [(n, label) for n, label in (*TABLE_METRICS, *PAPER_METRICS) if any(r.get(n) not in (None, "") for r in rows)]
+    present = [
+        (n, label) for n, label in (*TABLE_METRICS, *PAPER_METRICS) if any(r.get(n) not in (None, "") for r in rows)
+    ]
     shots = sorted({int(r["k"]) for r in rows})
     categories = sorted({r["category"] for r in rows})
     seeds = sorted({r["seed"] for r in rows})
@@ -483,9 +489,7 @@ def build_table(rows: list[dict[str, str]]) -> str:
             for name, label in present:
                 if category == "mean":
                     per_seed = [
-                        statistics.fmean(
-                            value(r, name) for r in rows if int(r["k"]) == k and r["seed"] == seed
-                        )
+                        statistics.fmean(value(r, name) for r in rows if int(r["k"]) == k and r["seed"] == seed)
                         for seed in seeds
                         if any(int(r["k"]) == k and r["seed"] == seed for r in rows)
                     ]
@@ -496,7 +500,11 @@ def build_table(rows: list[dict[str, str]]) -> str:
     first = rows[0]
     hashes = sorted({r.get(HASH_COLUMN) or "?" for r in rows})
     title = f"# {first['method']} on {first['dataset']}\n\nconfig {', '.join(hashes)}\n\n"
-    legend = f"\n{PAPER_LEGEND}\n" if any(name for name, _ in present if name.startswith(("paper", "image_AUROC_paper"))) else ""
+    legend = (
+        f"\n{PAPER_LEGEND}\n"
+        if any(name for name, _ in present if name.startswith(("paper", "image_AUROC_paper")))
+        else ""
+    )
     return title + markdown_table(lines) + legend
 
 
@@ -533,7 +541,9 @@ def collect(
     if config_hash is not None:
         rows = [r for r in rows if (r.get(HASH_COLUMN) or "") == config_hash]
     if not rows:
-        raise BenchmarkError(f"no finished cells yet under {sweep_output}" + (f" for config {config_hash}" if config_hash else ""))
+        raise BenchmarkError(
+            f"no finished cells yet under {sweep_output}" + (f" for config {config_hash}" if config_hash else "")
+        )
     hashes = sorted({r.get(HASH_COLUMN) or "(none)" for r in rows})
     if len(hashes) > 1 and not allow_mixed:
         counts = ", ".join(f"{h}: {sum((r.get(HASH_COLUMN) or '(none)') == h for r in rows)} cells" for h in hashes)
@@ -572,7 +582,9 @@ def main(argv: list[str]) -> int:
         print(f"# config {sweep.config_hash}, protocol {sweep.stage}, output {output}", file=sys.stderr)
         for cell in sweep.cells:
             state = "done" if sweep.key(cell) in done else "todo"
-            print(f"{cell.index}\t{sweep.method}\t{sweep.dataset}\t{cell.category}\tk={cell.k}\tseed={cell.seed}\t{state}")
+            print(
+                f"{cell.index}\t{sweep.method}\t{sweep.dataset}\t{cell.category}\tk={cell.k}\tseed={cell.seed}\t{state}"
+            )
         return 0
     if args.pretrain:
         if sweep.config.pretrain is None:

@@ -72,7 +72,9 @@ def nsa_examples(normal_paths: Sequence[str | Path], seed: int = 0) -> list[Exam
     """Each normal image, and an NSA anomaly blending a patch of the next normal image into it."""
     rng = np.random.default_rng(seed)
     normals = [load_rgb(p) for p in normal_paths]
-    examples = [Example(img, np.zeros(img.shape[:2], np.uint8), 0, str(p)) for img, p in zip(normals, normal_paths, strict=True)]
+    examples = [
+        Example(img, np.zeros(img.shape[:2], np.uint8), 0, str(p)) for img, p in zip(normals, normal_paths, strict=True)
+    ]
     for i, (target, path) in enumerate(zip(normals, normal_paths, strict=True)):
         source = normals[(i + 1) % len(normals)]
         if source.shape != target.shape:
@@ -145,5 +147,7 @@ def calibrate(
     if not normal_paths:
         raise CalibrationError("calibration needs normal images (a validation folder or held-out normal images)")
     if abnormal_paths:
-        return fit_thresholds(module, batches_of(labelled_examples(normal_paths, abnormal_paths, mask_dir), transform), "labelled")
+        return fit_thresholds(
+            module, batches_of(labelled_examples(normal_paths, abnormal_paths, mask_dir), transform), "labelled"
+        )
     return fit_thresholds(module, batches_of(nsa_examples(normal_paths, seed), transform), "nsa")

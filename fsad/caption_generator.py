@@ -239,7 +239,9 @@ def merge_records(records: list[CaptionRecord]) -> MergeResult:
     first = records[0].model_dump()
     first["components"] = merged_components
     first["abnormal_states"] = list(dict.fromkeys(s for r in records for s in r.abnormal_states))
-    first["provenance"]["images"] = list({i["name"]: i for r in records for i in r.model_dump()["provenance"]["images"]}.values())
+    first["provenance"]["images"] = list(
+        {i["name"]: i for r in records for i in r.model_dump()["provenance"]["images"]}.values()
+    )
     foregrounds = Counter(r.image_level.foreground for r in records)
     if len(foregrounds) > 1:
         conflicts.append(f"image_level.foreground: {dict(foregrounds)}")
@@ -264,7 +266,9 @@ def generate(
     cache.mkdir(parents=True, exist_ok=True)
     records = []
     for image in tqdm(images, desc=f"captions {category}", unit="image"):
-        key = hashlib.sha256(f"{image_digest(image)}|{config.model}|{PROMPT_VERSION}|{RECORD_FORMAT}|{category}".encode()).hexdigest()
+        key = hashlib.sha256(
+            f"{image_digest(image)}|{config.model}|{PROMPT_VERSION}|{RECORD_FORMAT}|{category}".encode()
+        ).hexdigest()
         cached = cache / f"{key}.json"
         if cached.is_file():
             records.append(parse_record(json.loads(cached.read_text()), str(cached)))

@@ -20,12 +20,15 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from fsad.errors import FsadError
 from fsad.lightning_modules.finegrainedad.mfsc import (
     LOCATIONS,
     NUMBERS,
     VOCABULARIES,
     CaptionRecord,
+    ReleasedRecord,
     normalise_value,
     parse_record,
 )
@@ -33,6 +36,8 @@ from fsad.lightning_modules.finegrainedad.mfsc import (
 RECORDS_VARIABLE = re.compile(r"^fine_grained_normal_prompts(?:_v(\d+))?$")
 INDEX_VARIABLE = "total_classes2id"
 STATES_VARIABLE = "class_state_abnormal_refined"
+#: Their vocabularies (``fine_grained_<kind>_list``): what their attribute AHPs and component AHPs draw from.
+VOCABULARY_KINDS = ("color", "texture", "shape", "location")
 KNOWN_CATEGORIES = {
     "mvtec": {"bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
               "tile", "toothbrush", "transistor", "wood", "zipper"},
@@ -170,7 +175,9 @@ def _components(entry: dict[str, Any], category: str, report: list[str]) -> list
         first["count"] += 1
         for attribute, values in attributes.items():
             for key in ("base", "extensions"):
-                first["attributes"][attribute][key] = list(dict.fromkeys(first["attributes"][attribute][key] + values[key]))
+                first["attributes"][attribute][key] = list(
+                    dict.fromkeys(first["attributes"][attribute][key] + values[key])
+                )
         if first["location"] != location:
             first["location"] = "whole"
     components = []
@@ -184,11 +191,42 @@ def _components(entry: dict[str, Any], category: str, report: list[str]) -> list
     return components
 
 
+def released_fields(
+    entry: dict[str, Any], category: str, states: list[str] | None, vocabularies: dict[str, list[str]],
+    report: list[str],
+) -> dict[str, Any] | None:  # fmt: skip
+    """The record verbatim, as their prompt learner reads it, with their defect states and vocabularies
+    (:class:`ReleasedRecord`); None, reported, when the file lacks what their learner would read."""
+    if len(vocabularies) < len(VOCABULARY_KINDS):
+        return None  # reported once for the whole file
+    if not states:
+        report.append(f"{category}: released: not kept (no defect states in {STATES_VARIABLE}); variant: code "
+                      "builds fsad's approximation of their prompt strings for it")  # fmt: skip
+        return None
+    level1, level2, level3 = (_first(entry.get(f"Level_{n}")) for n in (1, 2, 3))
+    fields = {
+        "caption": entry.get("caption"), "foreground": level1.get("foreground"), "background": level1.get("background"),
+        "entities": level2.get("entity"), "entity_captions": level3.get("entity_caption"),
+        "locations": level2.get("location"), "relation": level2.get("relation"), "colors": level3.get("color"),
+        "textures": level3.get("texture"), "shapes": level3.get("shape"), "states": states,
+        **{f"{kind}_vocabulary": vocabularies[kind] for kind in VOCABULARY_KINDS},
+    }  # fmt: skip
+    try:
+        ReleasedRecord.model_validate(fields)
+    except ValidationError as err:
+        where = ", ".join(sorted({str(e["loc"][0]) if e["loc"] else e["msg"] for e in err.errors()}))
+        report.append(f"{category}: released: not kept ({where} missing or malformed); variant: code builds fsad's "
+                      "approximation of their prompt strings for it")  # fmt: skip
+        return None
+    return fields
+
+
 def convert_entry(
     entry: dict[str, Any], category: str, states: list[str] | None, provenance: dict[str, Any], dataset: str,
-    report: list[str], origin: str = "imported record",
+    report: list[str], origin: str = "imported record", vocabularies: dict[str, list[str]] | None = None,
 ) -> CaptionRecord:  # fmt: skip
-    """One authors' record → one validated :class:`CaptionRecord`; guesses and drops go to ``report``."""
+    """One authors' record → one validated :class:`CaptionRecord`; guesses and drops go to ``report``. With their
+    vocabularies the record also keeps the source verbatim (``released``), for ``variant: code``'s exact strings."""
     level1, level2 = _first(entry.get("Level_1")), _first(entry.get("Level_2"))
     background = str(level1.get("background", "")).strip()
     if background.lower() in NO_BACKGROUND:
@@ -211,6 +249,7 @@ def convert_entry(
         "foreground_level": {"logical_relation": relation} if relation else None,
         "components": _components(entry, category, report),
         "abnormal_states": abnormal,
+        "released": released_fields(entry, category, states, vocabularies or {}, report),
     }  # fmt: skip
     return parse_record(data, origin)
 
@@ -233,6 +272,11 @@ def import_authors_records(
     if not isinstance(index, dict):
         raise CaptionImportError(f"{source}: {INDEX_VARIABLE} (category -> index into {variable}) not found")
     all_states = literals.get(STATES_VARIABLE) if isinstance(literals.get(STATES_VARIABLE), dict) else {}
+    vocabularies = {
+        kind: literals[f"fine_grained_{kind}_list"] for kind in VOCABULARY_KINDS
+        if isinstance(literals.get(f"fine_grained_{kind}_list"), list)
+    }  # fmt: skip
+    missing = [f"fine_grained_{kind}_list" for kind in VOCABULARY_KINDS if kind not in vocabularies]
     provenance = {
         "kind": "image-derived",
         "source": "imported with `fsad captions import` from the FineGrainedAD authors' records file",
@@ -243,9 +287,14 @@ def import_authors_records(
     }  # fmt: skip
     result = ImportResult(records={}, written=[])
     result.report.append("provenance.generator.model: the file does not name the MLLM; recorded as 'not stated'")
+    if missing:
+        result.report.append(f"released: {', '.join(missing)} not in the file; variant: code builds fsad's "
+                             "approximation of their prompt strings instead of their exact ones")  # fmt: skip
     for category, position in index.items():
         if not isinstance(position, int) or not 0 <= position < len(entries) or not isinstance(entries[position], dict):
-            result.report.append(f"{category}: {INDEX_VARIABLE} points at {position!r}, not a record in {variable}; skipped")
+            result.report.append(
+                f"{category}: {INDEX_VARIABLE} points at {position!r}, not a record in {variable}; skipped"
+            )
             continue
         owner = dataset or next((d for d, names in KNOWN_CATEGORIES.items() if category in names), None)
         if owner is None:
@@ -253,7 +302,14 @@ def import_authors_records(
             result.report.append(f"{category}: dataset guessed as 'custom' (pass --dataset to name it)")
         origin = f"{source}: {variable}[{position}] ({category})"
         result.records[category] = convert_entry(
-            entries[position], category, all_states.get(category), provenance, owner, result.report, origin
+            entries[position],
+            category,
+            all_states.get(category),
+            provenance,
+            owner,
+            result.report,
+            origin,
+            vocabularies,
         )
     for category, record in result.records.items():
         path = out / record.dataset / f"{category}.json"

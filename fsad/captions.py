@@ -12,6 +12,7 @@ from fsad.lightning_modules.finegrainedad.caption_lint import lint_record
 from fsad.lightning_modules.finegrainedad.mfsc import (
     CaptionRecordError,
     caption_provenance_summary,
+    default_prompt_seed,
     load_record,
     mllp_texts,
     packaged_record,
@@ -46,7 +47,7 @@ def validate(targets: list[str]) -> int:
     return 1 if failures or not files else 0
 
 
-def show(dataset: str | None, category: str | None, file: str | None, seed: int, variant: str = "paper") -> int:
+def show(dataset: str | None, category: str | None, file: str | None, seed: int | None, variant: str = "paper") -> int:
     """Print every level's prompts (normal / handcrafted abnormal / learnable abnormal) as ``variant`` builds them:
     ``N`` a shared normal context, ``A`` an abnormal context, ``<kind>`` a learnable placeholder."""
     try:
@@ -57,6 +58,7 @@ def show(dataset: str | None, category: str | None, file: str | None, seed: int,
     print("[provenance]")
     for key, value in caption_provenance_summary(record).items():
         print(f"  {key}: {value}")
+    seed = default_prompt_seed(variant) if seed is None else seed
     for name, group in mllp_texts(record, seed=seed, placeholders=variant == "paper").groups().items():
         print(f"[{name}]" + (" (Attr-MoE weights on its placeholders)" if group.gated else ""))
         for kind, bodies in (("NHP", group.normal), ("AHP", group.abnormal), ("ALP", group.learnable_abnormal)):
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("dataset", nargs="?", help="packaged record: dataset (mvtec, visa, realiad, synthetic)")
     view.add_argument("category", nargs="?", help="packaged record: category")
     view.add_argument("--file", help="a record file instead of a packaged one")
-    view.add_argument("--seed", type=int, default=0, help="seed of the random choices in the prompts")
+    view.add_argument("--seed", type=int, default=None,
+                      help="seed of the random choices in the prompts (default: 111 for --variant code, else 0)")  # fmt: skip
     view.add_argument("--variant", choices=["paper", "code"], default="paper", help="FineGrainedAD variant's prompts")
     bring = sub.add_parser("import", help="convert the FineGrainedAD authors' records file (parsed, never run)")
     bring.add_argument("--from", dest="source", required=True, help="path of fine_grained_prompts.py")
@@ -87,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--category", required=True)
     make.add_argument("--out", required=True, help="record JSON to write (use it as model.init_args.captions)")
     make.add_argument("--dataset", default="custom")
-    make.add_argument("--base-url", help="OpenAI-compatible API base, e.g. http://localhost:8000/v1 (FSAD_LLM_BASE_URL)")
+    make.add_argument(
+        "--base-url", help="OpenAI-compatible API base, e.g. http://localhost:8000/v1 (FSAD_LLM_BASE_URL)"
+    )
     make.add_argument("--model", help="model name (FSAD_LLM_MODEL)")
     make.add_argument("--api-key-env", default="FSAD_LLM_API_KEY", help="environment variable holding the API key")
     make.add_argument("--timeout", type=float, default=60.0)

@@ -161,7 +161,11 @@ class FsadCLI(LightningCLI):
             dataset, category, k_shot, seed = data_cls.run_key(data_args)
         else:
             dataset = data_cls.__name__.lower()
-            category, k_shot, seed = data_args.get("category", "all"), data_args.get("k_shot", 0), data_args.get("seed", 0)
+            category, k_shot, seed = (
+                data_args.get("category", "all"),
+                data_args.get("k_shot", 0),
+                data_args.get("seed", 0),
+            )
         method = getattr(model_cls, "method_name", model_cls.__name__.lower())
         return run_directory(config.run_root, method, dataset, str(category), int(k_shot), int(seed))
 

@@ -34,9 +34,7 @@ def image_size(path: str, full_decode: bool) -> tuple[int, int]:
         raise DataError(f"cannot read image {path}: {err}") from None
 
 
-def check_samples(
-    samples: list[Sample], full_decode: bool, empty_masks_allowed: bool = False
-) -> tuple[list[str], int]:
+def check_samples(samples: list[Sample], full_decode: bool, empty_masks_allowed: bool = False) -> tuple[list[str], int]:
     """Unreadable images and masks, masks whose size differs from their image, and empty defect masks (a problem
     unless the dataset allows them, as Real-IAD does for views that do not show the defect); also the number of
     empty defect masks."""
@@ -170,5 +168,3 @@ def main(argv: list[str]) -> int:
         )
     print(f"{total_problems} problem(s) in {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}")
     return 1 if total_problems else 0
-
-

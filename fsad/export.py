@@ -130,7 +130,9 @@ def export_torchscript(detector: DeployedDetector, path: Path) -> None:
 def save_checkpoint(module: FewShotAnomalyModule, path: Path, data_hparams: dict[str, Any] | None = None) -> None:
     """A Lightning-style checkpoint of the fitted module (support banks, thresholds; no backbone weights), readable
     with ``weights_only=True`` by ``fsad predict --ckpt_path`` and :meth:`fsad.Inferencer.from_checkpoint`."""
-    hparams = {key: asdict(value) if isinstance(value, BackboneSpec) else value for key, value in module.hparams.items()}
+    hparams = {
+        key: asdict(value) if isinstance(value, BackboneSpec) else value for key, value in module.hparams.items()
+    }
     hparams.setdefault("_class_path", f"{type(module).__module__}.{type(module).__qualname__}")
     checkpoint = {
         "state_dict": module.state_dict(),

@@ -108,7 +108,9 @@ def module_from_checkpoint(checkpoint: dict[str, Any], model_class: type | None 
     hparams.pop("_instantiator", None)
     if model_class is None:
         if class_path is None:
-            raise CheckpointError("the checkpoint names no model class (hyper_parameters._class_path); pass model_class=")
+            raise CheckpointError(
+                "the checkpoint names no model class (hyper_parameters._class_path); pass model_class="
+            )
         model_class = import_class(class_path)
     module = model_class(**hparams)
     module.on_load_checkpoint(checkpoint)
@@ -205,7 +207,9 @@ class Inferencer:
                 return {name: out.numpy() for name, out in zip(names, outputs, strict=True)}
 
         else:
-            raise ExportError(f"backend: {backend!r} is not one of auto, onnx, torchscript ({METADATA_FILE} in {model_dir})")
+            raise ExportError(
+                f"backend: {backend!r} is not one of auto, onnx, torchscript ({METADATA_FILE} in {model_dir})"
+            )
         return cls(run, metadata)
 
     # ----------------------------------------------------------------- scoring

@@ -34,6 +34,8 @@ def quiet_output() -> None:
     """Install the filters; safe to call more than once."""
     _drop(LIGHTNING_INFO_LOGGER, "Tip:")
     _drop("", "No pretrained weights loaded")  # open_clip's copy of our random-weights warning
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
     if not sys.warnoptions:
         warnings.filterwarnings("once", category=UserWarning)

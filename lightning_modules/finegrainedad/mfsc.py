@@ -185,8 +185,37 @@ class Provenance(BaseModel):
         return self
 
 
+class ReleasedRecord(BaseModel):
+    """The authors' record as their prompt learner reads it, verbatim, with the vocabularies and defect states it
+    draws from; ``fsad captions import`` keeps it so that ``variant: code`` builds their exact prompt strings
+    (:func:`released_prompt_texts`). Our schema normalises these values, which their strings do not."""
+
+    model_config = ConfigDict(extra="forbid")
+    caption: str  # the image-level summary
+    foreground: str  # Level_1 foreground: the object name their image and relation AHPs replace
+    background: str  # Level_1 background, before " background"
+    entities: list[str]  # Level_2 entity names …
+    entity_captions: list[str]  # … their Level_3 captions …
+    locations: list[str]  # … and their Level_2 locations
+    relation: str
+    colors: list[str]  # Level_3 values, joined by "." in their attribute NHPs
+    textures: list[str]
+    shapes: list[str]
+    states: list[str] = Field(min_length=1)  # class_state_abnormal_refined[category], "{}" = the object
+    color_vocabulary: list[str]  # fine_grained_color_list: every value not in ``colors`` is a colour AHP
+    texture_vocabulary: list[str]
+    shape_vocabulary: list[str]
+    location_vocabulary: list[str]  # fine_grained_location_list: a component AHP moves the component to one
+
+    @model_validator(mode="after")
+    def _entities_aligned(self) -> ReleasedRecord:
+        if not len(self.entities) == len(self.entity_captions) == len(self.locations):
+            raise ValueError("entities, entity_captions and locations must have one entry per entity")
+        return self
+
+
 class CaptionRecord(BaseModel):
-    """One category's MFSC record."""
+    """One category's MFSC record; ``released`` is the authors' record verbatim when it was imported from theirs."""
 
     model_config = ConfigDict(extra="forbid")
     dataset: str
@@ -196,6 +225,7 @@ class CaptionRecord(BaseModel):
     foreground_level: ForegroundLevel | None = None
     components: list[Component] = Field(default_factory=list)
     abnormal_states: list[str] = Field(min_length=1)
+    released: ReleasedRecord | None = None
 
     @field_validator("abnormal_states")
     @classmethod
@@ -284,6 +314,15 @@ def resolve_record(captions: str | Path | None, dataset: str, category: str) -> 
 
 
 # ----------------------------------------------------------------------------- MLLP prompt texts
+#: The authors' ``setup_seed`` default: their prompt construction draws from Python's ``random`` right after it.
+AUTHORS_PROMPT_SEED = 111
+
+
+def default_prompt_seed(variant: str) -> int:
+    """The prompt texts' seed when none is given: the authors' 111 for ``variant: code``, 0 otherwise."""
+    return AUTHORS_PROMPT_SEED if variant == "code" else 0
+
+
 BACKGROUND_DEFECTS = ("a stain", "a foreign object", "dust")
 COMPONENT_DEFECTS = ("a crack", "a scratch", "a stain", "a missing part", "a deformation")
 
@@ -408,8 +447,12 @@ def mllp_texts(
     (NHP; AHPs by concatenating a defect to a component and by replacing a count or a location; ALP with
     placeholders), ALPs whose attribute values are replaced by learnable placeholders, component NHPs with a
     placeholder inserted after each value, component groups ``gated`` (Attr-MoE), and no attribute groups. Without
-    it, the code's form: no foreground level, ALPs = contexts + caption, relation and attributes as Attr-MoE groups.
+    it, the code's form: no foreground level, ALPs = contexts + caption, relation and attributes as Attr-MoE groups;
+    a record imported from the authors' file (``record.released``) then gives their exact strings
+    (:func:`released_prompt_texts`).
     """
+    if not placeholders and record.released is not None:
+        return released_prompt_texts(record.released, seed)
     rng = random.Random(seed)
     fg = object_name or record.image_level.foreground
     background_noun = f"{record.image_level.background} background" if record.image_level.background else "background"
@@ -500,3 +543,52 @@ def caption_provenance_summary(record: CaptionRecord) -> dict[str, str | int]:
     if provenance.documentation:
         summary["documentation"] = "; ".join(provenance.documentation)
     return summary
+
+
+def released_prompt_texts(record: ReleasedRecord, seed: int) -> PromptTexts:
+    """The prompt bodies the authors' learner builds from their record (``variant: code``), string for string.
+
+    Every body ends in "." appended to the text as written (a caption ending in "." gets ".."). Image AHPs put the
+    object in each defect state at every mention; relation AHPs do so for every entity name; background AHPs
+    append the state; attribute NHPs join the values with "." and the AHPs are every vocabulary value the object
+    lacks. A component's single AHP is its caption lower-cased, with a defect state drawn at random after its
+    name (its plural where the caption has one) and its location replaced by another drawn at random ("center"
+    also replaces "centrally"). The draws come from ``random.Random(seed)`` in their order, state then location per
+    entity, so the seed of their ``setup_seed`` (111) reproduces their strings.
+    """
+    rng = random.Random(seed)
+    component_abnormal = []
+    for name, caption, location in zip(record.entities, record.entity_captions, record.locations, strict=True):
+        state = rng.choice(record.states).replace("{}", "")
+        moved_to = rng.choice([place for place in record.location_vocabulary if place != location])
+        text = caption.lower()
+        noun = name + "s" if not name.endswith("s") and name + "s" in text else name
+        text = text.replace(noun, noun + state)
+        for written in ("center", "centrally") if location == "center" else (location,):
+            text = text.replace(written, moved_to)
+        component_abnormal.append(text)
+
+    def group(normal: str, abnormal: list[str]) -> PromptGroupTexts:
+        return PromptGroupTexts([f"{normal}."], [f"{text}." for text in abnormal], [f"{normal}."])
+
+    def in_state(text: str, nouns: list[str], state: str) -> str:
+        for noun in nouns:
+            text = text.replace(noun, state.replace("{}", noun))
+        return text
+
+    background = f"{record.background} background"
+    attributes = {
+        "relation": group(record.relation, [in_state(record.relation, record.entities, s) for s in record.states])
+    }
+    for kind in ("color", "texture", "shape"):
+        values, vocabulary = getattr(record, f"{kind}s"), getattr(record, f"{kind}_vocabulary")
+        attributes[kind] = group(".".join(values), [value for value in vocabulary if value not in values])
+    return PromptTexts(
+        image=group(record.caption, [in_state(record.caption, [record.foreground], s) for s in record.states]),
+        components={
+            name: group(caption, [abnormal])
+            for name, caption, abnormal in zip(record.entities, record.entity_captions, component_abnormal, strict=True)
+        },
+        background=group(background, [background + s.replace("{}", "") for s in record.states]),
+        attributes=attributes,
+    )

@@ -285,7 +285,9 @@ class FineGrainedADModel(nn.Module):
         for level, name in enumerate(self.level_names):
             group, normal = groups[name], levels["normal"][level]
             losses[f"clip/{name}"] = prompt_contrastive_loss(cls, normal, group.abnormal, t)
-            losses[f"eam/{name}"] = explicit_anomaly_margin_loss(cls, normal, levels["abnormal"][level], self.eam_margin)
+            losses[f"eam/{name}"] = explicit_anomaly_margin_loss(
+                cls, normal, levels["abnormal"][level], self.eam_margin
+            )
             if name != "background":
                 losses[f"mean/{name}"] = self.mean_loss_weight * prompt_mean_loss(group.handcrafted, group.learnable)
         return losses
@@ -306,7 +308,7 @@ class FineGrainedADModel(nn.Module):
     def forward(self, features: BackboneOutput, backbone: ClipBackbone) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-wise textual map (:meth:`textual_map`) fused with M_v (Eq. 7); image score Eq. 8."""
         textual = self.textual_map(features, backbone)
-        levels, t = self.levels, self.temperature(backbone)
+        t = self.temperature(backbone)
         visual = self.memory(features.taps)
         grid = harmonic_fusion(textual, visual).reshape(visual.shape[0], *features.grid)
         cls = F.normalize(features.cls, dim=-1)

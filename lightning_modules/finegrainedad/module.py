@@ -13,6 +13,7 @@ from fsad.lightning_modules.components.clip import BackboneSpec
 from fsad.lightning_modules.finegrainedad.mfsc import (
     CaptionRecord,
     caption_provenance_summary,
+    default_prompt_seed,
     mllp_texts,
     resolve_record,
 )
@@ -54,7 +55,9 @@ class FineGrainedAD(PromptTuningModule):
             authors' code never trains it).
         image_reweighting: Eq. 6 image-level re-weighting of the token-wise map by the image-level ALP map; default
             from ``variant`` (paper on; not in the code). The README states the reading of the formula.
-        prompt_seed: seed of the random choices in the prompt texts (swapped locations, absent attribute values).
+        prompt_seed: seed of the random choices in the prompt texts (swapped locations, absent attribute values, and
+            in ``variant: code`` each component AHP's defect state and location); default from ``variant``: 0, or
+            the authors' ``setup_seed`` 111, which with a record imported from their file gives their strings.
         lr, momentum, weight_decay, eta_min, variant, protocol, temperature_quirk, bgr_test_quirk,
             best_epoch_on_test, max_fusion_quirk: as :class:`PromptAD`.
     """
@@ -85,7 +88,7 @@ class FineGrainedAD(PromptTuningModule):
         slice_factor: int = 4,
         train_query_former: bool | None = None,
         image_reweighting: bool | None = None,
-        prompt_seed: int = 0,
+        prompt_seed: int | None = None,
         lr: float = 2e-3,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -141,7 +144,8 @@ class FineGrainedAD(PromptTuningModule):
             )
         for logger in self.loggers:  # CSV, W&B (run config), ...: which record a run used, and how far to trust it
             logger.log_hyperparams({"caption_provenance": caption_provenance_summary(self.record)})
-        texts = mllp_texts(self.record, seed=self.hparams.prompt_seed, placeholders=self.variant == "paper")
+        seed = default_prompt_seed(self.variant) if self.hparams.prompt_seed is None else self.hparams.prompt_seed
+        texts = mllp_texts(self.record, seed=seed, placeholders=self.variant == "paper")
         self.model.build(self.backbone, texts)
 
     def on_fit_start(self) -> None:

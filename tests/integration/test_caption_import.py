@@ -109,6 +109,60 @@ def test_import_maps_the_newest_list_and_reports_every_guess(tmp_path: Path, aut
     assert main(["captions", "validate", str(out / "synthetic/disc.json")]) == 0  # schema and lint
 
 
+VOCABULARIES = """
+fine_grained_color_list = ['grey and white', 'metallic grey', 'red', 'blue']
+fine_grained_texture_list = ['striped', 'smooth', 'fuzzy']
+fine_grained_shape_list = ['circular', 'elongated', 'oval']
+fine_grained_location_list = ['center', 'throughout', 'left', 'top right']
+"""
+
+
+def test_with_their_vocabularies_variant_code_builds_their_strings(tmp_path: Path, capsys) -> None:
+    """The import keeps the record verbatim (``released``) and variant: code builds the strings their learner
+    would: written out by hand from the invented record, with the draws of their order (state, then location, per
+    entity) from ``random.Random(seed)``."""
+    import random
+
+    from fsad.lightning_modules.finegrainedad.mfsc import mllp_texts
+
+    source = tmp_path / "fine_grained_prompts.py"
+    source.write_text(AUTHORS_FORMAT + VOCABULARIES)
+    out = tmp_path / "records"
+    assert main(["captions", "import", "--from", str(source), "--out", str(out), "--dataset", "synthetic"]) == 0
+    assert "widget: released: not kept (no defect states in class_state_abnormal_refined)" in capsys.readouterr().out
+    assert load_record(out / "synthetic/widget.json").released is None
+    disc = load_record(out / "synthetic/disc.json")
+    texts = mllp_texts(disc, seed=5, placeholders=False)
+
+    rng = random.Random(5)
+    state0, moved0 = (
+        rng.choice(["{} with paint blob ", "{} with scratch"]),
+        rng.choice(["throughout", "left", "top right"]),
+    )
+    state1, _ = rng.choice(["{} with paint blob ", "{} with scratch"]), rng.choice(["center", "left", "top right"])
+    caption = "A grey disc with radial stripes on a pure black background."
+    assert texts.image.normal == texts.image.learnable_abnormal == [caption + "."]
+    assert texts.image.abnormal == [
+        "A grey disc with paint blob  with radial stripes on a pure black background..",
+        "A grey disc with scratch with radial stripes on a pure black background..",
+    ]
+    disc_part, stripes = texts.components["disc"], texts.components["stripes"]
+    assert disc_part.normal == ["A round grey and white disc in the center.."]
+    assert disc_part.abnormal == [f"a round grey and white disc{state0[2:]} in the {moved0}.."]
+    assert stripes.abnormal == [f"many stripes{state1[2:]} crossing the disc from its center.."]  # "throughout" absent
+    assert texts.background.normal == ["pure black background."]
+    assert texts.background.abnormal == [
+        "pure black background with paint blob .",
+        "pure black background with scratch.",
+    ]
+    relation = texts.attributes["relation"]
+    assert relation.abnormal[1] == "The stripes with scratch run from the center of the disc with scratch to its rim.."
+    assert texts.attributes["color"].normal == ["grey and white.metallic grey."]
+    assert texts.attributes["color"].abnormal == ["red.", "blue."]
+    assert texts.attributes["texture"].abnormal == ["fuzzy."] and texts.attributes["shape"].abnormal == ["oval."]
+    assert mllp_texts(disc, seed=5, placeholders=True).image.normal != texts.image.normal  # the paper form ignores it
+
+
 def test_import_reads_the_list_asked_for(tmp_path: Path, authors_file: Path, capsys) -> None:
     out = tmp_path / "records"
     argv = [

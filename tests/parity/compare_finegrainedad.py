@@ -221,6 +221,7 @@ def measure(root: Path) -> dict[str, float]:
     visual_max = upsampled_max(torch.from_numpy(g["visual_grid"]), meta["eval_size"])  # variant: code's Eq. 8 max
     ours_score = harmonic_fusion(visual_max, torch.from_numpy(g["image_text_score"]))
     record("image score (max of the upsampled visual map)", ours_score, g["image_score"])
+    delta.update(prompt_text_stages(meta))
     delta.update(region_stages(tower, g, meta, root))
     data.setup("fit")
     delta.update(training_stages(g, golden("cls")[0], meta, data, test_order))
@@ -293,21 +294,37 @@ def region_stages(tower, g: dict[str, np.ndarray], meta: dict, root: Path) -> di
     return delta
 
 
+def prompt_text_stages(meta: dict) -> dict[str, float]:
+    """fsad's ``variant: code`` prompt bodies from their ``bottle`` record imported by ``fsad captions import``
+    (``captions/``), at their seed, against the strings their run tokenized: the count of bodies that differ."""
+    from fsad.lightning_modules.finegrainedad.mfsc import AUTHORS_PROMPT_SEED, mllp_texts, resolve_record
+
+    groups = mllp_texts(resolve_record(GOLDEN / "captions", "mvtec", "bottle"), seed=AUTHORS_PROMPT_SEED).groups()
+    components = [name for name in groups if name.startswith("component:")]
+    ours_by_theirs = {"image": "image", "background": "background", **{a: f"attribute:{a}" for a in ATTRIBUTES}}
+    ours_by_theirs.update({f"entity{i}": name for i, name in enumerate(components)})
+    delta = {}
+    for theirs, ours in ours_by_theirs.items():
+        for kind, field in (("normal", "normal"), ("handcrafted", "abnormal"), ("learnable", "learnable_abnormal")):
+            expected = list(
+                dict.fromkeys(strip_contexts(t, kind == "learnable") for t in meta["prompt_texts"][f"{theirs}/{kind}"])
+            )
+            built = getattr(groups[ours], field)
+            differing = sum(a != b for a, b in zip(built, expected, strict=False)) + abs(len(built) - len(expected))
+            delta[f"prompt texts/{theirs}/{kind} (count differing)"] = float(differing)
+    return delta
+
+
 def code_variant_on_their_prompts(g: dict[str, np.ndarray], c: dict[str, np.ndarray], meta: dict):
-    """fsad's ``FineGrainedAD(variant="code")`` on the golden architecture and weights, built from the authors' prompt
-    strings with the initial contexts and Attr-MoE weights of their segmentation (``g``) and classification (``c``)
-    models and their Query Formers, training with their region weights (the clustering is compared on its own in
-    :func:`region_stages`; fresh density noise would give other regions)."""
+    """fsad's ``FineGrainedAD(variant="code")`` on the golden architecture and weights, with their ``bottle`` record
+    imported by ``fsad captions import`` (so it builds their strings), the initial contexts and Attr-MoE weights of
+    their segmentation (``g``) and classification (``c``) models and their Query Formers, training with their
+    region weights (the clustering is compared on its own in :func:`region_stages`; fresh density noise would give
+    other regions)."""
     from fsad.lightning_modules.components.clip import BackboneSpec
-    from fsad.lightning_modules.finegrainedad.mfsc import PromptTexts
     from fsad.lightning_modules.finegrainedad.module import FineGrainedAD
     from tests.parity.weights import fill_by_name
 
-    entities = sorted({key.split("/")[1] for key in g if key.startswith("initial_text/entity")})
-    texts = PromptTexts(
-        image=their_group(meta, "image"), components={name: their_group(meta, name) for name in entities},
-        background=their_group(meta, "background"), attributes={a: their_group(meta, a) for a in ATTRIBUTES},
-    )  # fmt: skip
     theirs = torch.from_numpy(g["region_weights"])  # [components…, background] × shots in their first batch × 225
     rows = torch.cat([theirs[:-1], torch.ones_like(theirs[:1]), theirs[-1:]])  # fsad's rows add the foreground
     weights = {
@@ -317,10 +334,10 @@ def code_variant_on_their_prompts(g: dict[str, np.ndarray], c: dict[str, np.ndar
 
     class OnTheirPrompts(FineGrainedAD):
         def prepare_for_data(self, data) -> None:
-            """Build on their strings; their initial parameters once (``test`` after ``fit`` sets up again)."""
+            """Their initial parameters, set once (``test`` after ``fit`` sets up again)."""
             if self.model.level_names:
                 return
-            self.model.build(self.backbone, texts)
+            super().prepare_for_data(data)
             with torch.no_grad():
                 for model, arrays in ((self.model, g), (self.model.classifier, c)):
                     model.prompts.normal_context.copy_(torch.from_numpy(arrays["initial_normal_context"]))
@@ -335,7 +352,7 @@ def code_variant_on_their_prompts(g: dict[str, np.ndarray], c: dict[str, np.ndar
 
     module = OnTheirPrompts(
         BackboneSpec(arch=meta["arch"], pretrained=None, taps=[3, 8]), image_size=meta["image_size"],
-        eval_size=meta["eval_size"], variant="code", lr=meta["lr"], eta_min=1e-5,
+        eval_size=meta["eval_size"], variant="code", lr=meta["lr"], eta_min=1e-5, captions=str(GOLDEN / "captions"),
     )  # fmt: skip
     fill_by_name(module.backbone.clip, meta["weight_seed"])
     return module, weights

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -412,6 +413,18 @@ def run_bf16(modules, test_images: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+def write_imported_record(authors_repo: Path, out_dir: Path) -> None:
+    """Their ``bottle`` record through fsad's own ``fsad captions import`` (``captions/mvtec/bottle.json``): with it,
+    ``variant: code`` must build the strings their run recorded."""
+    from fsad.caption_import import import_authors_records  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as tmp:
+        imported = import_authors_records(authors_repo / "PromptAD" / "fine_grained_prompts.py", Path(tmp))
+        target = out_dir / "captions" / "mvtec" / "bottle.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(next(path for path in imported.written if path.stem == "bottle"), target)
+
+
 def generate(authors_repo: Path, data_root: Path, out_dir: Path) -> None:
     """Write ``seg.npz``, ``cls.npz``, ``bf16.npz`` and ``meta.json`` for the FineGrainedAD parity comparison."""
     authors_repo, data_root = authors_repo.resolve(), data_root.resolve()
@@ -425,6 +438,7 @@ def generate(authors_repo: Path, data_root: Path, out_dir: Path) -> None:
         out_dir / "cls.npz", **run_cls(data_root, modules, arrays["test_images"], facts["prompt_texts"])
     )
     np.savez_compressed(out_dir / "bf16.npz", **run_bf16(modules, arrays["test_images"]))
+    write_imported_record(authors_repo, out_dir)
     commit = authors_commit(authors_repo)
     meta = {
         "authors_repository": "RetoFan233/FineGrainedAD",
