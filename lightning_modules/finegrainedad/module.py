@@ -40,6 +40,8 @@ class FineGrainedAD(PromptTuningModule):
             components) runs the image and background levels only, with one warning.
         n_pro_cls: normal context sets of ``variant: code``'s separate classification prompts (3, as the authors'
             ``train_cls_finegrained_patch.py``), which give the image score's text part.
+        cls_epochs: epochs of the classification prompts' own cosine schedule (``variant: code``): 50 as the
+            authors train them (their segmentation model trains 100); they stay fixed afterwards. None: the run's.
         eam_margin, mean_loss_weight, reg_weight: m (1.0), λ of L_mean (0.001), weight of L_reg (1.0).
         reg_lambda: λ of the background term inside L_reg (Eq. 3; 1 in the paper).
         region_boost: region weight ``w = 1 + boost`` inside a level's region (1.5).
@@ -76,6 +78,7 @@ class FineGrainedAD(PromptTuningModule):
         n_ctx_ab: int = 1,
         n_pro_ab: int = 4,
         n_pro_cls: int = 3,
+        cls_epochs: int | None = 50,
         eam_margin: float = 1.0,
         mean_loss_weight: float = 0.001,
         reg_weight: float = 1.0,
@@ -210,10 +213,16 @@ class FineGrainedAD(PromptTuningModule):
         return losses["total"]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Contexts, placeholders, Attr-MoE weights and the Query Former; with ``variant: code`` also the
-        classification model's contexts and Attr-MoE weights (its Query Former is never trained). The backbone
-        stays frozen."""
+        """Every parameter the optimiser updates (:meth:`parameter_groups`); the backbone stays frozen."""
+        return [parameter for group, _ in self.parameter_groups() for parameter in group]
+
+    def parameter_groups(self) -> list[tuple[list[torch.nn.Parameter], int | None]]:
+        """Contexts, placeholders, Attr-MoE weights and the Query Former over the run; with ``variant: code`` also
+        the classification model's contexts and Attr-MoE weights over ``cls_epochs`` (its Query Former is never
+        trained)."""
         model, classifier = self.model, self.model.classifier
         gates = [] if model.attribute_gates is None else [model.attribute_gates]
-        extra = [] if classifier is None else [*classifier.prompts.parameters(), classifier.attribute_gates]
-        return [*model.prompts.parameters(), *gates, *model.query_former.parameters(), *extra]
+        groups = [([*model.prompts.parameters(), *gates, *model.query_former.parameters()], None)]
+        if classifier is not None:
+            groups.append(([*classifier.prompts.parameters(), classifier.attribute_gates], self.hparams.cls_epochs))
+        return groups

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from abc import abstractmethod
 from typing import Any, Literal
@@ -83,15 +84,31 @@ class PromptTuningModule(FewShotAnomalyModule):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters the optimiser updates (the backbone is frozen)."""
 
+    def parameter_groups(self) -> list[tuple[list[torch.nn.Parameter], int | None]]:
+        """(parameters, epochs of their schedule) pairs; None spans the run's ``max_epochs``."""
+        return [(self.trainable_parameters(), None)]
+
     def configure_optimizers(self) -> dict[str, Any]:
+        """SGD with a cosine schedule from ``lr`` to ``eta_min`` per parameter group, stepped once per epoch; a group
+        whose schedule ends before the run stops moving (lr 0), as a separate training of that length would."""
+        run_epochs = max(1, int(self.trainer.max_epochs or 1))
+        groups = self.parameter_groups()
         optimizer = torch.optim.SGD(
-            self.trainable_parameters(),
+            [{"params": params} for params, _ in groups],
             lr=self.hparams.lr,
             momentum=self.hparams.momentum,
             weight_decay=self.hparams.weight_decay,
         )
-        epochs = max(1, int(self.trainer.max_epochs or 1))
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=self.hparams.eta_min)
+        lr, eta_min = self.hparams.lr, self.hparams.eta_min
+
+        def cosine(epochs: int):  # CosineAnnealingLR's closed form as a factor of lr; with lr 0 nothing moves
+            return lambda epoch: (
+                (eta_min + (lr - eta_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2) / lr
+                if lr and epoch < epochs
+                else 0.0
+            )
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [cosine(epochs or run_epochs) for _, epochs in groups])
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def on_test_start(self) -> None:

@@ -353,6 +353,7 @@ def code_variant_on_their_prompts(g: dict[str, np.ndarray], c: dict[str, np.ndar
     module = OnTheirPrompts(
         BackboneSpec(arch=meta["arch"], pretrained=None, taps=[3, 8]), image_size=meta["image_size"],
         eval_size=meta["eval_size"], variant="code", lr=meta["lr"], eta_min=1e-5, captions=str(GOLDEN / "captions"),
+        cls_epochs=meta["epochs"],  # their golden classification run is as long as the segmentation run
     )  # fmt: skip
     fill_by_name(module.backbone.clip, meta["weight_seed"])
     return module, weights

@@ -388,3 +388,39 @@ def test_paper_clustering_options_are_refused_by_the_code_variant(field: dict) -
 
     with pytest.raises(ValueError, match=f"model.{next(iter(field))}: configures variant: paper's clustering"):
         FineGrainedAD(BackboneSpec(arch="fsad-tiny", pretrained=None), variant="code", **field)
+
+
+def test_classification_prompts_follow_their_own_cosine_schedule_then_stop() -> None:
+    """variant: code trains the classification prompts over ``cls_epochs`` (the authors' 50 against 100): the
+    segmentation group's learning rates must equal torch's CosineAnnealingLR over the run, the classification
+    group's CosineAnnealingLR over its own epochs, then 0."""
+    from types import SimpleNamespace
+
+    from fsad.lightning_modules.components.clip import BackboneSpec
+    from fsad.lightning_modules.finegrainedad.module import FineGrainedAD
+
+    module = FineGrainedAD(
+        BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[2, 3]), image_size=96, variant="code", lr=0.01,
+        eta_min=1e-4, cls_epochs=3,
+    )  # fmt: skip
+    module.model.build(module.backbone, mllp_texts(packaged_record("mvtec", "bottle")))
+    module._trainer = SimpleNamespace(max_epochs=6)
+    configured = module.configure_optimizers()
+    optimizer, schedule = configured["optimizer"], configured["lr_scheduler"]
+    assert len(optimizer.param_groups) == 2
+    classifier = {id(p) for p in module.model.classifier.prompts.parameters()} | {
+        id(module.model.classifier.attribute_gates)
+    }
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == classifier
+    references = [
+        torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.SGD([torch.zeros(1)], lr=0.01), T_max=t, eta_min=1e-4)
+        for t in (6, 3)
+    ]
+    for epoch in range(6):
+        expected = [reference.get_last_lr()[0] for reference in references]
+        expected[1] = expected[1] if epoch < 3 else 0.0
+        assert [group["lr"] for group in optimizer.param_groups] == pytest.approx(expected, abs=1e-12)
+        for reference in references:
+            reference.optimizer.step()
+            reference.step()
+        schedule.step()
