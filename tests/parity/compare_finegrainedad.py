@@ -222,7 +222,7 @@ def measure(root: Path) -> dict[str, float]:
     ours_score = harmonic_fusion(visual_max, torch.from_numpy(g["image_text_score"]))
     record("image score (max of the upsampled visual map)", ours_score, g["image_score"])
     delta.update(prompt_text_stages(meta))
-    delta.update(region_stages(tower, g, meta, root))
+    delta.update(region_stages(tower, g, meta, root, data))
     data.setup("fit")
     delta.update(training_stages(g, golden("cls")[0], meta, data, test_order))
     return delta
@@ -245,7 +245,7 @@ def their_cluster_images(meta: dict, root: Path, names: list[str]) -> torch.Tens
     return torch.stack(images)
 
 
-def region_stages(tower, g: dict[str, np.ndarray], meta: dict, root: Path) -> dict[str, float]:
+def region_stages(tower, g: dict[str, np.ndarray], meta: dict, root: Path, data) -> dict[str, float]:
     """Region aggregation: fsad's tiling/stitching and the code's reference points on their 960-px images, then
     fsad's released clustering (:func:`aggregate_regions_released`) fed their reference points and their density
     noise, against their label maps, the cluster each level claimed, and their region weights."""
@@ -263,6 +263,12 @@ def region_stages(tower, g: dict[str, np.ndarray], meta: dict, root: Path) -> di
     fingerprint = their_cluster_images(meta, root, listed).mean(dim=(2, 3))
     delta["regions/960-px images (channel means)"] = float(
         (fingerprint - torch.from_numpy(g["cluster_images_mean"])).abs().max()
+    )
+    stems = [Path(p).stem for p in meta["support"]]
+    order = [stems.index(Path(p).stem) for p in data.support_paths]
+    ours = data.support_images(4 * meta["image_size"]).mean(dim=(2, 3))  # what fsad's module clusters
+    delta["regions/960-px images from fsad's datamodule (channel means)"] = float(
+        (ours - torch.from_numpy(g["cluster_images_mean"][order])).abs().max()
     )
     images = their_cluster_images(meta, root, meta["support_order_in_first_batch"])
     tiles = slice_tiles(images, 4, meta["image_size"])  # already 960 px: the bicubic resize is the identity
