@@ -191,9 +191,31 @@ def _components(entry: dict[str, Any], category: str, report: list[str]) -> list
     return components
 
 
+def read_cluster_maps(path: Path) -> dict[str, list[int]]:
+    """Their fixed region maps (``datasets/cluster_gt/visa.py``: ``pcb2 = torch.tensor([...]).unsqueeze(0)``):
+    category → the label of every 60×60 support token. Parsed, never run: the list inside each call is a literal."""
+    try:
+        tree = ast.parse(path.read_text(), filename=str(path))
+    except FileNotFoundError:
+        raise CaptionImportError(f"{path}: cluster map file not found") from None
+    except SyntaxError as err:
+        raise CaptionImportError(f"{path}: not Python source (line {err.lineno}: {err.msg})") from None
+    maps = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            lists = [n for n in ast.walk(node.value) if isinstance(n, ast.List)]
+            try:
+                labels = ast.literal_eval(lists[0]) if lists else None
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                continue
+            if isinstance(labels, list) and labels and all(isinstance(v, int) for v in labels):
+                maps[node.targets[0].id] = labels
+    return maps
+
+
 def released_fields(
     entry: dict[str, Any], category: str, states: list[str] | None, vocabularies: dict[str, list[str]],
-    report: list[str],
+    report: list[str], cluster_map: list[int] | None = None,
 ) -> dict[str, Any] | None:  # fmt: skip
     """The record verbatim, as their prompt learner reads it, with their defect states and vocabularies
     (:class:`ReleasedRecord`); None, reported, when the file lacks what their learner would read."""
@@ -205,6 +227,7 @@ def released_fields(
         return None
     level1, level2, level3 = (_first(entry.get(f"Level_{n}")) for n in (1, 2, 3))
     fields = {
+        "cluster_map": cluster_map,
         "caption": entry.get("caption"), "foreground": level1.get("foreground"), "background": level1.get("background"),
         "entities": level2.get("entity"), "entity_captions": level3.get("entity_caption"),
         "locations": level2.get("location"), "relation": level2.get("relation"), "colors": level3.get("color"),
@@ -224,6 +247,7 @@ def released_fields(
 def convert_entry(
     entry: dict[str, Any], category: str, states: list[str] | None, provenance: dict[str, Any], dataset: str,
     report: list[str], origin: str = "imported record", vocabularies: dict[str, list[str]] | None = None,
+    cluster_map: list[int] | None = None,
 ) -> CaptionRecord:  # fmt: skip
     """One authors' record → one validated :class:`CaptionRecord`; guesses and drops go to ``report``. With their
     vocabularies the record also keeps the source verbatim (``released``), for ``variant: code``'s exact strings."""
@@ -249,15 +273,18 @@ def convert_entry(
         "foreground_level": {"logical_relation": relation} if relation else None,
         "components": _components(entry, category, report),
         "abnormal_states": abnormal,
-        "released": released_fields(entry, category, states, vocabularies or {}, report),
+        "released": released_fields(entry, category, states, vocabularies or {}, report, cluster_map),
     }  # fmt: skip
     return parse_record(data, origin)
 
 
 def import_authors_records(
-    source: Path, out: Path, variable: str | None = None, dataset: str | None = None
+    source: Path, out: Path, variable: str | None = None, dataset: str | None = None, cluster_maps: Path | None = None
 ) -> ImportResult:
     """Read the authors' records file and write ``out/<dataset>/<category>.json`` for every category in it.
+
+    ``cluster_maps`` (their ``datasets/cluster_gt/visa.py``; by default looked for in the repository holding
+    ``source``) gives the fixed region maps their training uses instead of clustering (VisA ``pcb2``).
 
     Every record is converted and validated before the first file is written, so a failure leaves nothing behind.
     """
@@ -286,6 +313,11 @@ def import_authors_records(
                           "variable": variable},
     }  # fmt: skip
     result = ImportResult(records={}, written=[])
+    beside = source.resolve().parents[1] / "datasets" / "cluster_gt" / "visa.py"
+    maps = read_cluster_maps(cluster_maps or beside) if cluster_maps or beside.is_file() else {}
+    for category in maps:
+        result.report.append(f"{category}: released.cluster_map: their fixed region map kept ({len(maps[category])} "
+                             "labels); variant: code trains with it instead of clustering")  # fmt: skip
     result.report.append("provenance.generator.model: the file does not name the MLLM; recorded as 'not stated'")
     if missing:
         result.report.append(f"released: {', '.join(missing)} not in the file; variant: code builds fsad's "
@@ -310,6 +342,7 @@ def import_authors_records(
             result.report,
             origin,
             vocabularies,
+            maps.get(category),
         )
     for category, record in result.records.items():
         path = out / record.dataset / f"{category}.json"

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     bring.add_argument("--out", required=True, help="folder for <dataset>/<category>.json (use it as captions:)")
     bring.add_argument("--variable", help="records list to read (default: the newest fine_grained_normal_prompts_vN)")
     bring.add_argument("--dataset", help="dataset of every record (default: mvtec/visa by category name)")
+    bring.add_argument("--cluster-maps", dest="cluster_maps",
+                       help="their fixed region maps, datasets/cluster_gt/visa.py (default: found beside the records "
+                            "file's repository, if there)")  # fmt: skip
     make = sub.add_parser("generate", help="describe normal images with a multimodal chat endpoint")
     make.add_argument("--images", nargs="+", required=True, help="image files or folders of normal images")
     make.add_argument("--category", required=True)
@@ -131,7 +134,8 @@ def import_command(args: argparse.Namespace) -> int:
     from fsad.caption_import import CaptionImportError, import_authors_records
 
     try:
-        result = import_authors_records(Path(args.source), Path(args.out), args.variable, args.dataset)
+        maps = Path(args.cluster_maps) if args.cluster_maps else None
+        result = import_authors_records(Path(args.source), Path(args.out), args.variable, args.dataset, maps)
     except (CaptionImportError, CaptionRecordError) as err:
         print(f"error: {err}")
         return 1

@@ -206,6 +206,7 @@ class ReleasedRecord(BaseModel):
     texture_vocabulary: list[str]
     shape_vocabulary: list[str]
     location_vocabulary: list[str]  # fine_grained_location_list: a component AHP moves the component to one
+    cluster_map: list[int] | None = None  # their fixed 60×60 region labels for this category (VisA pcb2), or None
 
     @model_validator(mode="after")
     def _entities_aligned(self) -> ReleasedRecord:

@@ -183,7 +183,9 @@ class FineGrainedAD(PromptTuningModule):
             tokens = F.normalize(tokens, dim=-1)
             prompts = torch.stack([*components, background])
             reference = released_reference(tokens.flatten(1, 2), prompts)
-            regions = aggregate_regions_released(reference, tokens, prompts)
+            regions = aggregate_regions_released(
+                reference, tokens, prompts, fixed_labels=self.released_cluster_map(tokens)
+            )
             weights = released_region_weights(regions, grid, boost)
         else:
             foreground = groups["foreground"].normal_prototype if "foreground" in groups else None
@@ -202,6 +204,21 @@ class FineGrainedAD(PromptTuningModule):
                     stacklevel=2,
                 )
         return {path: weights[:, i] for i, path in enumerate(paths)}
+
+    def released_cluster_map(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The authors' fixed region map of this category (``released.cluster_map`` of an imported record: VisA
+        ``pcb2``), checked against the high-resolution token grid [K,H,W,D]; None when the record has none."""
+        released = self.record.released if self.record is not None else None
+        if released is None or released.cluster_map is None:
+            return None
+        height, width = tokens.shape[1:3]
+        if len(released.cluster_map) != height * width:
+            raise ValueError(
+                f"captions: {self.record.dataset}/{self.record.category} released.cluster_map has "
+                f"{len(released.cluster_map)} labels but the support tokens form a {height}×{width} grid; the "
+                "authors' map is for ViT-B-16-plus-240 at image_size 240 and slice_factor 4"
+            )
+        return torch.tensor(released.cluster_map, device=tokens.device)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

@@ -230,6 +230,7 @@ def aggregate_regions_released(
     k_stage1: int = 8,
     k_stage2: int = 5,
     noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+    fixed_labels: torch.Tensor | None = None,
 ) -> Regions:
     """The code's two-stage aggregation of support tokens [K,H,W,D] with ``reference`` = :func:`released_reference`
     [K,H·W,P] against ``prompts`` [P,D] = the normal prompts of components…, background.
@@ -240,6 +241,8 @@ def aggregate_regions_released(
     every shot into N_c + 1 groups over its foreground; the tokens shot 0 calls background take the label of token 0.
     Every level prompt, the background one included, claims the cluster whose shot-0 mean token it is most similar
     to, so two levels may share a region and a region may be empty. ``noise``: the two stages' density noise.
+    ``fixed_labels`` [H·W] replaces the stage-2 labels of every shot after clustering, as the code does for VisA
+    ``pcb2`` with its fixed map.
     """
     shots, height, width, dim = tokens.shape
     flat = tokens.reshape(shots, -1, dim)
@@ -253,7 +256,7 @@ def aggregate_regions_released(
         reference, n_levels, released_neighbours(k_stage2, n_levels), token_mask=foreground, noise=stage2_noise
     )
     source = torch.arange(flat.shape[1], device=flat.device).masked_fill(foreground[0] == 0, 0)
-    labels = stage2[:, source]
+    labels = stage2[:, source] if fixed_labels is None else fixed_labels.to(stage2).expand_as(stage2)
     means = torch.stack([flat[0, labels[0] == cluster].mean(dim=0) for cluster in range(n_levels)])
     claimed = (F.normalize(prompts, dim=-1) @ F.normalize(means, dim=-1).T).argmax(dim=-1)  # [P]
     masks = labels[None] == claimed[:, None, None]  # [P,K,N]: components…, background

@@ -163,6 +163,21 @@ def test_with_their_vocabularies_variant_code_builds_their_strings(tmp_path: Pat
     assert mllp_texts(disc, seed=5, placeholders=True).image.normal != texts.image.normal  # the paper form ignores it
 
 
+def test_their_fixed_cluster_map_is_found_beside_the_records_file(tmp_path: Path, capsys) -> None:
+    """Their repository layout: ``PromptAD/fine_grained_prompts.py`` and ``datasets/cluster_gt/visa.py`` (a map
+    written as ``torch.tensor([...]).unsqueeze(0)``, parsed, never run)."""
+    source = tmp_path / "FineGrainedAD" / "PromptAD" / "fine_grained_prompts.py"
+    maps = tmp_path / "FineGrainedAD" / "datasets" / "cluster_gt" / "visa.py"
+    source.parent.mkdir(parents=True)
+    maps.parent.mkdir(parents=True)
+    source.write_text(AUTHORS_FORMAT + VOCABULARIES)
+    maps.write_text("import torch\n\ndisc = torch.tensor([\n  0, 1, 1,\n  0]).unsqueeze(0)\nnot_a_map = open('x')\n")
+    out = tmp_path / "records"
+    assert main(["captions", "import", "--from", str(source), "--out", str(out), "--dataset", "synthetic"]) == 0
+    assert "disc: released.cluster_map: their fixed region map kept (4 labels)" in capsys.readouterr().out
+    assert load_record(out / "synthetic/disc.json").released.cluster_map == [0, 1, 1, 0]
+
+
 def test_import_reads_the_list_asked_for(tmp_path: Path, authors_file: Path, capsys) -> None:
     out = tmp_path / "records"
     argv = [

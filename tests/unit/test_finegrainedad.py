@@ -424,3 +424,39 @@ def test_classification_prompts_follow_their_own_cosine_schedule_then_stop() -> 
             reference.optimizer.step()
             reference.step()
         schedule.step()
+
+
+def test_a_fixed_cluster_map_replaces_every_shots_regions() -> None:
+    """The code's VisA pcb2 rule: its fixed map overrides stage 2 in every shot, even where a shot's own tokens
+    would cluster otherwise (shot 1 here has the two token kinds swapped); prompts then claim the map's clusters by
+    shot 0's means."""
+    from fsad.lightning_modules.finegrainedad.regions import aggregate_regions_released, released_reference
+
+    axes = torch.eye(3)
+    fixed = torch.tensor([0, 1, 1, 0, 0, 1, 1, 0, 0])
+    shot0 = axes[fixed] + 0.01 * torch.arange(9.0)[:, None]  # label 0 → axis 0, label 1 → axis 1
+    shot1 = axes[1 - fixed] + 0.01 * torch.arange(9.0)[:, None]
+    tokens = torch.nn.functional.normalize(torch.stack([shot0, shot1]), dim=-1).reshape(2, 3, 3, 3)
+    prompts = torch.stack([axes[0], axes[1]])  # one component (axis 0), background (axis 1)
+    reference = released_reference(tokens.flatten(1, 2), prompts)
+    regions = aggregate_regions_released(reference, tokens, prompts, fixed_labels=fixed)
+    for shot in range(2):
+        assert torch.equal(regions.masks[0, shot].flatten(), fixed == 0)
+        assert torch.equal(regions.masks[-1, shot].flatten(), fixed == 1)
+
+
+def test_a_cluster_map_for_another_grid_is_refused() -> None:
+    from fsad.lightning_modules.components.clip import BackboneSpec
+    from fsad.lightning_modules.finegrainedad.mfsc import ReleasedRecord
+    from fsad.lightning_modules.finegrainedad.module import FineGrainedAD
+
+    module = FineGrainedAD(BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[2, 3]), image_size=96, variant="code")
+    released = ReleasedRecord(
+        caption="c", foreground="f", background="b", entities=[], entity_captions=[], locations=[], relation="r",
+        colors=[], textures=[], shapes=[], states=["{} x"], color_vocabulary=[], texture_vocabulary=[],
+        shape_vocabulary=[], location_vocabulary=[], cluster_map=[0] * 3600,
+    )  # fmt: skip
+    module.record = packaged_record("mvtec", "bottle").model_copy(update={"released": released})
+    with pytest.raises(ValueError, match=r"mvtec/bottle released.cluster_map has 3600 labels .* 48×48 grid"):
+        module.released_cluster_map(torch.zeros(1, 48, 48, 8))
+    assert module.released_cluster_map(torch.zeros(1, 60, 60, 8)).shape == (3600,)
