@@ -15,6 +15,7 @@ import ast
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -68,22 +69,32 @@ class ImportResult:
     report: list[str] = field(default_factory=list)  # "category: field: what was guessed or dropped"
 
 
-def read_literals(path: Path) -> dict[str, Any]:
-    """Every top-level ``NAME = <literal>`` of a Python source file, without executing it."""
+def top_level_assignments(path: Path, what: str) -> Iterator[tuple[str, ast.expr]]:
+    """(name, value expression) of every top-level ``NAME = ...`` of a Python source file, parsed, never run;
+    ``what`` names the file in errors."""
     try:
         tree = ast.parse(path.read_text(), filename=str(path))
     except FileNotFoundError:
-        raise CaptionImportError(f"{path}: records file not found") from None
+        raise CaptionImportError(f"{path}: {what} not found") from None
     except SyntaxError as err:
         raise CaptionImportError(f"{path}: not Python source (line {err.lineno}: {err.msg})") from None
-    literals = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                literals[node.targets[0].id] = ast.literal_eval(node.value)
-            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-                continue  # not a literal: skipped, never evaluated
-    return literals
+            yield node.targets[0].id, node.value
+
+
+def literal(node: ast.expr | None) -> Any:
+    """The value of a literal expression, or None for anything else (never evaluated)."""
+    try:
+        return None if node is None else ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+
+
+def read_literals(path: Path) -> dict[str, Any]:
+    """Every top-level ``NAME = <literal>`` of a Python source file, without executing it."""
+    values = {name: literal(value) for name, value in top_level_assignments(path, "records file")}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def newest_records_variable(literals: dict[str, Any]) -> str | None:
@@ -194,22 +205,11 @@ def _components(entry: dict[str, Any], category: str, report: list[str]) -> list
 def read_cluster_maps(path: Path) -> dict[str, list[int]]:
     """Their fixed region maps (``datasets/cluster_gt/visa.py``: ``pcb2 = torch.tensor([...]).unsqueeze(0)``):
     category → the label of every 60×60 support token. Parsed, never run: the list inside each call is a literal."""
-    try:
-        tree = ast.parse(path.read_text(), filename=str(path))
-    except FileNotFoundError:
-        raise CaptionImportError(f"{path}: cluster map file not found") from None
-    except SyntaxError as err:
-        raise CaptionImportError(f"{path}: not Python source (line {err.lineno}: {err.msg})") from None
     maps = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            lists = [n for n in ast.walk(node.value) if isinstance(n, ast.List)]
-            try:
-                labels = ast.literal_eval(lists[0]) if lists else None
-            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-                continue
-            if isinstance(labels, list) and labels and all(isinstance(v, int) for v in labels):
-                maps[node.targets[0].id] = labels
+    for name, value in top_level_assignments(path, "cluster map file"):
+        labels = literal(next((n for n in ast.walk(value) if isinstance(n, ast.List)), None))
+        if isinstance(labels, list) and labels and all(isinstance(v, int) for v in labels):
+            maps[name] = labels
     return maps
 
 
