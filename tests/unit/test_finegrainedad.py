@@ -423,6 +423,7 @@ def test_classification_prompts_follow_their_own_cosine_schedule_then_stop() -> 
         for reference in references:
             reference.optimizer.step()
             reference.step()
+        optimizer.step()  # no gradients: nothing moves
         schedule.step()
 
 
