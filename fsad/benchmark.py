@@ -169,7 +169,7 @@ class ParsedConfig(FsadCLI):
 
 def resolved_config(cli: FsadCLI, drop: tuple[str, ...]) -> dict[str, Any]:
     """The fully resolved LightningCLI config of ``cli`` (defaults included) without the keys in ``drop``."""
-    config = yaml.safe_load(cli.parser.dump(cli.config, skip_check=True, skip_none=False))
+    config = yaml.safe_load(cli.parser.dump(cli.config, skip_validation=True, skip_none=False))
     for dotted in drop:
         *parents, leaf = dotted.split(".")
         holder = config

@@ -132,3 +132,66 @@ def test_variant_and_protocol_are_independent_config_keys(method: str, capsys: p
         main(["fit", "-c", config, "--model.init_args.protocol", "paper", "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["variant"] == "paper" and printed["model"]["init_args"]["protocol"] == "paper"
+
+
+@pytest.mark.parametrize("method", ["promptad", "finegrainedad"])
+@pytest.mark.parametrize("dataset", ["mvtec", "visa", "realiad"])
+def test_variant_and_protocol_overlays_compose_with_every_dataset_config(
+    method: str, dataset: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`-c configs/variant/<method>_code.yaml` sets the code variant with its data chain and `-c
+    configs/protocol/paper.yaml` the paper protocol, each alone or both, leaving every other key of the dataset config."""
+    import yaml
+
+    def printed(*overlays: str) -> dict:
+        arguments = ["fit", "-c", str(REPO / f"configs/{method}/{dataset}.yaml")]
+        for overlay in overlays:
+            arguments += ["-c", str(REPO / f"configs/{overlay}.yaml")]
+        with pytest.raises(SystemExit):
+            main([*arguments, "--print_config"])
+        return yaml.safe_load(capsys.readouterr().out)
+
+    base = printed()
+    variant, protocol, both = (
+        printed(f"variant/{method}_code"),
+        printed("protocol/paper"),
+        printed(f"variant/{method}_code", "protocol/paper"),
+    )
+    axes = lambda c: (c["model"]["init_args"]["variant"], c["model"]["init_args"]["protocol"])  # noqa: E731
+    chain = lambda c: (c["data"]["init_args"]["resize"], c["data"]["init_args"]["eval_size"])  # noqa: E731
+    assert axes(base) == ("paper", "honest") and chain(base) == ("antialias", 256)
+    assert axes(variant) == ("code", "honest") and chain(variant) == ("authors", 400)
+    assert axes(protocol) == ("paper", "paper") and chain(protocol) == chain(base)
+    assert axes(both) == ("code", "paper") and chain(both) == ("authors", 400)
+    moved = {"model": ("variant", "protocol"), "data": ("resize", "eval_size")}
+
+    def unmoved(config: dict) -> dict:
+        kept = {section: dict(config[section]["init_args"]) for section in moved}
+        for section, keys in moved.items():
+            for key in keys:
+                kept[section].pop(key)
+        return {"trainer": config["trainer"], **kept}
+
+    assert unmoved(both) == unmoved(base)  # every other key stays as the dataset config sets it
+
+
+@pytest.mark.parametrize("method", ["promptad", "finegrainedad"])
+def test_the_variant_overlay_builds_the_code_variant_without_the_data_mismatch_warning(
+    method: str, tmp_path: Path, monkeypatch
+) -> None:
+    """Control first: the code variant on the default resize warns; through the overlay it does not."""
+    import warnings
+
+    monkeypatch.setenv("FSAD_CACHE_DIR", str(tmp_path / "cache"))
+    taps = ["--model.init_args.backbone.taps", "[1, 3]"]  # the authors' tap hook needs a block after each tap
+    config = ["-c", str(REPO / f"configs/{method}/synthetic_tiny.yaml"), "--run_root", str(tmp_path / "runs"), *taps]
+    mismatched = FsadCLI(args=[*config, "--model.init_args.variant", "code"], run=False)
+    mismatched.datamodule.setup("fit")
+    with pytest.warns(UserWarning, match="data.resize is 'antialias'"):
+        mismatched.model.warn_if_data_differs_from_variant(mismatched.datamodule)
+    paired = FsadCLI(args=[*config, "-c", str(REPO / f"configs/variant/{method}_code.yaml")], run=False)
+    assert paired.model.variant == "code" and paired.model.eval_size == 400
+    assert paired.datamodule.resize == "authors" and paired.datamodule.eval_size == 400
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paired.model.warn_if_data_differs_from_variant(paired.datamodule)
