@@ -60,6 +60,10 @@ class FineGrainedAD(PromptTuningModule):
         prompt_seed: seed of the random choices in the prompt texts (swapped locations, absent attribute values, and
             in ``variant: code`` each component AHP's defect state and location); default from ``variant``: 0, or
             the authors' ``setup_seed`` 111, which with a record imported from their file gives their strings.
+        low_precision_prompts_quirk: with ``backbone.precision`` fp16/bf16, hold the segmentation prompts' contexts
+            and Attr-MoE scalars in that precision and let SGD update them there, as the authors' bf16 segmentation
+            script does (their classification script runs fp32, so the classification prompts stay fp32); default
+            from ``variant``. No effect at fp32.
         lr, momentum, weight_decay, eta_min, variant, protocol, temperature_quirk, bgr_test_quirk,
             best_epoch_on_test, max_fusion_quirk: as :class:`PromptAD`.
     """
@@ -102,6 +106,7 @@ class FineGrainedAD(PromptTuningModule):
         bgr_test_quirk: bool | None = None,
         best_epoch_on_test: bool | None = None,
         max_fusion_quirk: bool | None = None,
+        low_precision_prompts_quirk: bool | None = None,
     ) -> None:
         if variant == "code":  # the released clustering has none of the paper clustering's choices
             chosen = {
@@ -118,7 +123,7 @@ class FineGrainedAD(PromptTuningModule):
                 )
         super().__init__(
             backbone, image_size, eval_size, gaussian_sigma, variant, protocol, bgr_test_quirk, best_epoch_on_test,
-            max_fusion_quirk,
+            max_fusion_quirk, low_precision_prompts_quirk,
         )  # fmt: skip
         code = variant == "code"
         self.model = FineGrainedADModel(
@@ -232,6 +237,12 @@ class FineGrainedAD(PromptTuningModule):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Every parameter the optimiser updates (:meth:`parameter_groups`); the backbone stays frozen."""
         return [parameter for group, _ in self.parameter_groups() for parameter in group]
+
+    def low_precision_parameters(self) -> list[torch.nn.Parameter]:
+        """The segmentation prompts' contexts, placeholders and Attr-MoE scalars (their ``prompt_learner`` at
+        ``--precision bf16``); not the Query Former nor the classification model, which their scripts keep fp32."""
+        gates = [] if self.model.attribute_gates is None else [self.model.attribute_gates]
+        return [*self.model.prompts.parameters(), *gates]
 
     def parameter_groups(self) -> list[tuple[list[torch.nn.Parameter], int | None]]:
         """Contexts, placeholders, Attr-MoE weights and the Query Former over the run; with ``variant: code`` also

@@ -52,6 +52,7 @@ class PromptTuningModule(FewShotAnomalyModule):
         bgr_test_quirk: bool | None,
         best_epoch_on_test: bool | None,
         max_fusion_quirk: bool | None,
+        low_precision_prompts_quirk: bool | None = None,
     ) -> None:
         """Two independent axes: ``variant`` (what is computed; ``code`` reads the authors' hooked taps and feeds
         BGR test images as they do) and ``protocol`` (how it is evaluated; ``paper`` adds best-epoch-on-test and the
@@ -65,6 +66,8 @@ class PromptTuningModule(FewShotAnomalyModule):
             raise ValueError(f"model.protocol: {protocol!r} is not one of {list(PROTOCOLS)}")
         self.variant = variant
         self.bgr_test_quirk = variant == "code" if bgr_test_quirk is None else bgr_test_quirk
+        code = variant == "code"
+        self.low_precision_prompts_quirk = code if low_precision_prompts_quirk is None else low_precision_prompts_quirk
         paper_protocol = protocol == "paper"
         self.best_epoch_on_test = paper_protocol if best_epoch_on_test is None else best_epoch_on_test
         self.max_fusion_quirk = paper_protocol if max_fusion_quirk is None else max_fusion_quirk
@@ -79,6 +82,24 @@ class PromptTuningModule(FewShotAnomalyModule):
                 UserWarning,
                 stacklevel=2,
             )
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self.store_prompts_at_backbone_precision()
+
+    def store_prompts_at_backbone_precision(self) -> None:
+        """The low-precision prompts quirk (``variant: code``): with an fp16 or bf16 backbone the authors' prompt
+        learner holds its contexts (and FineGrainedAD's Attr-MoE scalars) in that precision, and their SGD updates
+        them there, with no fp32 master copy: a step smaller than half a unit in the last place is lost. Otherwise
+        fsad keeps these parameters in fp32 and casts them at the text tower. Runs after the prompts are built."""
+        if not self.low_precision_prompts_quirk or self.backbone.dtype == torch.float32:
+            return
+        for parameter in self.low_precision_parameters():
+            parameter.data = parameter.data.to(self.backbone.dtype)
+
+    def low_precision_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the low-precision prompts quirk stores at the backbone's precision: all trainable ones."""
+        return self.trainable_parameters()
 
     @abstractmethod
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -159,6 +180,9 @@ class PromptAD(PromptTuningModule):
             callbacks of :func:`fsad.callbacks.paper_protocol.paper_protocol_callbacks`, which ``fsad`` adds.
         eam_token_axis_quirk: sum L_EAM's squared differences over tokens (the authors' TripletLoss); default from
             ``variant``.
+        low_precision_prompts_quirk: with ``backbone.precision`` fp16/bf16, hold the prompt contexts in that
+            precision and let SGD update them there, as the authors' fp16 prompt learner (no fp32 master copy);
+            default from ``variant``. No effect at fp32.
     """
 
     method_name = "promptad"
@@ -187,10 +211,11 @@ class PromptAD(PromptTuningModule):
         best_epoch_on_test: bool | None = None,
         max_fusion_quirk: bool | None = None,
         eam_token_axis_quirk: bool | None = None,
+        low_precision_prompts_quirk: bool | None = None,
     ) -> None:
         super().__init__(
             backbone, image_size, eval_size, gaussian_sigma, variant, protocol, bgr_test_quirk, best_epoch_on_test,
-            max_fusion_quirk,
+            max_fusion_quirk, low_precision_prompts_quirk,
         )  # fmt: skip
         code = variant == "code"
         self.model = PromptADModel(

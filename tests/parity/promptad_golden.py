@@ -16,7 +16,8 @@ computed:
 
 ``fp16.npz`` holds their own fp16 computation, unchanged (their factory's mixed precision: low-precision linear,
 convolution and attention weights, LayerNorms in fp32): the backbone outputs for the same test tensors and the raw
-text features at their initial fp16 contexts. Training is not compared in fp16.
+text features at their initial fp16 contexts. ``fp16_train.npz`` holds their fp16 segmentation ``fit`` at their own
+lr 0.002: the fp16 contexts before training and after every optimiser step, and each step's gradients.
 
 Usage (needs the authors' requirements: loguru, scikit-image, matplotlib, seaborn, pandas)::
 
@@ -45,6 +46,8 @@ EVAL_SIZE = 128
 EPOCHS = 3
 #: Larger than the authors' 0.002 so that three epochs move the contexts far beyond the test tolerance.
 LEARNING_RATE = 0.5
+#: fp16 training runs at the authors' own lr: there, fp16 rounding decides which context updates survive.
+FP16_LEARNING_RATE = 0.002
 WEIGHT_SEED = 0
 AUTHORS_SEED = 111
 SUPPORT = ["bottle/train/good/000.png", "bottle/train/good/001.png"]
@@ -245,8 +248,51 @@ def run_fp16(modules, test_images: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+def run_fp16_training(data_root: Path, modules, workdir: Path) -> dict[str, np.ndarray]:
+    """Their segmentation ``fit`` on their fp16 model as shipped, at their own lr 0.002 (where fp16 rounding decides
+    which updates survive): their prompt learner holds fp16 contexts and their SGD updates them in fp16. Recorded:
+    the contexts before training and after every optimiser step, and each step's gradients."""
+    authors_datasets, authors_model, clipad, train_seg, _ = modules
+    authors_datasets.load_function_dict["golden"] = golden_split(data_root)
+    train_seg.setup_seed(AUTHORS_SEED)
+    model = build_authors_model(authors_model, clipad, n_pro=1, precision="fp16")
+    loader_kwargs = dict(dataset="golden", class_name="bottle", k_shot=len(SUPPORT), batch_size=len(TEST))
+    train_loader, _ = authors_datasets.get_dataloader_from_args(phase="train", **loader_kwargs)
+    test_loader, _ = authors_datasets.get_dataloader_from_args(phase="test", **loader_kwargs)
+    learner = model.prompt_learner
+    out: dict[str, np.ndarray] = {
+        "initial_normal_context": as_array(learner.normal_ctx),
+        "initial_abnormal_context": as_array(learner.abnormal_ctx),
+        "context_dtype": np.array(str(learner.normal_ctx.dtype)),
+    }
+    steps: dict[str, list[np.ndarray]] = {"normal": [], "abnormal": [], "normal_grad": [], "abnormal_grad": []}
+    step = torch.optim.SGD.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        steps["normal_grad"].append(as_array(learner.normal_ctx.grad))
+        steps["abnormal_grad"].append(as_array(learner.abnormal_ctx.grad))
+        result = step(optimizer, *args, **kwargs)
+        steps["normal"].append(as_array(learner.normal_ctx))
+        steps["abnormal"].append(as_array(learner.abnormal_ctx))
+        return result
+
+    args = argparse.Namespace(lr=FP16_LEARNING_RATE, momentum=0.9, weight_decay=0.0005, Epoch=EPOCHS, lambda1=0.001,
+                              resolution=EVAL_SIZE, vis=False)  # fmt: skip
+    torch.optim.SGD.step = recording_step
+    try:
+        train_seg.fit(model, args, test_loader, "cpu", img_dir=str(workdir), check_path=str(workdir / "h.pt"),
+                      train_data=train_loader)  # fmt: skip
+    finally:
+        torch.optim.SGD.step = step
+    out.update({f"step_{name}_context": np.stack(values) for name, values in steps.items() if "grad" not in name})
+    out.update(
+        {f"step_{name.removesuffix('_grad')}_gradient": np.stack(v) for name, v in steps.items() if "grad" in name}
+    )
+    return out
+
+
 def generate(authors_repo: Path, data_root: Path, out_dir: Path) -> None:
-    """Write ``seg.npz``, ``cls.npz``, ``fp16.npz`` and ``meta.json`` for the PromptAD parity tests."""
+    """Write ``seg.npz``, ``cls.npz``, ``fp16.npz``, ``fp16_train.npz`` and ``meta.json`` for the PromptAD parity tests."""
     authors_repo, data_root = authors_repo.resolve(), data_root.resolve()
     modules = import_authors(authors_repo)
     modules[2].add_model_config(ARCH_CONFIG)
@@ -256,11 +302,13 @@ def generate(authors_repo: Path, data_root: Path, out_dir: Path) -> None:
             np.savez_compressed(out_dir / f"{task}.npz", **run_task(task, data_root, modules, Path(tmp)))
     with np.load(out_dir / "seg.npz") as seg:
         np.savez_compressed(out_dir / "fp16.npz", **run_fp16(modules, seg["test_images"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez_compressed(out_dir / "fp16_train.npz", **run_fp16_training(data_root, modules, Path(tmp)))
     commit = authors_commit(authors_repo)
     meta = {
         "authors_repository": "FuNz-0/PromptAD",
         "authors_commit": commit or "unknown (not a git checkout)",
-        "arch": ARCH, "image_size": IMAGE_SIZE, "eval_size": EVAL_SIZE, "epochs": EPOCHS, "lr": LEARNING_RATE,
+        "arch": ARCH, "image_size": IMAGE_SIZE, "eval_size": EVAL_SIZE, "epochs": EPOCHS, "lr": LEARNING_RATE, "fp16_lr": FP16_LEARNING_RATE,
         "weight_seed": WEIGHT_SEED, "authors_seed": AUTHORS_SEED, "support": SUPPORT, "test": TEST,
         "precision": "fp32", "torch": torch.__version__,
     }  # fmt: skip

@@ -461,3 +461,61 @@ def test_a_cluster_map_for_another_grid_is_refused() -> None:
     with pytest.raises(ValueError, match=r"mvtec/bottle released.cluster_map has 3600 labels .* 48×48 grid"):
         module.released_cluster_map(torch.zeros(1, 48, 48, 8))
     assert module.released_cluster_map(torch.zeros(1, 60, 60, 8)).shape == (3600,)
+
+
+def test_bf16_code_variant_updates_its_segmentation_prompts_in_bf16_as_their_segmentation_script() -> None:
+    """``low_precision_prompts_quirk`` (from ``variant: code``) at ``backbone.precision: bf16``: the segmentation
+    contexts and Attr-MoE scalars are bf16 (their bf16 ``prompt_learner``), the classification prompts and the Query
+    Former stay fp32 (their fp32 classification script). One SGD step equals the hand computation in bf16,
+    ``bf16(p − lr·bf16(g + wd·p))``, so an update under half a bf16 unit is lost, while the same step on an fp32
+    copy keeps it (the control: ``low_precision_prompts_quirk: false``)."""
+    from types import SimpleNamespace
+
+    from fsad.lightning_modules.components.clip import BackboneSpec
+    from fsad.lightning_modules.finegrainedad.module import FineGrainedAD
+
+    def module(quirk: bool | None) -> FineGrainedAD:
+        seed_everything(0)
+        built = FineGrainedAD(
+            BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[1, 3], precision="bf16"), image_size=96,
+            variant="code", lr=1e-3, weight_decay=5e-4, low_precision_prompts_quirk=quirk,
+        )  # fmt: skip
+        built.model.build(built.backbone, mllp_texts(packaged_record("synthetic", "disc")))
+        built.store_prompts_at_backbone_precision()
+        return built
+
+    def optimizer_of(built: FineGrainedAD) -> torch.optim.Optimizer:
+        built._trainer = SimpleNamespace(max_epochs=1)
+        return built.configure_optimizers()["optimizer"]  # epoch 0 of the cosine: lr itself
+
+    quirky = module(None)
+    model = quirky.model
+    assert {p.dtype for p in [*model.prompts.parameters(), model.attribute_gates]} == {torch.bfloat16}
+    assert {p.dtype for p in [*model.classifier.prompts.parameters(), model.classifier.attribute_gates]} == {
+        torch.float32
+    }
+    assert {p.dtype for p in model.query_former.parameters()} == {torch.float32}
+
+    context = model.prompts.normal_context
+    gradient = torch.full_like(context, 2e-3).float()  # lr·g = 2e-6: under half a bf16 unit of every |p| ≥ 2⁻⁹
+    gradient[0, 0, 0] = 50.0  # lr·g = 0.05: survives
+    before = context.detach().float().clone()
+    step = (gradient + 5e-4 * before).to(torch.bfloat16).float()  # their SGD: d = g + wd·p, rounded to bf16
+    expected = (before - 1e-3 * step).to(torch.bfloat16).float()
+    context.grad = gradient.to(torch.bfloat16)
+    optimizer = optimizer_of(quirky)  # the module's own SGD (only this parameter has a gradient)
+    optimizer.step()
+    assert torch.equal(context.detach().float(), expected)
+    large = before.abs() >= 2**-9
+    assert large.float().mean() > 0.5 and torch.equal(context.detach().float()[large & (gradient < 1)],
+                                                       before[large & (gradient < 1)])  # fmt: skip
+    assert context.detach().float()[0, 0, 0] != before[0, 0, 0]
+
+    control = module(False)
+    master = control.model.prompts.normal_context
+    initial = master.detach().clone()
+    assert master.dtype == torch.float32 and torch.equal(initial.to(torch.bfloat16).float(), before)  # same draw
+    master.grad = gradient.clone()
+    optimizer = optimizer_of(control)
+    optimizer.step()
+    assert bool((master.detach() != initial).all())  # an fp32 copy keeps every small update
