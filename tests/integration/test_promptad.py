@@ -195,3 +195,37 @@ def test_the_variant_overlay_builds_the_code_variant_without_the_data_mismatch_w
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         paired.model.warn_if_data_differs_from_variant(paired.datamodule)
+
+
+@pytest.mark.parametrize(("method", "precision"), [("promptad", "fp16"), ("finegrainedad", "bf16")])
+def test_low_precision_contexts_survive_the_checkpoint_round_trip(
+    tmp_path: Path, monkeypatch, method: str, precision: str
+) -> None:
+    """The code variant at a low precision trains its contexts in that precision (``low_precision_prompts_quirk``):
+    the checkpoint stores them so, and `fsad test --ckpt_path` restores them bit for bit and scores as the trained
+    module does."""
+    monkeypatch.setenv("FSAD_CACHE_DIR", str(tmp_path / "cache"))
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    common = [
+        "-c", str(REPO / f"configs/{method}/synthetic_tiny.yaml"), "-c", str(REPO / f"configs/variant/{method}_code.yaml"),
+        "--model.init_args.backbone.taps", "[1, 3]", "--model.init_args.backbone.precision", precision,
+        "--run_root", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    assert main(["fit", *common, "--trainer.max_epochs", "2"]) == 0
+    last = tmp_path / f"runs/{method}/synthetic/disc/k2_s0/checkpoints/last.ckpt"
+    state = torch.load(last, weights_only=True)["state_dict"]
+    assert state["model.prompts.normal_context"].dtype == dtype
+
+    trained = FsadCLI(args=common, run=False)
+    trained.model.load_state_dict(state, strict=False)
+    first = CollectOutputs()
+    trained.trainer.callbacks.append(first)
+    trained.trainer.test(trained.model, datamodule=trained.datamodule)
+    reloaded = FsadCLI(args=common, run=False)
+    second = CollectOutputs()
+    reloaded.trainer.callbacks.append(second)
+    reloaded.trainer.test(reloaded.model, datamodule=reloaded.datamodule, ckpt_path=last)
+    restored = reloaded.model.model.prompts.normal_context
+    assert restored.dtype == dtype and torch.equal(restored.detach().cpu(), state["model.prompts.normal_context"])
+    assert torch.equal(torch.cat(first.scores), torch.cat(second.scores))
+    assert torch.equal(torch.cat(first.maps), torch.cat(second.maps))
