@@ -66,8 +66,9 @@ class PromptTuningModule(FewShotAnomalyModule):
             raise ValueError(f"model.protocol: {protocol!r} is not one of {list(PROTOCOLS)}")
         self.variant = variant
         self.bgr_test_quirk = variant == "code" if bgr_test_quirk is None else bgr_test_quirk
-        code = variant == "code"
-        self.low_precision_prompts_quirk = code if low_precision_prompts_quirk is None else low_precision_prompts_quirk
+        self.low_precision_prompts_quirk = (
+            variant == "code" if low_precision_prompts_quirk is None else low_precision_prompts_quirk
+        )
         paper_protocol = protocol == "paper"
         self.best_epoch_on_test = paper_protocol if best_epoch_on_test is None else best_epoch_on_test
         self.max_fusion_quirk = paper_protocol if max_fusion_quirk is None else max_fusion_quirk
