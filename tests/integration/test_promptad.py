@@ -27,22 +27,28 @@ def test_fit_lowers_the_loss_and_checkpoint_reload_gives_identical_scores(tmp_pa
     losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
     assert len(losses) == 6 and losses[-1] < losses[0]
 
-    trained = FsadCLI(args=common, run=False)
     checkpoint = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
     assert {"model.prompts.normal_context", "model.prompts.abnormal_context"} <= set(checkpoint["state_dict"])
     assert not any(key.startswith("backbone.") for key in checkpoint["state_dict"])
-    trained.model.load_state_dict(checkpoint["state_dict"], strict=False)
+    assert_reload_scores_as_trained(common, run_dir / "checkpoints/last.ckpt")
+    assert (run_dir / "results.csv").is_file()
+
+
+def assert_reload_scores_as_trained(common: list[str], checkpoint: Path) -> FsadCLI:
+    """Test a module given the checkpoint's weights in memory, then one restored by ``ckpt_path``: the scores and
+    maps must be equal. Returns the restored run."""
+    trained = FsadCLI(args=common, run=False)
+    trained.model.load_state_dict(torch.load(checkpoint, weights_only=True)["state_dict"], strict=False)
     first = CollectOutputs()
     trained.trainer.callbacks.append(first)
     trained.trainer.test(trained.model, datamodule=trained.datamodule)
-
     reloaded = FsadCLI(args=common, run=False)
     second = CollectOutputs()
     reloaded.trainer.callbacks.append(second)
-    reloaded.trainer.test(reloaded.model, datamodule=reloaded.datamodule, ckpt_path=run_dir / "checkpoints/last.ckpt")
+    reloaded.trainer.test(reloaded.model, datamodule=reloaded.datamodule, ckpt_path=checkpoint)
     assert torch.equal(torch.cat(first.scores), torch.cat(second.scores))
     assert torch.equal(torch.cat(first.maps), torch.cat(second.maps))
-    assert (run_dir / "results.csv").is_file()
+    return reloaded
 
 
 def test_paper_mode_turns_on_the_quirks_and_bgr_matches_its_definition() -> None:
@@ -216,16 +222,6 @@ def test_low_precision_contexts_survive_the_checkpoint_round_trip(
     state = torch.load(last, weights_only=True)["state_dict"]
     assert state["model.prompts.normal_context"].dtype == dtype
 
-    trained = FsadCLI(args=common, run=False)
-    trained.model.load_state_dict(state, strict=False)
-    first = CollectOutputs()
-    trained.trainer.callbacks.append(first)
-    trained.trainer.test(trained.model, datamodule=trained.datamodule)
-    reloaded = FsadCLI(args=common, run=False)
-    second = CollectOutputs()
-    reloaded.trainer.callbacks.append(second)
-    reloaded.trainer.test(reloaded.model, datamodule=reloaded.datamodule, ckpt_path=last)
+    reloaded = assert_reload_scores_as_trained(common, last)
     restored = reloaded.model.model.prompts.normal_context
     assert restored.dtype == dtype and torch.equal(restored.detach().cpu(), state["model.prompts.normal_context"])
-    assert torch.equal(torch.cat(first.scores), torch.cat(second.scores))
-    assert torch.equal(torch.cat(first.maps), torch.cat(second.maps))
