@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -72,10 +73,12 @@ def authors_datamodule(mvtec_root: Path, folder: Path, meta: dict) -> tuple[MVTe
     return data, root
 
 
-def code_variant(meta: dict, lr: float) -> PromptAD:
+def code_variant(meta: dict, lr: float, precision: str = "fp32", **options: Any) -> PromptAD:
+    """fsad's ``variant: code`` on the golden architecture, with the golden run's name-filled weights."""
     module = PromptAD(
-        BackboneSpec(arch=meta["arch"], pretrained=None, taps=[3, 8]), image_size=meta["image_size"],
-        eval_size=meta["eval_size"], gaussian_sigma=4.0, variant="code", lr=lr, eta_min=1e-5,
+        BackboneSpec(arch=meta["arch"], pretrained=None, taps=[3, 8], precision=precision),
+        image_size=meta["image_size"], eval_size=meta["eval_size"], gaussian_sigma=4.0, variant="code", lr=lr,
+        eta_min=1e-5, **options,
     )  # fmt: skip
     fill_by_name(module.backbone.clip, meta["weight_seed"])
     return module
@@ -198,11 +201,7 @@ def test_fp16_path_lands_within_fp16_rounding_of_the_authors_fp16_run(meta: dict
     own fp16 model: backbone outputs on the same tensors and raw text features at their fp16 initial contexts.
     Measured max |Δ| 2.4e-4–5.0e-4; kernel order differs (their sequence-first attention), so it is not bit-exact."""
     seg, half = golden("seg"), golden("fp16")
-    module = PromptAD(
-        BackboneSpec(arch=meta["arch"], pretrained=None, taps=[3, 8], precision="fp16"), image_size=meta["image_size"],
-        eval_size=meta["eval_size"], variant="code",
-    )  # fmt: skip
-    fill_by_name(module.backbone.clip, meta["weight_seed"])
+    module = code_variant(meta, lr=meta["lr"], precision="fp16")
     assert module.backbone.clip.visual.conv1.weight.dtype == torch.float16
     assert module.backbone.clip.visual.ln_pre.weight.dtype == torch.float32  # LayerNorms stay fp32, as theirs
     features = module.backbone(torch.from_numpy(seg["test_images"]))
@@ -247,11 +246,7 @@ def fp16_fit(tmp_path: Path, mvtec_root: Path, meta: dict, quirk: bool) -> tuple
     contexts, at the lr and epochs of their fp16 training."""
     half = golden("fp16_train")
     data, _ = authors_datamodule(mvtec_root, tmp_path, meta)
-    module = PromptAD(
-        BackboneSpec(arch=meta["arch"], pretrained=None, taps=[3, 8], precision="fp16"), image_size=meta["image_size"],
-        eval_size=meta["eval_size"], variant="code", lr=meta["fp16_lr"], eta_min=1e-5, low_precision_prompts_quirk=quirk,
-    )  # fmt: skip
-    fill_by_name(module.backbone.clip, meta["weight_seed"])
+    module = code_variant(meta, meta["fp16_lr"], precision="fp16", low_precision_prompts_quirk=quirk)
     with torch.no_grad():
         module.model.prompts.normal_context.copy_(torch.from_numpy(half["initial_normal_context"]))
         module.model.prompts.abnormal_context.copy_(torch.from_numpy(half["initial_abnormal_context"]))

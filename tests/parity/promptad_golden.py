@@ -108,6 +108,19 @@ def build_authors_model(authors_model, clipad, n_pro: int, precision: str = "fp3
     return model
 
 
+def authors_model_and_data(modules, data_root: Path, n_pro: int, precision: str = "fp32"):
+    """Their ``PromptAD`` (built right after their ``setup_seed``, as their scripts do) and their dataset's train and
+    test ``(loader, dataset)`` pairs over the golden shots and test images."""
+    authors_datasets, authors_model, clipad, train_seg, _ = modules
+    authors_datasets.load_function_dict["golden"] = golden_split(data_root)
+    train_seg.setup_seed(AUTHORS_SEED)
+    model = build_authors_model(authors_model, clipad, n_pro=n_pro, precision=precision)
+    loader_kwargs = dict(dataset="golden", class_name="bottle", k_shot=len(SUPPORT), batch_size=len(TEST))
+    train = authors_datasets.get_dataloader_from_args(phase="train", **loader_kwargs)
+    test = authors_datasets.get_dataloader_from_args(phase="test", **loader_kwargs)
+    return model, train, test
+
+
 def record_calls(model, names: list[str], store: dict[str, list]) -> None:
     """Wrap methods of one instance so that every return value is kept (the last epoch's is what we compare)."""
     for name in names:
@@ -166,15 +179,12 @@ def authors_commit(repo: Path) -> str:
 
 def run_task(task: str, data_root: Path, modules, workdir: Path) -> dict[str, np.ndarray]:
     """One of the authors' two models (``seg``: maps, ``cls``: image score) through their own ``fit``."""
-    authors_datasets, authors_model, clipad, train_seg, train_cls = modules
+    _, _, _, train_seg, train_cls = modules
     from PIL import Image  # noqa: PLC0415
 
-    authors_datasets.load_function_dict["golden"] = golden_split(data_root)
-    train_seg.setup_seed(AUTHORS_SEED)
-    model = build_authors_model(authors_model, clipad, n_pro=1 if task == "seg" else 3)
-    loader_kwargs = dict(dataset="golden", class_name="bottle", k_shot=len(SUPPORT), batch_size=len(TEST))
-    train_loader, train_set = authors_datasets.get_dataloader_from_args(phase="train", **loader_kwargs)
-    test_loader, test_set = authors_datasets.get_dataloader_from_args(phase="test", **loader_kwargs)
+    model, (train_loader, train_set), (test_loader, test_set) = authors_model_and_data(
+        modules, data_root, n_pro=1 if task == "seg" else 3
+    )
 
     out: dict[str, np.ndarray] = {
         "initial_normal_context": as_array(model.prompt_learner.normal_ctx),
@@ -252,28 +262,26 @@ def run_fp16_training(data_root: Path, modules, workdir: Path) -> dict[str, np.n
     """Their segmentation ``fit`` on their fp16 model as shipped, at their own lr 0.002 (where fp16 rounding decides
     which updates survive): their prompt learner holds fp16 contexts and their SGD updates them in fp16. Recorded:
     the contexts before training and after every optimiser step, and each step's gradients."""
-    authors_datasets, authors_model, clipad, train_seg, _ = modules
-    authors_datasets.load_function_dict["golden"] = golden_split(data_root)
-    train_seg.setup_seed(AUTHORS_SEED)
-    model = build_authors_model(authors_model, clipad, n_pro=1, precision="fp16")
-    loader_kwargs = dict(dataset="golden", class_name="bottle", k_shot=len(SUPPORT), batch_size=len(TEST))
-    train_loader, _ = authors_datasets.get_dataloader_from_args(phase="train", **loader_kwargs)
-    test_loader, _ = authors_datasets.get_dataloader_from_args(phase="test", **loader_kwargs)
+    train_seg = modules[3]
+    model, (train_loader, _), (test_loader, _) = authors_model_and_data(modules, data_root, n_pro=1, precision="fp16")
     learner = model.prompt_learner
     out: dict[str, np.ndarray] = {
         "initial_normal_context": as_array(learner.normal_ctx),
         "initial_abnormal_context": as_array(learner.abnormal_ctx),
         "context_dtype": np.array(str(learner.normal_ctx.dtype)),
     }
-    steps: dict[str, list[np.ndarray]] = {"normal": [], "abnormal": [], "normal_grad": [], "abnormal_grad": []}
+    contexts = {"normal": learner.normal_ctx, "abnormal": learner.abnormal_ctx}
+    steps: dict[str, list[np.ndarray]] = {
+        f"step_{kind}_{what}": [] for kind in contexts for what in ("context", "gradient")
+    }
     step = torch.optim.SGD.step
 
     def recording_step(optimizer, *args, **kwargs):
-        steps["normal_grad"].append(as_array(learner.normal_ctx.grad))
-        steps["abnormal_grad"].append(as_array(learner.abnormal_ctx.grad))
+        for kind, context in contexts.items():
+            steps[f"step_{kind}_gradient"].append(as_array(context.grad))
         result = step(optimizer, *args, **kwargs)
-        steps["normal"].append(as_array(learner.normal_ctx))
-        steps["abnormal"].append(as_array(learner.abnormal_ctx))
+        for kind, context in contexts.items():
+            steps[f"step_{kind}_context"].append(as_array(context))
         return result
 
     args = argparse.Namespace(lr=FP16_LEARNING_RATE, momentum=0.9, weight_decay=0.0005, Epoch=EPOCHS, lambda1=0.001,
@@ -284,10 +292,7 @@ def run_fp16_training(data_root: Path, modules, workdir: Path) -> dict[str, np.n
                       train_data=train_loader)  # fmt: skip
     finally:
         torch.optim.SGD.step = step
-    out.update({f"step_{name}_context": np.stack(values) for name, values in steps.items() if "grad" not in name})
-    out.update(
-        {f"step_{name.removesuffix('_grad')}_gradient": np.stack(v) for name, v in steps.items() if "grad" in name}
-    )
+    out.update({name: np.stack(values) for name, values in steps.items()})
     return out
 
 
@@ -308,8 +313,8 @@ def generate(authors_repo: Path, data_root: Path, out_dir: Path) -> None:
     meta = {
         "authors_repository": "FuNz-0/PromptAD",
         "authors_commit": commit or "unknown (not a git checkout)",
-        "arch": ARCH, "image_size": IMAGE_SIZE, "eval_size": EVAL_SIZE, "epochs": EPOCHS, "lr": LEARNING_RATE, "fp16_lr": FP16_LEARNING_RATE,
-        "weight_seed": WEIGHT_SEED, "authors_seed": AUTHORS_SEED, "support": SUPPORT, "test": TEST,
+        "arch": ARCH, "image_size": IMAGE_SIZE, "eval_size": EVAL_SIZE, "epochs": EPOCHS, "lr": LEARNING_RATE,
+        "fp16_lr": FP16_LEARNING_RATE, "weight_seed": WEIGHT_SEED, "authors_seed": AUTHORS_SEED, "support": SUPPORT, "test": TEST,
         "precision": "fp32", "torch": torch.__version__,
     }  # fmt: skip
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
