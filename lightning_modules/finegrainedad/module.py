@@ -238,19 +238,22 @@ class FineGrainedAD(PromptTuningModule):
         """Every parameter the optimiser updates (:meth:`parameter_groups`); the backbone stays frozen."""
         return [parameter for group, _ in self.parameter_groups() for parameter in group]
 
-    def low_precision_parameters(self) -> list[torch.nn.Parameter]:
-        """The segmentation prompts' contexts, placeholders and Attr-MoE scalars (their ``prompt_learner`` at
-        ``--precision bf16``); not the Query Former nor the classification model, which their scripts keep fp32."""
+    def segmentation_prompt_parameters(self) -> list[torch.nn.Parameter]:
+        """The segmentation prompts' contexts, placeholders and Attr-MoE scalars (their ``prompt_learner``)."""
         gates = [] if self.model.attribute_gates is None else [self.model.attribute_gates]
         return [*self.model.prompts.parameters(), *gates]
+
+    def low_precision_parameters(self) -> list[torch.nn.Parameter]:
+        """The segmentation prompt parameters, as their ``prompt_learner`` at ``--precision bf16``; not the Query
+        Former nor the classification model, which their scripts keep fp32."""
+        return self.segmentation_prompt_parameters()
 
     def parameter_groups(self) -> list[tuple[list[torch.nn.Parameter], int | None]]:
         """Contexts, placeholders, Attr-MoE weights and the Query Former over the run; with ``variant: code`` also
         the classification model's contexts and Attr-MoE weights over ``cls_epochs`` (its Query Former is never
         trained)."""
         model, classifier = self.model, self.model.classifier
-        gates = [] if model.attribute_gates is None else [model.attribute_gates]
-        groups = [([*model.prompts.parameters(), *gates, *model.query_former.parameters()], None)]
+        groups = [([*self.segmentation_prompt_parameters(), *model.query_former.parameters()], None)]
         if classifier is not None:
             groups.append(([*classifier.prompts.parameters(), classifier.attribute_gates], self.hparams.cls_epochs))
         return groups
