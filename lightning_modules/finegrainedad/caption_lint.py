@@ -1,7 +1,8 @@
 """Lint of MFSC caption records: the text faults a schema cannot see (issue 12).
 
-A record can validate and still carry template filler or facts that fight each other: doubled words, a relation
-sentence whose subject and verb disagree in number, a ``value:`` prefix (in the record, or one the prompt builder
+A record can validate and still carry template filler or facts that fight each other: doubled words, a count whose
+noun disagrees with it in number ("several direction"), a doubled "with … with" in one clause, a relation sentence
+whose subject and verb disagree in number, a ``value:`` prefix (in the record, or one the prompt builder
 would have to add because a caption never names what it describes), duplicated components, defect states taken
 from another dataset's list, and a background colour the text contradicts. Every problem names its field.
 """
@@ -11,7 +12,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
-from fsad.lightning_modules.finegrainedad.mfsc import COLORS, CaptionRecord, word_pattern
+from fsad.lightning_modules.finegrainedad.mfsc import (
+    COLORS,
+    NUMBERS,
+    SINGULAR_NUMBERS,
+    SLOT_VOCABULARIES,
+    CaptionRecord,
+    word_pattern,
+)
 
 # Published defect types, as regular expressions over a defect state's text. MVTec AD per category (the dataset's
 # test-folder names); Real-IAD's eight types hold for every category (Wang et al., CVPR 2024). VisA publishes
@@ -60,6 +68,17 @@ _VERB_PAIRS = (
 )  # fmt: skip
 _SINGULAR_VERBS = {s for s, _ in _VERB_PAIRS}
 _PLURAL_VERBS = {p for _, p in _VERB_PAIRS}
+# Words that end the noun phrase a count opens: prepositions, conjunctions, verbs the records use.
+_PHRASE_END = (
+    frozenset(
+        "with on in at of and or near from to along around inside outside that which who is are was were has have each "
+        "both per against across over under between by for into onto while where".split()
+    )
+    | _PLURAL_VERBS
+)  # fmt: skip  (singular forms are left out: "points", "forms" are nouns too)
+_ATTRIBUTE_WORDS = frozenset(w for values in SLOT_VOCABULARIES.values() for v in values for w in v.split())
+_IRREGULAR_PLURALS = frozenset(("teeth", "macaroni", "people", "feet", "children", "mice"))
+_COUNT = re.compile(rf"\b(a single|{'|'.join(NUMBERS)})\b", flags=re.IGNORECASE)
 _BACKGROUND_NOUNS = r"background|surround|backdrop|tray"
 _COLOUR_WORDS = sorted({*COLORS, "gray", "pale", "dark", "light"}, key=len, reverse=True)
 _COLOURED_BACKGROUND = re.compile(
@@ -89,7 +108,7 @@ def text_fields(record: CaptionRecord) -> Iterator[tuple[str, str]]:
 def _is_plural_noun(matched: str, name: str) -> bool:
     """``LEDs`` for the name ``LED``, or a name that is itself plural (``bristles``, ``pins``)."""
     word = matched.lower()
-    return word != name.lower() or (word.endswith("s") and not word.endswith(("ss", "us")))
+    return word != name.lower() or _looks_plural(word)
 
 
 def _agreement_problems(record: CaptionRecord) -> Iterator[str]:
@@ -109,10 +128,7 @@ def _agreement_problems(record: CaptionRecord) -> Iterator[str]:
 
 
 def _colon_problems(record: CaptionRecord) -> Iterator[str]:
-    """A ``value:`` prefix in the text, or one :func:`mllp_texts` would add because the text never names its noun."""
-    for field, text in text_fields(record):
-        if _VALUE_COLON.match(text):
-            yield f"{field}: starts with a value-colon prefix ({text.split(':')[0]!r})"
+    """A ``value:`` prefix :func:`mllp_texts` would add because the text never names its noun."""
     if not word_pattern(record.image_level.foreground).search(record.image_level.summary):
         yield (f"image_level.summary: never names the foreground {record.image_level.foreground!r}, so its abnormal "
                "prompts would be prefixed 'defect:'")  # fmt: skip
@@ -165,10 +181,67 @@ def _background_problems(record: CaptionRecord) -> Iterator[str]:
                 yield f"{field}: says {match.group(0)!r} but image_level.background is {record.image_level.background!r}"
 
 
+def _looks_plural(word: str) -> bool:
+    word = word.lower()
+    return word in _IRREGULAR_PLURALS or (word.endswith("s") and not word.endswith(("ss", "us", "is")))
+
+
+def _head_nouns(words: list[str]) -> list[str]:
+    """The nouns of a count's phrase: its words up to the first preposition, conjunction, adverb (``-ly``) or verb,
+    without attribute values (adjectives) and rendered placeholders (``color-slot``). An ``-ed``/``-ing`` word is
+    read as an adjective when a noun follows it ("four protruding edges") and ends the phrase otherwise."""
+    nouns = []
+    for i, word in enumerate(words):
+        lower = word.lower()
+        if lower in _PHRASE_END or lower.endswith("ly") or lower in ("spread", "set", "laid"):
+            break
+        if lower.endswith(("ed", "ing")) and lower not in _ATTRIBUTE_WORDS:
+            following = words[i + 1].lower() if i + 1 < len(words) else None
+            if following is None or following in _PHRASE_END:
+                break
+            continue
+        if lower not in _ATTRIBUTE_WORDS and not lower.startswith("non-") and not lower.endswith("-slot"):
+            nouns.append(lower)
+    return nouns
+
+
+def _count_problems(text: str) -> Iterator[str]:
+    """A count whose noun disagrees with it: "several direction" (plural count, no plural noun), "one LEDs"."""
+    for sentence in re.split(r"[,.;:()]", text):
+        for match in _COUNT.finditer(sentence):
+            count = match.group(1).lower()
+            nouns = _head_nouns(sentence[match.end() :].split())
+            if not nouns:
+                continue  # "one of the …", "one black and one transparent"
+            singular = count in (*SINGULAR_NUMBERS, "a single")
+            if singular and len(nouns) == 1 and _looks_plural(nouns[0]):
+                yield f"singular count {count!r} with plural noun {nouns[0]!r}"
+            elif not singular and not any(_looks_plural(noun) for noun in nouns):
+                yield f"plural count {count!r} with singular noun {nouns[-1]!r}"
+
+
+def _doubled_preposition_problems(text: str) -> Iterator[str]:
+    """Two "with" in one clause ("screw with a scratch with a round head"): a defect concatenated onto a noun that
+    already had a "with" phrase; clauses split at punctuation and at "and"."""
+    for clause in re.split(r"[,.;:()]|\band\b", text, flags=re.IGNORECASE):
+        if len(re.findall(r"\bwith\b", clause, flags=re.IGNORECASE)) > 1:
+            yield f"doubled preposition 'with … with' in {clause.strip()!r}"
+
+
+def lint_text(text: str) -> list[str]:
+    """The sentence-level problems of one text (a record field or a prompt body): doubled word, count–noun number
+    disagreement, "with … with" in one clause, a ``value:`` prefix."""
+    problems = [f"doubled word {m.group(0)!r}" for m in _DOUBLED_WORD.finditer(text)]
+    problems += _count_problems(text)
+    problems += _doubled_preposition_problems(text)
+    if _VALUE_COLON.match(text):
+        problems.append(f"starts with a value-colon prefix ({text.split(':')[0]!r})")
+    return problems
+
+
 def lint_record(record: CaptionRecord) -> list[str]:
     """Every lint problem of a record as ``field: problem``; empty when the record is clean."""
-    problems = [f"{field}: doubled word {m.group(0)!r}" for field, text in text_fields(record)
-                for m in _DOUBLED_WORD.finditer(text)]  # fmt: skip
+    problems = [f"{field}: {problem}" for field, text in text_fields(record) for problem in lint_text(text)]
     for check in (_agreement_problems, _colon_problems, _duplicate_problems, _defect_type_problems,
                   _background_problems):  # fmt: skip
         problems += check(record)

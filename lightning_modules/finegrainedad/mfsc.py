@@ -24,24 +24,25 @@ from fsad.lightning_modules.components.prompts import PromptGroupTexts, slot
 CAPTIONS_DIR = Path(__file__).parent / "captions"
 
 COLORS = (
-    "black", "white", "grey", "silver", "gold", "brown", "dark brown", "light brown", "beige", "red", "dark red",
-    "orange", "yellow", "green", "dark green", "light green", "blue", "dark blue", "light blue", "purple", "pink",
+    "black", "white", "grey", "light grey", "dark grey", "silver", "gold", "brown", "dark brown", "light brown",
+    "beige", "light beige", "red", "dark red", "orange", "light orange", "yellow", "green", "dark green",
+    "light green", "blue", "dark blue", "light blue", "purple", "pink",
     "transparent", "copper", "bronze", "cream", "tan", "olive", "turquoise",
 )  # fmt: skip
 TEXTURES = (
     "smooth", "glossy", "matte", "rough", "grainy", "woven", "fibrous", "porous", "metallic", "ribbed", "striped",
     "granular", "wrinkled", "leathery", "wooden", "translucent", "powdery", "threaded", "knurled", "plastic",
-    "printed", "speckled", "soft",
+    "printed", "speckled", "soft", "bristled",
 )  # fmt: skip
 SHAPES = (
     "round", "circular", "oval", "rectangular", "square", "cylindrical", "hexagonal", "elongated", "curved",
     "flat", "irregular", "tubular", "spherical", "ring", "grid", "triangular", "cross", "spiral", "u-shaped",
-    "conical", "wavy",
+    "conical", "wavy", "crescent", "semi-circular", "kidney-shaped", "diamond-shaped",
 )  # fmt: skip
 DIRECTIONS = ("horizontal", "vertical", "diagonal", "upright", "tilted", "radial", "parallel", "centred", "any")
 LOCATIONS = (
     "center", "top", "bottom", "left", "right", "top-left", "top-right", "bottom-left", "bottom-right",
-    "around", "whole", "edge", "middle", "inside", "outside",
+    "around", "whole", "edge", "middle", "inside", "outside", "both sides", "corners",
 )  # fmt: skip
 NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "several", "many")
 VOCABULARIES = {"color": COLORS, "texture": TEXTURES, "shape": SHAPES, "direction": DIRECTIONS}
@@ -94,13 +95,25 @@ class Attributes(BaseModel):
         return self
 
 
+ComponentField = Literal["name", "number", "location", "color", "texture", "shape", "direction"]
+
+
 class Component(BaseModel):
+    """One component; ``sources`` names, per stated fact, the provenance entry it comes from (the part of a
+    ``provenance.documentation`` entry before its colon); a ``documentation`` record must name one for each."""
+
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1)
     number: str
     location: str
     attributes: Attributes
     caption: str = Field(min_length=1)
+    sources: dict[ComponentField, str] = Field(default_factory=dict)
+
+    def stated_fields(self) -> list[str]:
+        """The facts this component states: name, count, location and every attribute with a value."""
+        kinds = [k for k in VOCABULARIES if getattr(self.attributes, k).base or getattr(self.attributes, k).extensions]
+        return ["name", "number", "location", *kinds]
 
     @field_validator("number", "location")
     @classmethod
@@ -119,6 +132,11 @@ class ImageLevel(BaseModel):
     foreground: str = Field(min_length=1)
     background: str | None = Field(default=None, min_length=1)
     summary: str = Field(min_length=1)
+    sources: dict[Literal["foreground", "background"], str] = Field(default_factory=dict)
+
+    def stated_fields(self) -> list[str]:
+        """The facts the image level states: the object, and the background where one is given."""
+        return ["foreground", *(["background"] if self.background else [])]
 
 
 class ForegroundLevel(BaseModel):
@@ -245,6 +263,23 @@ class CaptionRecord(BaseModel):
             raise ValueError("components: a non-generic record describes at least one component")
         return self
 
+    @model_validator(mode="after")
+    def _documented_facts_name_their_source(self) -> CaptionRecord:
+        """Each fact of a ``documentation`` record (object, background, and every component's name, count, location,
+        colour, texture, shape and direction) names the documentation entry that supports it."""
+        if self.provenance.kind != "documentation":
+            return self
+        labels = [entry.split(":", 1)[0] for entry in self.provenance.documentation]
+        parts = [("image_level", self.image_level), *((f"components[{i}]", c) for i, c in enumerate(self.components))]
+        for where, part in parts:
+            for name in part.stated_fields():
+                source = part.sources.get(name)
+                if source is None:
+                    raise ValueError(f"{where}.sources.{name}: a documentation record names the source of each fact")
+                if source not in labels:
+                    raise ValueError(f"{where}.sources.{name}: {source!r} is not a listed documentation entry {labels}")
+        return self
+
     @property
     def is_generic(self) -> bool:
         """True for a record without components: FineGrainedAD then runs the image and background levels only."""
@@ -325,7 +360,6 @@ def default_prompt_seed(variant: str) -> int:
 
 
 BACKGROUND_DEFECTS = ("a stain", "a foreign object", "dust")
-COMPONENT_DEFECTS = ("a crack", "a scratch", "a stain", "a missing part", "a deformation")
 
 
 @dataclass
@@ -379,6 +413,8 @@ def _with_defect(text: str, noun: str, defect_state: str) -> str:
     last = inserted.split()[-1]
     if re.match(rf"\s+{re.escape(last)}\b", rest, flags=re.IGNORECASE):
         rest = rest.lstrip()[len(last) :]
+    if " with " in f" {inserted} " and re.match(r"\s+with\b", rest, flags=re.IGNORECASE):
+        rest = " and" + rest.lstrip()[len("with") :]  # "screw with a scratch and a round head", not "with … with"
     return text[: match.start()] + inserted + rest
 
 
@@ -418,21 +454,72 @@ def with_placeholders(text: str, mode: Literal["replace", "insert"], kinds: tupl
     return "".join(pieces)
 
 
-def _swapped_values(text: str, kinds: tuple[str, ...], rng: random.Random) -> list[str]:
-    """One AHP per written value of ``kinds``: that value replaced by another value of its vocabulary."""
-    swapped = []
+SINGULAR_NUMBERS = ("one",)
+"""Counts that take a singular noun; every other count takes a plural one, so a swap stays within its group."""
+NEGATABLE_KINDS = ("color", "texture", "shape")
+"""Adjective kinds a negative description can be written for (``non-black``); counts and places are swapped only."""
+_NEVER_DRAWN = ("whole", "around", "any", "both sides", "inside", "outside")
+"""Values never swapped in or out: too vague, or prepositions rather than places ("stripes inside the disc")."""
+
+
+def _article_for(word: str) -> str:
+    return "an" if word[:1].lower() in "aeio" else "a"
+
+
+def _replace_span(text: str, start: int, end: int, new: str) -> str:
+    """``text`` with ``text[start:end]`` replaced by ``new``, and an ``a``/``an`` just before it agreeing with it."""
+    before = text[:start]
+    article = re.search(r"\b(a|an|A|An)\s+$", before)
+    if article:
+        written = _article_for(new)
+        written = written.capitalize() if article.group(1)[0].isupper() else written
+        before = before[: article.start(1)] + written + before[article.end(1) :]
+    return before + new + text[end:]
+
+
+def replacement_values(kind: str, current: str, avoid: set[str]) -> list[str]:
+    """The values an AHP may put in place of ``current`` (FineGrainedAD §3.3: "randomly selecting other values from
+    the corresponding attribute list"): the other values of its vocabulary, except those in ``avoid`` (what the normal
+    object has) and, for a count, those of the other grammatical number ("one" is never swapped for "several", which
+    would leave "several direction")."""
+    current = current.lower()
+    values = [v for v in SLOT_VOCABULARIES[kind] if v != current and v not in avoid and v not in _NEVER_DRAWN]
+    if kind == "number":
+        values = [v for v in values if (v in SINGULAR_NUMBERS) == (current in SINGULAR_NUMBERS)]
+    return values
+
+
+def abnormal_rewrites(
+    text: str,
+    avoid: dict[str, set[str]],
+    rng: random.Random,
+    names: tuple[str, ...] = (),
+    kinds: tuple[str, ...] = tuple(SLOT_VOCABULARIES),
+) -> list[str]:
+    """AHPs by replacement (FineGrainedAD §3.3): for every attribute value of ``kinds`` written in ``text``, one copy
+    with that value replaced by another value of its list (drawn from ``rng``) and, for a colour, texture or shape,
+    one copy with a negative description (``non-black``). ``avoid``: values per kind the normal object has; a value
+    inside one of ``names`` (the object's and components' names: "printed circuit board") is part of a name, not an
+    attribute, and stays."""
+    named = [m.span() for name in names for m in word_pattern(name).finditer(text)]
+    rewrites = []
     for start, end, kind in attribute_values(text):
-        if kind in kinds:
-            current = text[start:end].lower()
-            other = rng.choice([v for v in SLOT_VOCABULARIES[kind] if v != current and v not in ("whole", "around")])
-            swapped.append(_sentence(text[:start] + other + text[end:]))
-    return swapped
+        if kind not in kinds or any(s <= start and end <= e for s, e in named):
+            continue
+        current = text[start:end]
+        if current.lower() in _NEVER_DRAWN:
+            continue
+        others = replacement_values(kind, current, avoid.get(kind, set()))
+        if others:
+            rewrites.append(_sentence(_replace_span(text, start, end, rng.choice(others))))
+        if kind in NEGATABLE_KINDS:
+            rewrites.append(_sentence(_replace_span(text, start, end, f"non-{current.lower()}")))
+    return rewrites
 
 
-def _absent_values(record: CaptionRecord, attribute: str, count: int, rng: random.Random) -> list[str]:
-    used = {v for c in record.components for v in getattr(c.attributes, attribute).base}
-    pool = [v for v in VOCABULARIES[attribute] if v not in used]
-    return rng.sample(pool, min(count, len(pool)))
+def _values_in_use(record: CaptionRecord) -> dict[str, set[str]]:
+    """Every attribute value the record's components have, per kind: an AHP never swaps one in."""
+    return {kind: {v for c in record.components for v in getattr(c.attributes, kind).base} for kind in VOCABULARIES}
 
 
 def mllp_texts(
@@ -441,11 +528,18 @@ def mllp_texts(
     """Prompt bodies of every MLLP level (FineGrainedAD §3.3) from a record; deterministic for a given seed.
 
     The prompt learner prepends the learnable normal contexts to every body (and the abnormal contexts to ALP
-    bodies: concatenation). AHPs come from the record's abnormal states (defect replacement), from attribute
-    replacement (a vocabulary value the normal object never has) and from negation.
+    bodies: concatenation). AHPs, at every level of a record of ours:
+
+    - image level (NHP: the Summary): the object in each of the record's defect states, and every attribute value
+      the Summary writes replaced by another value of its list and, for colours, textures and shapes, by a negative
+      description (:func:`abnormal_rewrites`);
+    - component level (NHP: the component's Caption): the component in each of the record's own defect states, and
+      the same replacements of the values its Caption writes (its location moved elsewhere, its count swapped for
+      another count of the same grammatical number);
+    - background: the background with a generic stain, foreign object or dust.
 
     ``placeholders`` gives the paper's form (``variant: paper``): a foreground level from the logical relation
-    (NHP; AHPs by concatenating a defect to a component and by replacing a count or a location; ALP with
+    (NHP; AHPs by concatenating a defect state to each component and by replacing a count or a location; ALP with
     placeholders), ALPs whose attribute values are replaced by learnable placeholders, component NHPs with a
     placeholder inserted after each value, component groups ``gated`` (Attr-MoE), and no attribute groups. Without
     it, the code's form: no foreground level, ALPs = contexts + caption, relation and attributes as Attr-MoE groups;
@@ -455,34 +549,23 @@ def mllp_texts(
     if not placeholders and record.released is not None:
         return released_prompt_texts(record.released, seed)
     rng = random.Random(seed)
+    in_use = _values_in_use(record)
     fg = object_name or record.image_level.foreground
     background_noun = f"{record.image_level.background} background" if record.image_level.background else "background"
     summary = _sentence(record.image_level.summary)
     image_abnormal = [_sentence(_with_defect(summary, fg, state)) for state in record.abnormal_states]
-    if placeholders:  # the code's image AHPs are the defect states alone
-        for component in record.components:
-            for attribute in ("color", "texture"):
-                values = getattr(component.attributes, attribute)
-                for absent in _absent_values(record, attribute, 1, rng):
-                    replaced = _replace_first(component.caption, values.render(), absent) if values.base else None
-                    if replaced:
-                        image_abnormal.append(_sentence(replaced))
-        article = "an" if fg[:1].lower() in "aeiou" else "a"
-        image_abnormal.append(f"{article} {fg} that does not look like this: {summary}")
+    names = (fg, *(c.name for c in record.components))
+    image_abnormal += abnormal_rewrites(summary, in_use, rng, names)
     image_alp = with_placeholders(summary, "replace") if placeholders else summary
-    image = PromptGroupTexts(normal=[summary], abnormal=image_abnormal, learnable_abnormal=[image_alp])
+    image = PromptGroupTexts(
+        normal=[summary], abnormal=list(dict.fromkeys(image_abnormal)), learnable_abnormal=[image_alp]
+    )
 
     components = {}
     for component in record.components:
         caption = _sentence(component.caption)
-        others = [loc for loc in LOCATIONS if loc not in (component.location, "whole", "around")]
-        located = word_pattern(component.location).search(caption)
-        moved = _replace_first(caption, component.location, rng.choice(others)) if located else None
-        abnormal = [_sentence(_with_defect(caption, component.name, "{} with " + d)) for d in COMPONENT_DEFECTS]
-        if moved:
-            abnormal.append(moved)
-        where = "" if component.location in ("whole", "around") else f" from the {component.location}"
-        abnormal.append(f"{component.name} is missing{where}.")
+        abnormal = [_sentence(_with_defect(caption, component.name, state)) for state in record.abnormal_states]
+        abnormal = list(dict.fromkeys(abnormal + abnormal_rewrites(caption, in_use, rng, names)))
         if placeholders:
             components[component.name] = PromptGroupTexts(
                 normal=[with_placeholders(caption, "insert")], abnormal=abnormal,
@@ -504,9 +587,9 @@ def mllp_texts(
         relation = _sentence(record.foreground_level.logical_relation)
         if placeholders:
             relation_abnormal = [
-                _sentence(_with_defect(relation, c.name, "{} with " + COMPONENT_DEFECTS[0])) for c in record.components
+                _sentence(_with_defect(relation, c.name, rng.choice(record.abnormal_states))) for c in record.components
             ]
-            swapped = _swapped_values(relation, ("number", "location"), rng)
+            swapped = abnormal_rewrites(relation, in_use, rng, names, kinds=("number", "location"))
             foreground = PromptGroupTexts(
                 normal=[relation], abnormal=list(dict.fromkeys(relation_abnormal + swapped)),
                 learnable_abnormal=[with_placeholders(relation, "replace")],
@@ -516,7 +599,7 @@ def mllp_texts(
             attributes["relation"] = PromptGroupTexts([relation], relation_states, [relation])
     for attribute in ("color", "texture", "shape") if not placeholders else ():
         # the code's attribute prompts: the values the object has; AHPs every vocabulary value it never has
-        present = sorted({v for c in record.components for v in getattr(c.attributes, attribute).base})
+        present = sorted(in_use[attribute])
         absent = [v for v in VOCABULARIES[attribute] if v not in present]
         if present and len(absent) >= len(record.abnormal_states):
             values = f"{' and '.join(present)}."

@@ -6,20 +6,28 @@ from __future__ import annotations
 import colorsys
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from fsad.lightning_modules.finegrainedad.caption_lint import lint_record
+from fsad.lightning_modules.finegrainedad.caption_lint import lint_record, lint_text
 from fsad.lightning_modules.finegrainedad.mfsc import (
     CAPTIONS_DIR,
+    COLORS,
+    DIRECTIONS,
+    LOCATIONS,
+    NUMBERS,
+    SHAPES,
+    TEXTURES,
     CaptionRecordError,
     load_record,
     mllp_texts,
     packaged_record,
     parse_record,
+    replacement_values,
     resolve_record,
 )
 
@@ -198,10 +206,12 @@ def test_old_realiad_template_with_mvtec_states_fails_the_lint() -> None:
         "dataset": "realiad", "category": "toothbrush",
         "provenance": {"kind": "documentation", "source": "template", "date": "2025-01-01", "documentation": ["x"]},
         "image_level": {"foreground": "toothbrush", "background": "white",
-                        "summary": "a toothbrush with black black bristles, on a white tray."},
+                        "summary": "a toothbrush with black black bristles, on a white tray.",
+                        "sources": {"foreground": "x", "background": "x"}},
         "foreground_level": {"logical_relation": "the bristles belongs to the handle of the toothbrush."},
         "components": [
-            {"name": name, "number": "one", "location": "center", "attributes": {}, "caption": f"the {name}."}
+            {"name": name, "number": "one", "location": "center", "attributes": {}, "caption": f"the {name}.",
+             "sources": {"name": "x", "number": "x", "location": "x"}}
             for name in ("bristles", "handle")
         ],
         "abnormal_states": ["{} with defective bristles"],
@@ -216,3 +226,130 @@ def test_a_relation_noun_after_of_is_not_taken_as_the_subject() -> None:
     data = bottle_dict()
     data["foreground_level"]["logical_relation"] = "the edges of the rim surround the mouth."
     assert lint_record(parse_record(data, "ok")) == []
+
+
+# ----------------------------------------------------------------------------- MLLP rules (FineGrainedAD §3.3)
+def _one_span_changed(normal: str, abnormal: str) -> tuple[str, str] | None:
+    """The (old, new) words where two prompts differ, when they differ in one contiguous run of words only."""
+    a, b = re.findall(r"[\w'-]+", normal), re.findall(r"[\w'-]+", abnormal)
+    head = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    tail = 0
+    while tail < min(len(a), len(b)) - head and a[-1 - tail] == b[-1 - tail]:
+        tail += 1
+    old, new = " ".join(a[head : len(a) - tail]), " ".join(b[head : len(b) - tail])
+    return (old, new) if old or new else None
+
+
+@pytest.mark.parametrize("placeholders", [True, False], ids=["paper", "code"])
+def test_image_ahps_replace_the_summarys_attribute_values(placeholders: bool) -> None:
+    """§3.3: image AHPs replace the Summary's attribute values, by a negative description or another value of the
+    attribute's list. Every AHP that is not a defect state differs from the Summary in one value (an article may
+    change with it), and each colour of the Summary is both negated and replaced by a colour the object lacks."""
+    record = packaged_record("mvtec", "capsule")
+    texts = mllp_texts(record, placeholders=placeholders)
+    summary = texts.image.normal[0]
+    in_record = {v for c in record.components for v in c.attributes.color.base}
+    states = [state.replace("{}", "").strip() for state in record.abnormal_states]
+    rewrites = [text for text in texts.image.abnormal if not any(state in text for state in states)]
+    vocabulary = {*COLORS, *TEXTURES, *SHAPES, *DIRECTIONS, *NUMBERS, *LOCATIONS}
+    swapped = []
+    for text in rewrites:
+        old, new = _one_span_changed(summary, text)
+        old, new = re.sub(r"^an? ", "", old), re.sub(r"^an? ", "", new)  # "a black" → "an orange"
+        assert old in vocabulary, (summary, text)
+        assert new == f"non-{old}" or new in vocabulary, (summary, text)
+        swapped.append((old, new))
+    for colour in ("black", "orange"):  # the Summary's colours
+        assert (colour, f"non-{colour}") in swapped
+        assert any(old == colour and new in COLORS and new not in in_record for old, new in swapped), swapped
+
+
+def test_component_ahps_use_the_records_own_defect_states_and_value_replacement() -> None:
+    """Component AHPs: the component in each of the record's own defect states (MVTec capsule: crack, faulty
+    imprint, poke, scratch, squeezed), and its caption's values replaced; no generic defect list."""
+    record = packaged_record("mvtec", "capsule")
+    caption = record.components[0].caption
+    abnormal = mllp_texts(record, placeholders=True).components["capsule"].abnormal
+    for state in record.abnormal_states:
+        assert any(state.format("capsule") in text for text in abnormal), state
+    assert not any(re.search(r"missing part|deformation|\bstain\b", text) for text in abnormal)
+    replaced = [_one_span_changed(caption, text) for text in abnormal if "capsule with" not in text]
+    assert ("horizontally", "horizontally") not in replaced
+    assert any(old == "center" and new in LOCATIONS for old, new in replaced if old and new)
+
+
+def test_count_swaps_keep_the_grammatical_number() -> None:
+    """A count is swapped only for a count of the same grammatical number: the relation "… in one direction" once
+    gave the foreground AHP "in several direction"; "two … rims" never becomes "one … rims"."""
+    data = bottle_dict()
+    data["foreground_level"]["logical_relation"] = "the rim surrounds the mouth in one direction."
+    data["components"][1]["caption"] = "two dark glass rims around the mouth."
+    texts = mllp_texts(parse_record(data, "fixture"), placeholders=True)
+    for text in [*texts.foreground.abnormal, *texts.components["rim"].abnormal]:
+        assert lint_text(text) == [], text
+        assert not re.search(r"\b(two|three|four|five|six|seven|eight|several|many) direction\b", text)
+        assert not re.search(r"\bone (dark |glass )*rims\b", text)
+    assert replacement_values("number", "one", set()) == []  # nothing singular to swap "one" for
+    assert set(replacement_values("number", "two", set())) == set(NUMBERS) - {"one", "two"}
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("many grey stripes pointing in several direction.", "plural count 'several' with singular noun 'direction'"),
+        ("one LEDs on the board.", "singular count 'one' with plural noun 'leds'"),
+        ("a screw with a scratch with a round head.", "doubled preposition 'with … with'"),
+        ("the the rim.", "doubled word"),
+    ],
+)
+def test_the_sentence_lint_flags_number_disagreement_and_doubled_prepositions(text: str, problem: str) -> None:
+    assert any(problem in found for found in lint_text(text)), lint_text(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["four silver solder points at the corners of the board.", "two LEDs on the right, one transparent and one black.",
+     "a circular shape with four distinct protruding edges.", "four candles in a two by two grid.",
+     "a screw with a scratch and a round head.", "the shaft extends from the head in one direction."],
+)  # fmt: skip
+def test_the_sentence_lint_passes_well_formed_text(text: str) -> None:
+    assert lint_text(text) == []
+
+
+def test_a_defect_concatenated_before_a_with_phrase_does_not_double_it() -> None:
+    """ "screw with a round head" + "{} with a scratch" reads "screw with a scratch and a round head"."""
+    data = bottle_dict()
+    data["image_level"]["summary"] = "a dark glass bottle with a round black mouth, on a white background."
+    image = mllp_texts(parse_record(data, "fixture"), placeholders=True).image.abnormal
+    assert "a dark glass bottle with a large breakage and a round black mouth, on a white background." in image
+
+
+# ----------------------------------------------------------------------------- per-fact sources
+DOCUMENTATION_RECORDS = [p for p in SHIPPED if load_record(p).provenance.kind == "documentation"]
+
+
+@pytest.mark.parametrize("path", DOCUMENTATION_RECORDS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_each_fact_of_a_documentation_record_names_a_listed_source(path: Path) -> None:
+    """Every component's name, count, location, colour, texture, shape and direction, and the object and background,
+    name the documentation entry they come from (the text before its colon), read here from the JSON itself."""
+    data = json.loads(path.read_text())
+    labels = {entry.split(":", 1)[0] for entry in data["provenance"]["documentation"]}
+    image = data["image_level"]
+    stated = [("image_level", image, ["foreground"] + (["background"] if image.get("background") else []))]
+    for i, component in enumerate(data["components"]):
+        kinds = [k for k, v in component["attributes"].items() if v.get("base") or v.get("extensions")]
+        stated.append((f"components[{i}]", component, ["name", "number", "location", *kinds]))
+    for where, part, fields in stated:
+        for field in fields:
+            assert part.get("sources", {}).get(field) in labels, f"{where}.{field} names no listed source"
+
+
+def test_a_documentation_fact_without_a_source_is_rejected_naming_the_field() -> None:
+    data = json.loads((CAPTIONS_DIR / "visa" / "pcb4.json").read_text())
+    del data["components"][2]["sources"]["location"]
+    with pytest.raises(CaptionRecordError, match=r"components\[2\]\.sources\.location: a documentation record names"):
+        parse_record(data, "pcb4")
+    data = json.loads((CAPTIONS_DIR / "visa" / "pcb4.json").read_text())
+    data["image_level"]["sources"]["background"] = "a dataset page never listed"
+    with pytest.raises(CaptionRecordError, match=r"image_level\.sources\.background: 'a dataset page never listed'"):
+        parse_record(data, "pcb4")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -113,8 +112,13 @@ def test_component_prompts_insert_defects_and_are_seed_deterministic() -> None:
     assert first.groups() == again.groups()
     assert first.groups() != other.groups()
     resistors = first.components["resistor"]
-    assert resistors.normal == ["two black resistors at the top of the board."]
-    assert "two black resistors with a crack at the top of the board." in resistors.abnormal
+    assert resistors.normal == ["two smooth rectangular black resistors at the top of the board."]
+    # the record's own defect states ("{} with scratches", …), concatenated after the component's name
+    for state in record.abnormal_states:
+        assert state.format("two smooth rectangular black resistors") + " at the top of the board." in (
+            resistors.abnormal
+        )
+    assert not any("crack" in text for text in resistors.abnormal)  # VisA pcb4 lists no crack
     assert first.background.abnormal == [
         "black background with a stain.",
         "black background with a foreign object.",
@@ -291,12 +295,12 @@ def test_components_get_regions_one_to_one_where_argmax_would_share() -> None:
 
 
 def test_every_prompt_of_every_shipped_record_is_well_formed() -> None:
-    """No value-colon prefix ("dark green: a dark ..."), no doubled word, no empty placeholder, in any prompt body
-    MLLP builds from any shipped record (issue 16: 213 of 2175 AHPs once had the colon form)."""
+    """The lint's sentence rules (:func:`lint_text`: doubled word, count–noun number, "with … with" in one clause,
+    value-colon prefix) and no empty placeholder, in every prompt body MLLP builds from every shipped record in both
+    variants (issue 16: 213 of 2175 AHPs once had the colon form; issue 24: "in several direction", "with … with")."""
     from fsad.lightning_modules.components.prompts import render_slots
+    from fsad.lightning_modules.finegrainedad.caption_lint import lint_text
 
-    value_colon = re.compile(r"^\s*(?:[\w'-]+\s?){1,3}:\s")  # "dark green: ...", not a clause ending in a colon
-    doubled = re.compile(r"\b(\w+)\s+\1\b", flags=re.IGNORECASE)
     problems, checked = [], 0
     for dataset, categories in list_packaged().items():
         for category, placeholders in ((c, p) for c in categories for p in (False, True)):
@@ -306,10 +310,7 @@ def test_every_prompt_of_every_shipped_record_is_well_formed() -> None:
                     body = render_slots(marked, "{}-slot")  # a placeholder reads as one word naming its kind
                     checked += 1
                     where = f"{dataset}/{category} {group}: {body!r}"
-                    if value_colon.match(body):
-                        problems.append(f"value-colon prefix in {where}")
-                    if doubled.search(body):
-                        problems.append(f"doubled word in {where}")
+                    problems += [f"{problem} in {where}" for problem in lint_text(body)]
                     if "{}" in body or "  " in body or not body.strip(" .") or " ." in body:
                         problems.append(f"empty placeholder in {where}")
     assert checked > 2000 and not problems, problems[:10]
