@@ -25,6 +25,7 @@ from fsad.lightning_modules.finegrainedad.regions import (
     released_dpc_knn,
     released_region_weights,
 )
+from tests.integration.test_parity_promptad import authors_datamodule
 from tests.parity.compare_finegrainedad import (
     backbone,
     code_variant_on_their_prompts,
@@ -32,6 +33,7 @@ from tests.parity.compare_finegrainedad import (
     first_step_losses,
     golden,
     measure,
+    their_cluster_images,
 )
 
 TOLERANCE = 1e-5
@@ -81,6 +83,77 @@ def test_the_region_comparison_can_fail() -> None:
     rows = [*range(len(claimed) - 1), len(claimed)]  # their rows: components…, background
     assert (released_region_weights(regions, (15, 15)).flatten(2)[rows] - theirs).abs().max() == 0
     assert (region_weights(regions, (15, 15)).flatten(2)[rows] - theirs).abs().max() > 1.0
+
+
+def region_weights_of_fsads_glue(images_in_their_order: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    """fsad's own ``FineGrainedAD.compute_region_weights`` (``variant: code``: its prompts at their initial contexts,
+    its tiling, clustering and pooling) on the given 960-px shots in their shot order (shot 0 = the first shot of
+    their first training batch), with their two recorded ``torch.rand`` density-noise draws served in place of
+    fresh ones: their rows [components…, background] × shots × 225."""
+    arrays, meta = golden()
+    backbone(meta)  # registers the golden architecture with open_clip
+    module, _ = code_variant_on_their_prompts(arrays, golden("cls")[0], meta)
+    module.prepare_for_data(SimpleNamespace(dataset_name="mvtec", category="bottle"))
+    module.eval()
+    recorded = list(torch.from_numpy(arrays["density_noise"]))
+
+    def their_draw(size, *args, **kwargs) -> torch.Tensor:
+        draw = recorded.pop(0)
+        assert tuple(size) == tuple(draw.shape), f"a draw of {tuple(size)}, they drew {tuple(draw.shape)}"
+        return draw.to(kwargs.get("dtype") or draw.dtype)
+
+    paths = [f"{name}.png" for name in meta["support_order_in_first_batch"]]
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "rand", their_draw)
+        weights = module.compute_region_weights(paths, images_in_their_order)
+    assert not recorded, "the clustering drew less noise than their run"
+    n_components = len(module.model.components)
+    rows = [*range(n_components), n_components + 1]  # fsad's rows add the foreground; theirs do not
+    return torch.stack([weights[path][rows].flatten(1) for path in paths], dim=1)
+
+
+def fsads_960px_shots_in_their_order(mvtec_root: Path, tmp_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """fsad's datamodule's 960-px clustering shots (``support_images``) and their ``cluster_transform`` images
+    rebuilt from the same files, both in their shot order."""
+    _, meta = golden()
+    data, _ = authors_datamodule(mvtec_root, tmp_path, meta)
+    stems = [Path(p).stem for p in data.support_paths]
+    order = [stems.index(name.rsplit("-", 1)[1]) for name in meta["support_order_in_first_batch"]]
+    ours = data.support_images(4 * meta["image_size"])[order]
+    return ours, their_cluster_images(meta, mvtec_root, meta["support_order_in_first_batch"])
+
+
+def test_fsads_region_weight_glue_on_its_own_datamodule_reproduces_their_region_weights(
+    mvtec_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 24 (a): the glue end to end. fsad's datamodule reads the shots at 960 px; they equal, pixel for pixel,
+    the images of their ``cluster_transform`` (whose channel means their run recorded); ``compute_region_weights``
+    on either, with their density noise and shot order, gives their ``region_weights`` (15×15, every shot).
+    Perturbations this catches and the channel-mean stages did not: a true average pool in the glue (off by 1.5)
+    and flipped clustering images (same channel means, other pixels)."""
+    arrays, _ = golden()
+    ours, theirs = fsads_960px_shots_in_their_order(mvtec_root, tmp_path)
+    assert ours.shape == theirs.shape == (2, 3, 960, 960)
+    assert float((ours - theirs).abs().max()) <= 1e-6, "fsad's 960-px shots differ from their clustering images"
+    their_weights = torch.from_numpy(arrays["region_weights"])
+    for name, images in (("their images", theirs), ("fsad's datamodule images", ours)):
+        miss = float((region_weights_of_fsads_glue(images, monkeypatch) - their_weights).abs().max())
+        assert miss <= TOLERANCE, f"region weights from {name}: max |Δ| {miss:.3g}"
+
+
+def test_the_glue_comparison_can_fail(mvtec_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Control: flipped shots keep every channel mean (what the stage table compares) but fail the pixel check and
+    move the region weights far beyond the tolerance."""
+    arrays, _ = golden()
+    ours, theirs = fsads_960px_shots_in_their_order(mvtec_root, tmp_path)
+    flipped = ours.flip(-1)
+    assert float((flipped.mean(dim=(2, 3)) - theirs.mean(dim=(2, 3))).abs().max()) <= 1e-6
+    assert float((flipped - theirs).abs().max()) > 1.0
+    miss = float(
+        (region_weights_of_fsads_glue(flipped, monkeypatch) - torch.from_numpy(arrays["region_weights"])).abs().max()
+    )
+    print(f"flipped shots: region weights max |Δ| {miss:.3g}")
+    assert miss > 0.1
 
 
 def test_the_training_comparison_can_fail() -> None:

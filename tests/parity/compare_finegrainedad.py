@@ -266,9 +266,13 @@ def region_stages(tower, g: dict[str, np.ndarray], meta: dict, root: Path, data)
     )
     stems = [Path(p).stem for p in meta["support"]]
     order = [stems.index(Path(p).stem) for p in data.support_paths]
-    ours = data.support_images(4 * meta["image_size"]).mean(dim=(2, 3))  # what fsad's module clusters
+    high_res = data.support_images(4 * meta["image_size"])  # what fsad's module clusters
     delta["regions/960-px images from fsad's datamodule (channel means)"] = float(
-        (ours - torch.from_numpy(g["cluster_images_mean"][order])).abs().max()
+        (high_res.mean(dim=(2, 3)) - torch.from_numpy(g["cluster_images_mean"][order])).abs().max()
+    )
+    rebuilt = their_cluster_images(meta, root, [f"bottle-good-{Path(p).stem}" for p in data.support_paths])
+    delta["regions/960-px images from fsad's datamodule against their transform rebuilt (pixels)"] = float(
+        (high_res - rebuilt).abs().max()
     )
     images = their_cluster_images(meta, root, meta["support_order_in_first_batch"])
     tiles = slice_tiles(images, 4, meta["image_size"])  # already 960 px: the bicubic resize is the identity
