@@ -68,14 +68,13 @@ _VERB_PAIRS = (
 )  # fmt: skip
 _SINGULAR_VERBS = {s for s, _ in _VERB_PAIRS}
 _PLURAL_VERBS = {p for _, p in _VERB_PAIRS}
-# Words that end the noun phrase a count opens: prepositions, conjunctions, verbs the records use.
-_PHRASE_END = (
-    frozenset(
-        "with on in at of and or near from to along around inside outside that which who is are was were has have each "
-        "both per against across over under between by for into onto while where".split()
-    )
-    | _PLURAL_VERBS
-)  # fmt: skip  (singular forms are left out: "points", "forms" are nouns too)
+# Words that end the noun phrase a count opens: prepositions, conjunctions and the plural verbs above (their
+# singular forms are left out: "points" and "forms" are nouns too).
+_PHRASE_WORDS = "with on in at of and or near from to along around inside outside that which who is are was were has"
+_PHRASE_END = frozenset(
+    f"{_PHRASE_WORDS} have each both per against across over under between by for into onto while where".split()
+)
+_PHRASE_END |= _PLURAL_VERBS
 _ATTRIBUTE_WORDS = frozenset(w for values in SLOT_VOCABULARIES.values() for v in values for w in v.split())
 _IRREGULAR_PLURALS = frozenset(("teeth", "macaroni", "people", "feet", "children", "mice"))
 _COUNT = re.compile(rf"\b(a single|{'|'.join(NUMBERS)})\b", flags=re.IGNORECASE)
@@ -182,6 +181,7 @@ def _background_problems(record: CaptionRecord) -> Iterator[str]:
 
 
 def _looks_plural(word: str) -> bool:
+    """A plural-looking noun: ``LEDs``, ``teeth``, ``macaroni``; not ``glass``, ``apparatus``, ``axis``."""
     word = word.lower()
     return word in _IRREGULAR_PLURALS or (word.endswith("s") and not word.endswith(("ss", "us", "is")))
 

@@ -180,6 +180,11 @@ LINT_FAULTS = {
                              "components[1].name", "duplicates components[0]"),
     "defect state of another dataset": (lambda r: r["abnormal_states"].__setitem__(0, "{} with a pit"),
                                         "abnormal_states[0]", "realiad"),
+    "count-noun number disagreement": (_relation("the rim surrounds the mouth in several direction."),
+                                       "foreground_level.logical_relation", "plural count 'several'"),
+    "with … with in one clause": (lambda r: r["image_level"].__setitem__(
+        "summary", "a dark glass bottle with a black mouth with a brownish rim, on a white background."),
+        "image_level.summary", "doubled preposition 'with … with'"),
     "contradicted background": (lambda r: r["image_level"].__setitem__("summary", "a dark bottle on a black background."),
                                 "image_level.summary", "'black background'"),
 }  # fmt: skip
