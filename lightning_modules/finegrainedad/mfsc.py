@@ -395,13 +395,6 @@ def word_pattern(word: str) -> re.Pattern[str]:
     return re.compile(rf"\b({re.escape(word)}(?:e?s)?)\b", flags=re.IGNORECASE)
 
 
-def _replace_first(text: str, old: str, new: str) -> str | None:
-    """Replace the first whole-word ``old`` by ``new``; ``None`` when ``old`` does not occur (no prompt is made
-    rather than a malformed ``new: text`` one)."""
-    pattern = word_pattern(old)
-    return pattern.sub(lambda _: new, text, count=1) if pattern.search(text) else None
-
-
 def _with_defect(text: str, noun: str, defect_state: str) -> str:
     """Insert a defect after the first mention of ``noun``, keeping its plural: ``LEDs`` → ``LEDs with a crack``;
     a state ending in the word that follows is not doubled (``tile with rough surface`` + ``surface``)."""
@@ -463,6 +456,7 @@ _NEVER_DRAWN = ("whole", "around", "any", "both sides", "inside", "outside")
 
 
 def _article_for(word: str) -> str:
+    """The indefinite article before ``word`` ("an orange", "a u-shaped")."""
     return "an" if word[:1].lower() in "aeio" else "a"
 
 
