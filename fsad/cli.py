@@ -15,9 +15,11 @@ directory. Other subcommands (``benchmark``, ``captions``, ``data``) are plain f
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import pickle
 import sys
+import typing
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -33,18 +36,22 @@ from lightning.pytorch.utilities import rank_zero_only
 # LightningModule, LightningDataModule and Callback: jsonargparse resolves short class names on the command line
 # (``--model FineGrainedAD``, ``--data MVTecDataModule``) among those.
 from fsad.callbacks import heatmaps, metrics, paper_protocol, predictions, results  # noqa: F401
+from fsad.callbacks.metrics import AnomalyMetrics
 from fsad.callbacks.paper_protocol import paper_protocol_callbacks
+from fsad.callbacks.progress import LogProgress
 from fsad.callbacks.results import config_hash
 from fsad.datamodules import auxiliary, folder, mvtec, predict, realiad, synthetic, visa  # noqa: F401
-from fsad.errors import CheckpointError
+from fsad.errors import CheckpointError, FsadError
 from fsad.lightning_modules.finegrainedad import module as finegrainedad_module  # noqa: F401
 from fsad.lightning_modules.kagprompt import module as kagprompt_module  # noqa: F401
 from fsad.lightning_modules.membank import module as membank_module  # noqa: F401
 from fsad.lightning_modules.promptad import module as promptad_module  # noqa: F401
 from fsad.network import wandb_reachable
+from fsad.progress import is_terminal
 from fsad.quiet import quiet_output
 from fsad.run_folder import RunFolder
 from fsad.signals import CheckpointOnSignal, SignalGuard, run_guarded
+from fsad.slurm import check_allocation
 
 RUN_DIR_PLACEHOLDER = "{run_dir}"
 
@@ -55,13 +62,24 @@ EXTENSION_COMMANDS: dict[str, str] = {
     "captions": "fsad.captions:main",
     "benchmark": "fsad.benchmark:main",
     "export": "fsad.export:main",
+    "slurm": "fsad.slurm:main",
 }
-#: One line each for ``fsad --help``; their own ``--help`` has the details.
-EXTENSION_HELP: dict[str, str] = {
-    "data": "Check a dataset tree before a run: fsad data check -c <config>",
-    "captions": "Validate, show, import and generate MFSC caption records",
-    "benchmark": "Sweep categories x k x seeds, resumable, with the paper-style table",
+#: One line each for ``fsad --help`` (what it does, then its usage); each command's own ``--help`` has the details.
+SUBCOMMAND_HELP: dict[str, str] = {
+    "fit": "Train a method: fsad fit -c <method>/<dataset>.yaml [--key value ...]",
+    "test": "Score the test split, write metrics and heatmaps: fsad test -c <config> [--ckpt_path <ckpt>]",
+    "predict": "Score new images into predictions/: fsad predict -c <config> -c configs/data/predict.yaml "
+    "--ckpt_path <ckpt>",
+    "data": "Check a dataset before a run: fsad data check --dataset mvtec|visa|realiad|folder --root <dir>",
+    "captions": "MFSC caption records: fsad captions validate|show|import|generate ...",
+    "benchmark": "Sweep categories x k x seeds, resumable, into the paper-style table: fsad benchmark -c <sweep>.yaml",
+    "export": "Export a self-contained ONNX/TorchScript model: fsad export -c <config> --ckpt_path <ckpt> --out <dir>",
+    "slurm": "Write a SLURM job script: fsad slurm --nodes N --gpus-per-node G -- fit|test|predict|benchmark -c ...",
 }
+FSAD_DESCRIPTION = (
+    "fsad: few-shot industrial anomaly detection on OpenCLIP. Exit codes: 0 done, 1 an error you can fix (one "
+    "`error:` line), 2 a command-line usage error, 143 SIGTERM, 130 SIGINT."
+)
 
 
 def run_directory(run_root: str | Path, method: str, dataset: str, category: str, k_shot: int, seed: int) -> Path:
@@ -124,9 +142,16 @@ class FsadCLI(LightningCLI):
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "validate"}
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
-        """Lightning's subcommands, plus the extension commands listed so that ``fsad --help`` shows every one."""
+        """Lightning's subcommands with our one-line help (Lightning's is its docstrings cut mid-sentence), plus the
+        extension commands, so that ``fsad --help`` lists every one with its usage."""
         super()._add_subcommands(parser, **kwargs)
-        for name, description in EXTENSION_HELP.items():
+        parser.description = FSAD_DESCRIPTION
+        for name, subparser in self._subcommand_parsers.items():
+            subparser.description = SUBCOMMAND_HELP[name]
+        for choice in parser._subcommands_action._choices_actions:
+            choice.help = SUBCOMMAND_HELP[choice.dest]
+        for name in EXTENSION_COMMANDS:
+            description = SUBCOMMAND_HELP[name]
             parser._subcommands_action.add_subcommand(name, self.init_parser(description=description), help=description)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -134,6 +159,11 @@ class FsadCLI(LightningCLI):
         parser.add_argument(
             "--overwrite", type=bool, default=False, help="Replace a finished run of another config in the run folder."
         )
+        for name, kind in metrics_options().items():
+            parser.add_argument(
+                f"--metrics.{name}", type=kind | None, default=None,
+                help=f"AnomalyMetrics.{name} for this run (default: as the callback in trainer.callbacks says)",
+            )  # fmt: skip
         parser.link_arguments("data.init_args.image_size", "model.init_args.image_size")
         parser.link_arguments("data.init_args.eval_size", "model.init_args.eval_size")
         if any(action.dest == "weights_only" for action in parser._actions):  # fit/validate/test/predict --ckpt_path
@@ -177,6 +207,8 @@ class FsadCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self._active_config()
+        check_allocation(int(config.trainer.get("num_nodes") or 1), config.trainer.get("devices"))
+        apply_metrics_options(config)
         run_dir = self.resolve_run_dir()
         config.trainer.default_root_dir = str(run_dir)
         if self.subcommand is not None and rank_zero_only.rank == 0:
@@ -211,6 +243,12 @@ class FsadCLI(LightningCLI):
             self.run_folder.complete(subcommand)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        settings = self._get(self.config_init, "trainer", default={})
+        configured = settings.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        progress_shown = settings.get("enable_progress_bar") is not False
+        if progress_shown and not is_terminal() and not any(isinstance(c, ProgressBar) for c in configured):
+            kwargs.setdefault("callbacks", [*configured, LogProgress()])  # timed lines instead of a \r bar in logs
         trainer = super().instantiate_trainer(**kwargs)
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
@@ -219,6 +257,35 @@ class FsadCLI(LightningCLI):
             trainer.callbacks.append(CheckpointOnSignal(self.signal_guard))
         trainer.callbacks.extend(paper_protocol_callbacks(self.model))  # protocol: paper (reads test labels)
         return trainer
+
+
+def metrics_options() -> dict[str, Any]:
+    """The ``--metrics.<name>`` options: every argument of :class:`AnomalyMetrics` with its type."""
+    hints = typing.get_type_hints(AnomalyMetrics.__init__)
+    return {name: hints[name] for name in inspect.signature(AnomalyMetrics.__init__).parameters if name != "self"}
+
+
+def apply_metrics_options(config: Namespace) -> None:
+    """Set each ``--metrics.<name>`` given on the command line on the AnomalyMetrics callback of
+    ``trainer.callbacks``, so AUPRO or F1 can be switched without rewriting the whole callbacks list; the saved
+    ``config.yaml`` shows the callback as it ran."""
+    options = config.get("metrics")
+    chosen = {name: value for name, value in vars(options).items() if value is not None} if options else {}
+    if not chosen:
+        return
+    callbacks = config.trainer.get("callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    targets = [c for c in callbacks if isinstance(c, Namespace) and c.get("class_path", "").endswith(".AnomalyMetrics")]
+    if not targets:
+        raise FsadError(
+            f"--metrics.{next(iter(chosen))}: the config has no fsad.callbacks.metrics.AnomalyMetrics in "
+            "trainer.callbacks to apply it to"
+        )
+    for callback in targets:
+        if callback.get("init_args") is None:
+            callback.init_args = Namespace()
+        for name, value in chosen.items():
+            callback.init_args[name] = value
 
 
 CHECKPOINT_KEYWORDS = ("last", "best", "hpc", "registry")

@@ -4,8 +4,12 @@
 elsewhere (sigma, eval size, epochs of training data...) map to the same folder. Rules, applied by ``fsad
 fit|test|predict`` on rank 0 before anything is written:
 
-* ``.lock`` (created exclusively, holding the pid and host) makes a second concurrent run into the same folder stop
-  with one line; a lock whose process is gone on this host is stale and taken over;
+* ``.lock`` (created exclusively, holding the pid, host and, under SLURM, the job id with its array task) makes a
+  second concurrent run into the same folder stop with one line. The holder touches the lock every
+  :data:`HEARTBEAT_SECONDS`. A lock is taken over when its holder is gone: a process on this host is checked by
+  pid; a requeued SLURM job finds its own job id in it (on whichever node it now runs, and resumes from its
+  ``hpc_ckpt``); a lock of another SLURM job is stale once ``squeue`` (or ``sacct``) no longer lists that job as
+  active; otherwise (another host, no SLURM tools) a lock whose heartbeat is older than :data:`STALE_AFTER_SECONDS` is stale;
 * ``run.json`` is written when a ``fit`` or ``test`` finishes and records its config hash (of ``model``, ``data``
   and ``seed_everything``: the settings that decide what a run computes; trainer, logger and checkpoint options may
   differ, so fit-then-test, resuming with more epochs and re-testing share a folder). A run whose hash differs
@@ -20,6 +24,9 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,6 +34,15 @@ from fsad.errors import RunFolderError
 
 MARKER = "run.json"
 LOCK = ".lock"
+#: The lock holder refreshes the lock file's modification time this often...
+HEARTBEAT_SECONDS = 60.0
+#: ... and a lock whose holder cannot be asked about (another host, no SLURM tools) is stale after this long.
+STALE_AFTER_SECONDS = 5 * HEARTBEAT_SECONDS
+#: SLURM job states in which a job may still write into its run folder.
+ACTIVE_JOB_STATES = frozenset({
+    "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
+    "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED",
+})  # fmt: skip
 
 
 def _process_alive(pid: int) -> bool:
@@ -39,6 +55,58 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def slurm_job_key() -> str | None:
+    """This process's SLURM job as ``<job>`` or ``<array job>_<task>``; None outside SLURM. A requeued job keeps it."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def slurm_job_active(job: str) -> bool | None:
+    """Whether SLURM still lists ``job`` as active (``squeue``, else ``sacct``); None when neither can tell."""
+    queries = (["squeue", "--noheader", "--jobs", job, "--format", "%T"],
+               ["sacct", "--noheader", "--allocations", "--jobs", job, "--format", "State"])  # fmt: skip
+    for query in queries:
+        try:
+            answer = subprocess.run(query, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        states = {line.split()[0].rstrip("+") for line in answer.stdout.splitlines() if line.strip()}
+        if answer.returncode == 0 and states:
+            return bool(states & ACTIVE_JOB_STATES)
+        if query[0] == "squeue" and (answer.returncode == 0 or "Invalid job id" in answer.stderr):
+            return False  # squeue answered: the job is no longer queued or running
+    return None
+
+
+def read_lock_owner(lock: Path) -> dict[str, object]:
+    """The holder recorded in ``lock`` (JSON; an older ``"<pid> <host>"`` lock reads as such)."""
+    text = lock.read_text().strip()
+    try:
+        owner = json.loads(text)
+    except json.JSONDecodeError:
+        pid, _, host = text.partition(" ")
+        owner = {"pid": int(pid) if pid.isdigit() else None, "host": host}
+    return owner if isinstance(owner, dict) else {}
+
+
+def lock_takeover_reason(lock: Path) -> str | None:
+    """Why the lock's holder is gone and the lock may be taken (see the module docstring); None if it may be alive."""
+    owner = read_lock_owner(lock)
+    job, host, pid = owner.get("slurm_job"), owner.get("host"), owner.get("pid")
+    if host == socket.gethostname() and isinstance(pid, int):
+        return None if _process_alive(pid) else f"process {pid} ended without releasing the lock"
+    if job and job == slurm_job_key():
+        return f"SLURM job {job} was requeued: its lock, left on {host}, is taken over"
+    if job:
+        active = slurm_job_active(str(job))
+        if active is not None:
+            return None if active else f"SLURM job {job} is no longer running"
+    age = time.time() - lock.stat().st_mtime
+    return f"no heartbeat for {age:.0f} s" if age > STALE_AFTER_SECONDS else None
+
+
 class RunFolder:
     """Claim, check and complete one run folder (see the module docstring for the rules)."""
 
@@ -46,6 +114,7 @@ class RunFolder:
         self.path = path
         self.config_hash = config_hash
         self._locked = False
+        self._heartbeat_stop = threading.Event()
 
     def claim(self, overwrite: bool) -> None:
         """Take the lock, then refuse (or with ``overwrite`` empty) a folder holding another config's run."""
@@ -70,23 +139,34 @@ class RunFolder:
 
     def _lock(self) -> None:
         lock = self.path / LOCK
-        owner = f"{os.getpid()} {socket.gethostname()}"
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": slurm_job_key()}
         for _ in range(2):
             try:
                 descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                pid, _, host = lock.read_text().strip().partition(" ")
-                if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
-                    lock.unlink(missing_ok=True)  # stale: its process ended without releasing it (SIGKILL)
+                if lock_takeover_reason(lock) is not None:
+                    lock.unlink(missing_ok=True)
                     continue
+                holder = read_lock_owner(lock)
+                job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
                 raise RunFolderError(
-                    f"run folder {self.path} is in use by another fsad process (pid {pid} on {host}); wait for it "
-                    "to finish, or give this run another --run_root"
+                    f"run folder {self.path} is in use by another fsad process (pid {holder.get('pid')} on "
+                    f"{holder.get('host')}{job}); wait for it to finish, or give this run another --run_root"
                 ) from None
             with os.fdopen(descriptor, "w") as handle:
-                handle.write(owner)
+                handle.write(json.dumps(owner))
             self._locked = True
+            self._heartbeat_stop.clear()
+            threading.Thread(target=self._heartbeat, args=(lock,), name="fsad-lock-heartbeat", daemon=True).start()
             return
+
+    def _heartbeat(self, lock: Path) -> None:
+        """Touch the lock until it is released, so that a lock nobody refreshes can be told stale."""
+        while not self._heartbeat_stop.wait(HEARTBEAT_SECONDS):
+            try:
+                os.utime(lock)
+            except OSError:
+                return
 
     def complete(self, subcommand: str) -> None:
         """Record that a ``subcommand`` of this config finished here."""
@@ -97,5 +177,6 @@ class RunFolder:
 
     def release(self) -> None:
         if self._locked:
+            self._heartbeat_stop.set()
             (self.path / LOCK).unlink(missing_ok=True)
             self._locked = False

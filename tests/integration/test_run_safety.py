@@ -101,7 +101,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_and_a_live_one_refuses(tmp_
     tmp_path.joinpath(LOCK).write_text(f"{gone.stdout.strip()} {os.uname().nodename}")
     folder = RunFolder(tmp_path, "abc")
     folder.claim(overwrite=False)
-    assert tmp_path.joinpath(LOCK).read_text().split()[0] == str(os.getpid())
+    assert json.loads(tmp_path.joinpath(LOCK).read_text())["pid"] == os.getpid()
     with pytest.raises(RunFolderError, match="in use by another fsad process"):
         RunFolder(tmp_path, "abc").claim(overwrite=False)
     folder.release()
