@@ -30,7 +30,7 @@ class LogProgress(ProgressBar):
         self._started = 0.0
         self._last_line = 0.0
         self._last_loss: float | None = None
-        self._last_batch: int | None = None
+        self._last_batch: tuple[int, int] | None = None  # (epoch, batch index) of the last training batch
         self._evaluated = 0
 
     def disable(self) -> None:
@@ -69,11 +69,12 @@ class LogProgress(ProgressBar):
             parts.append(f"done in {format_duration(elapsed)}")
         print(" ".join(parts), flush=True)
 
-    def _fit_position(self, batch_idx: int) -> tuple[int, float, str]:
+    def _fit_position(self, epoch: int, batch_idx: int) -> tuple[int, float, str]:
+        """Batches done, batches in the whole fit and ``epoch e/E batch b/B`` after batch ``batch_idx`` of ``epoch``."""
         trainer = self.trainer
         per_epoch = self.total_train_batches
         epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
-        done = trainer.current_epoch * per_epoch + batch_idx + 1 if math.isfinite(per_epoch) else batch_idx + 1
+        done = epoch * per_epoch + batch_idx + 1 if math.isfinite(per_epoch) else batch_idx + 1
         if epochs is not None and math.isfinite(per_epoch):
             total: float = epochs * per_epoch
         elif trainer.max_steps and trainer.max_steps > 0:
@@ -82,7 +83,7 @@ class LogProgress(ProgressBar):
             total = float("inf")
         epoch_count = f"/{epochs}" if epochs is not None else ""
         batch_count = f"/{int(per_epoch)}" if math.isfinite(per_epoch) else ""
-        return int(done), total, f"epoch {trainer.current_epoch + 1}{epoch_count} batch {batch_idx + 1}{batch_count}"
+        return int(done), total, f"epoch {epoch + 1}{epoch_count} batch {batch_idx + 1}{batch_count}"
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start()
@@ -94,13 +95,13 @@ class LogProgress(ProgressBar):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             self._last_loss = float(loss.detach())
-        self._last_batch = batch_idx
-        done, total, position = self._fit_position(batch_idx)
+        self._last_batch = (trainer.current_epoch, batch_idx)
+        done, total, position = self._fit_position(*self._last_batch)
         self._report("fit", done, total, position)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._last_batch is not None:
-            done, total, position = self._fit_position(self._last_batch)
+            done, total, position = self._fit_position(*self._last_batch)
             self._report("fit", done, total, position, final=True)
 
     def _evaluation_total(self, stage: str) -> float:

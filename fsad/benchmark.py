@@ -33,13 +33,13 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from tqdm import tqdm
 
 from fsad.callbacks.metrics import AnomalyMetrics
 from fsad.callbacks.results import config_hash, markdown_table, write_text_atomically
 from fsad.cli import FsadCLI, _import_class
 from fsad.errors import FsadError
 from fsad.lightning_modules.components.feature_cache import FeatureCache
+from fsad.progress import progress_reporter
 from fsad.signals import user_facing_error
 
 KEY_COLUMNS = ("method", "dataset", "category", "k", "seed")
@@ -388,10 +388,10 @@ class Sweep:
         todo = [c for c in self.cells if self.key(c) not in done and (only is None or c.index == only)]
         checkpoint = self.pretrained_weights(train=only is None) if self.stage == "pretrained" and todo else None
         ran, failed = [], []
-        with tqdm(total=len(self.cells), initial=len(self.cells) - len(todo) if only is None else 0,
-                  desc="benchmark", unit="cell") as bar:  # fmt: skip
+        total = len(self.cells) if only is None else len(todo)
+        progress = progress_reporter("benchmark cells", total, "cell", total - len(todo))
+        try:
             for cell in todo:
-                bar.set_postfix_str(f"{cell.category} k={cell.k} seed={cell.seed}")
                 target = self.csv_path if only is None else self.output / "cells" / f"{cell.index}.csv"
                 try:
                     row = self.run_cell(cell, checkpoint)
@@ -399,12 +399,14 @@ class Sweep:
                     line = self.record_failure(cell, err)
                     if self.fail_fast:
                         raise BenchmarkError(f"{line} (--fail-fast)") from err
-                    tqdm.write(f"benchmark: {line}", file=sys.stderr)
+                    progress.write(f"benchmark: {line}")
                     failed.append(cell.index)
                 else:
                     append_row(row, target)
                     ran.append(cell.index)
-                bar.update(1)
+                progress.update(1, f"(last: cell {cell.index}, {cell.category} k={cell.k} seed={cell.seed})")
+        finally:
+            progress.close()
         return ran, failed
 
 

@@ -24,8 +24,6 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from fsad.errors import FsadError
 from fsad.lightning_modules.finegrainedad.mfsc import (
     VOCABULARIES,
@@ -34,6 +32,7 @@ from fsad.lightning_modules.finegrainedad.mfsc import (
     normalise_value,
     parse_record,
 )
+from fsad.progress import tracked
 
 log = logging.getLogger(__name__)
 PROMPT_VERSION = "mfsc_v1"
@@ -265,7 +264,7 @@ def generate(
     cache = cache_dir or Path(os.environ.get("FSAD_CACHE_DIR", Path.home() / ".cache" / "fsad")) / "captions"
     cache.mkdir(parents=True, exist_ok=True)
     records = []
-    for image in tqdm(images, desc=f"captions {category}", unit="image"):
+    for image in tracked(images, f"captions {category}", unit="image"):
         key = hashlib.sha256(
             f"{image_digest(image)}|{config.model}|{PROMPT_VERSION}|{RECORD_FORMAT}|{category}".encode()
         ).hexdigest()

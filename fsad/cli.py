@@ -176,6 +176,7 @@ class FsadCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
         config = self._active_config()
+        check_allocation(int(config.trainer.get("num_nodes") or 1), config.trainer.get("devices"))
         if config.get("seed_everything") is True:
             config.seed_everything = int(config.data.init_args.get("seed", 0))
 
@@ -207,7 +208,6 @@ class FsadCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self._active_config()
-        check_allocation(int(config.trainer.get("num_nodes") or 1), config.trainer.get("devices"))
         apply_metrics_options(config)
         run_dir = self.resolve_run_dir()
         config.trainer.default_root_dir = str(run_dir)

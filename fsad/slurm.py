@@ -123,7 +123,7 @@ def render(request: JobRequest, generator_args: list[str], cells: int | None = N
             f"#   fsad benchmark -c {shlex.quote(sweep)} --pretrain",
             "# then submit, and collect the table when every task has ended:",
             "#   JOB=$(sbatch --parsable <this file>)",
-            f"#   sbatch --dependency=afterany:$JOB --wrap \"fsad benchmark -c {shlex.quote(sweep)} --collect\"",
+            f'#   sbatch --dependency=afterany:$JOB --wrap "fsad benchmark -c {shlex.quote(sweep)} --collect"',
         ]
     name = request.job_name or f"fsad-{subcommand}"
     log_name = "%x-%A_%a.out" if array else "%x-%j.out"
