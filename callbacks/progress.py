@@ -32,6 +32,7 @@ class LogProgress(ProgressBar):
         self._last_loss: float | None = None
         self._last_batch: tuple[int, int] | None = None  # (epoch, batch index) of the last training batch
         self._evaluated = 0
+        self._done_before: int | None = None  # batches done before this process started (a resumed fit)
 
     def disable(self) -> None:
         self._enabled = False
@@ -45,6 +46,7 @@ class LogProgress(ProgressBar):
 
     def _start(self) -> None:
         self._started = self._last_line = time.monotonic()
+        self._done_before = None
 
     def _report(self, stage: str, done: int, total: float, position: str, final: bool = False) -> None:
         """Print ``<stage> <position> (pct) rate ETA [loss]`` when the interval has passed (or ``final``)."""
@@ -55,7 +57,7 @@ class LogProgress(ProgressBar):
             return
         self._last_line = now
         elapsed = now - self._started
-        rate = done / elapsed if elapsed > 0 else 0.0
+        rate = (done - (self._done_before or 0)) / elapsed if elapsed > 0 else 0.0
         parts = [stage, position]
         if math.isfinite(total) and total > 0:
             parts.append(f"({100 * done / total:.0f}%)")
@@ -97,6 +99,8 @@ class LogProgress(ProgressBar):
             self._last_loss = float(loss.detach())
         self._last_batch = (trainer.current_epoch, batch_idx)
         done, total, position = self._fit_position(*self._last_batch)
+        if self._done_before is None:
+            self._done_before = done - 1
         self._report("fit", done, total, position)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

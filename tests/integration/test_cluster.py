@@ -96,7 +96,7 @@ def fake_squeue(folder: Path, states: dict[str, str]) -> None:
     script.write_text(
         "#!/bin/sh\n"
         'job=""; while [ $# -gt 0 ]; do [ "$1" = "--jobs" ] && job="$2"; shift; done\n'
-        f"case \"$job\" in {' '.join(f'{job}) echo {state};;' for job, state in states.items())}\n"
+        f'case "$job" in {" ".join(f"{job}) echo {state};;" for job, state in states.items())}\n'
         '*) echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1;; esac\n'
     )
     script.chmod(0o755)
@@ -117,7 +117,9 @@ def test_a_live_lock_of_another_job_is_refused_and_a_finished_jobs_lock_is_taken
     folder = tmp_path / "run"
     folder.mkdir()
     other_jobs_lock(folder, "5151", age_seconds=3600)  # squeue's answer wins over an old heartbeat
-    with pytest.raises(RunFolderError, match=r"in use by another fsad process \(pid 999 on gpu-node-17, SLURM job 5151\)"):
+    with pytest.raises(
+        RunFolderError, match=r"in use by another fsad process \(pid 999 on gpu-node-17, SLURM job 5151\)"
+    ):
         RunFolder(folder, "abc").claim(overwrite=False)
     other_jobs_lock(folder, "6262")  # squeue no longer knows it: the job has ended
     claimed = RunFolder(folder, "abc")
@@ -167,7 +169,7 @@ def test_a_redirected_fit_prints_timed_progress_lines_and_no_carriage_return(tmp
     lines = [line for line in text.splitlines() if line.startswith("fit ")]
     assert re.fullmatch(rf"fit epoch 1/2 batch 1/1 \(50%\) {number} ETA \d+:\d\d:\d\d loss \d+\.\d{{4}}", lines[0])
     assert re.fullmatch(rf"fit epoch 2/2 batch 1/1 \(100%\) {number} ETA 0:00:00 loss \d+\.\d{{4}}", lines[1])
-    assert re.fullmatch(rf"fit epoch 2/2 batch 1/1 \(100%\) .* done in \d+:\d\d:\d\d", lines[-1])
+    assert re.fullmatch(r"fit epoch 2/2 batch 1/1 \(100%\) .* done in \d+:\d\d:\d\d", lines[-1])
 
 
 @pytest.mark.filterwarnings("ignore")
