@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: help install test lint demo bench
+.PHONY: help install test lint demo bench gpu-check
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -25,3 +25,6 @@ demo: ## Offline demo: memory-bank method, tiny random backbone, procedural data
 
 bench: ## Run every benchmark script; each prints one ratio line last
 	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+gpu-check: ## The prepared GPU check (1-2 GPUs, <= 8 min, one line per figure); one line and a no-op without CUDA
+	$(PY) benchmarks/gpu_check.py

@@ -96,8 +96,15 @@ def test_help_lists_every_subcommand_and_validate_is_gone(capsys: pytest.Capture
         main(["--help"])
     assert shown.value.code == 0
     listed = capsys.readouterr().out
-    for name in ("fit", "test", "predict", "data", "captions", "benchmark"):
+    flowing = " ".join(listed.split())  # argparse wraps the help column
+    for name in ("fit", "test", "predict", "data", "captions", "benchmark", "export", "slurm"):
         assert f"    {name} " in listed, name
+        assert f": fsad {name} " in flowing, name  # what it does, then its usage
+    # each entry ends with its usage; none is a docstring cut mid-sentence (Lightning's "never run on your")
+    assert "never run on your" not in flowing and "Useful to" not in flowing
+    assert "fsad data check --dataset mvtec|visa|realiad|folder --root <dir>" in flowing  # the form data_check parses
+    assert "fsad data check -c" not in flowing
+    assert "0 done, 1 an error you can fix" in flowing and "2 a command-line usage error" in flowing
     assert "    validate " not in listed
     with pytest.raises(SystemExit) as refused:
         main(["validate", "-c", "configs/demo.yaml"])

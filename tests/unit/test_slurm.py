@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +120,11 @@ def test_progress_lines_report_rate_and_eta_from_the_steps_done_here(monkeypatch
         "benchmark cells 30/40 cell (75%) 2.00 cell/s ETA 0:00:05 (last: bottle)",
         "benchmark cells 40/40 cell (100%) 2.00 cell/s ETA 0:00:00",
     ]
+
+
+def test_the_gpu_check_is_one_line_and_a_no_op_without_a_gpu() -> None:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_check.py")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == "gpu_check skipped: no CUDA GPU on this machine (run `make gpu-check` on a GPU node)\n"
