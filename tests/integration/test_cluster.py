@@ -195,3 +195,24 @@ def test_metrics_options_switch_aupro_on_without_replacing_the_callbacks(tmp_pat
     no_metrics.write_text(yaml.safe_dump(demo))
     with pytest.raises(FsadError, match=r"--metrics.aupro: the config has no fsad.callbacks.metrics.AnomalyMetrics"):
         FsadCLI(args=["-c", str(no_metrics), "--run_root", str(tmp_path), "--metrics.aupro", "true"], run=False)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_test_stage_lines_in_a_log_and_the_bar_on_a_terminal(tmp_path, monkeypatch, capsys) -> None:
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from fsad.callbacks.progress import LogProgress
+    from fsad.cli import FsadCLI
+
+    monkeypatch.setenv("FSAD_PROGRESS_SECONDS", "0")
+    args = ["-c", DEMO, "--run_root", str(tmp_path), "--trainer.enable_progress_bar", "true"]
+    monkeypatch.setattr("fsad.cli.is_terminal", lambda: True)
+    assert isinstance(FsadCLI(args=args, run=False).trainer.progress_bar_callback, TQDMProgressBar)
+    monkeypatch.setattr("fsad.cli.is_terminal", lambda: False)
+    cli = FsadCLI(args=["test", *args])
+    assert isinstance(cli.trainer.progress_bar_callback, LogProgress)
+    batches = int(sum(cli.trainer.num_test_batches))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("test ")]
+    assert len(lines) == batches + 1 and batches > 1  # one per batch at interval 0, then the closing line
+    assert re.fullmatch(rf"test batch 1/{batches} \(\d+%\) \d+\.\d+ (it/s|s/it) ETA \d+:\d\d:\d\d", lines[0])
+    assert re.fullmatch(rf"test batch {batches}/{batches} \(100%\) .* done in \d+:\d\d:\d\d", lines[-1])
