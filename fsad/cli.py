@@ -65,11 +65,13 @@ EXTENSION_COMMANDS: dict[str, str] = {
     "slurm": "fsad.slurm:main",
 }
 #: One line each for ``fsad --help`` (what it does, then its usage); each command's own ``--help`` has the details.
-SUBCOMMAND_HELP: dict[str, str] = {
+TRAINER_HELP: dict[str, str] = {
     "fit": "Train a method: fsad fit -c <method>/<dataset>.yaml [--key value ...]",
     "test": "Score the test split, write metrics and heatmaps: fsad test -c <config> [--ckpt_path <ckpt>]",
     "predict": "Score new images into predictions/: fsad predict -c <config> -c configs/data/predict.yaml "
     "--ckpt_path <ckpt>",
+}
+EXTENSION_HELP: dict[str, str] = {
     "data": "Check a dataset before a run: fsad data check --dataset mvtec|visa|realiad|folder --root <dir>",
     "captions": "MFSC caption records: fsad captions validate|show|import|generate ...",
     "benchmark": "Sweep categories x k x seeds, resumable, into the paper-style table: fsad benchmark -c <sweep>.yaml",
@@ -147,11 +149,10 @@ class FsadCLI(LightningCLI):
         super()._add_subcommands(parser, **kwargs)
         parser.description = FSAD_DESCRIPTION
         for name, subparser in self._subcommand_parsers.items():
-            subparser.description = SUBCOMMAND_HELP[name]
+            subparser.description = TRAINER_HELP[name]
         for choice in parser._subcommands_action._choices_actions:
-            choice.help = SUBCOMMAND_HELP[choice.dest]
-        for name in EXTENSION_COMMANDS:
-            description = SUBCOMMAND_HELP[name]
+            choice.help = TRAINER_HELP[choice.dest]
+        for name, description in EXTENSION_HELP.items():
             parser._subcommands_action.add_subcommand(name, self.init_parser(description=description), help=description)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -97,7 +97,10 @@ def test_help_lists_every_subcommand_and_validate_is_gone(capsys: pytest.Capture
     assert shown.value.code == 0
     listed = capsys.readouterr().out
     flowing = " ".join(listed.split())  # argparse wraps the help column
-    for name in ("fit", "test", "predict", "data", "captions", "benchmark", "export", "slurm"):
+    from fsad.cli import EXTENSION_COMMANDS, EXTENSION_HELP
+
+    assert set(EXTENSION_COMMANDS) == set(EXTENSION_HELP)  # a new command comes with its line
+    for name in ("fit", "test", "predict", "data", "captions", "benchmark", "export", "slurm", *EXTENSION_COMMANDS):
         assert f"    {name} " in listed, name
         assert f": fsad {name} " in flowing, name  # what it does, then its usage
     # each entry ends with its usage; none is a docstring cut mid-sentence (Lightning's "never run on your")
