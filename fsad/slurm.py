@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fsad.callbacks.results import write_text_atomically
 from fsad.errors import FsadError
 
 TRAINER_COMMANDS = ("fit", "test", "predict")
@@ -262,7 +263,7 @@ def main(argv: list[str]) -> int:
     script, args = generate(argv)
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     if args.out:
-        Path(args.out).write_text(script)
+        write_text_atomically(Path(args.out), script)
         print(f"wrote {args.out}: submit it with `sbatch {args.out}`", file=sys.stderr)
     else:
         sys.stdout.write(script)
