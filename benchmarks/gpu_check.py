@@ -148,28 +148,51 @@ def check_fit(method: str, precision: str, mvtec_root: Path, run_root: Path, ste
     )
 
 
-def ddp_metrics(devices: int, mvtec_root: Path, run_root: Path) -> dict[str, str]:
-    """``fsad test`` of the memory bank on ``devices`` GPUs (a subprocess: DDP launches its own ranks)."""
+def gpu_memory_in_use() -> int:
+    """Bytes of GPU memory held by compute processes on every GPU, as ``nvidia-smi`` reports them (0 without it)."""
+    try:
+        answer = subprocess.run(["nvidia-smi", "--query-compute-apps=used_memory", "--format=csv,noheader,nounits"],
+                                capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(int(line) for line in answer.stdout.split() if line.isdigit()) * 2**20
+
+
+def ddp_metrics(devices: int, mvtec_root: Path, run_root: Path) -> tuple[dict[str, str], int]:
+    """``fsad test`` of the memory bank on ``devices`` GPUs (a subprocess: DDP launches its own ranks): its metrics
+    and the peak GPU memory of all its processes together (polled, CUDA contexts included)."""
     args = method_args("membank", "fp32", mvtec_root, run_root)
     args += ["--trainer.devices", str(devices)] + (["--trainer.strategy", "ddp"] if devices > 1 else [])
-    done = subprocess.run([sys.executable, "-m", "fsad", "test", *args], cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"fsad test on {devices} GPU(s) failed: {done.stderr.strip().splitlines()[-1:]}")
+    run_root.mkdir(parents=True, exist_ok=True)
+    log = run_root / "fsad_test.log"  # a file, not a pipe: nobody reads a pipe while the memory is polled
+    with log.open("w") as output:
+        process = subprocess.Popen([sys.executable, "-m", "fsad", "test", *args], cwd=REPO, stdout=output,
+                                   stderr=subprocess.STDOUT)  # fmt: skip
+        peak = 0
+        while process.poll() is None:
+            peak = max(peak, gpu_memory_in_use())
+            time.sleep(0.2)
+    if process.returncode != 0:
+        raise RuntimeError(f"fsad test on {devices} GPU(s) failed: {log.read_text().strip().splitlines()[-1:]}")
     (results,) = run_root.rglob("results.csv")
     with results.open() as handle:
-        return next(csv.DictReader(handle))
+        return next(csv.DictReader(handle)), peak
 
 
 def check_ddp(mvtec_root: Path, work: Path) -> None:
     if torch.cuda.device_count() < 2:
         print("gpu_check ddp_test skipped: one GPU (the 2-process NCCL comparison needs two)", flush=True)
         return
-    single = ddp_metrics(1, mvtec_root, work / "ddp1")
-    double = ddp_metrics(2, mvtec_root, work / "ddp2")
+    single, single_peak = ddp_metrics(1, mvtec_root, work / "ddp1")
+    double, double_peak = ddp_metrics(2, mvtec_root, work / "ddp2")
     differing = [name for name in METRICS if single.get(name) != double.get(name)]
     shown = " ".join(f"{name}={single.get(name)}" for name in METRICS)
     verdict = "equal" if not differing else f"DIFFERENT in {', '.join(differing)}"
-    print(f"gpu_check ddp_test membank nccl 2 processes vs 1: {verdict} ({shown})", flush=True)
+    print(
+        f"gpu_check ddp_test membank nccl 2 processes vs 1: {verdict} ({shown}) "
+        f"peak_mem_1proc={gib(single_peak)} peak_mem_2proc={gib(double_peak)} (nvidia-smi, contexts included)",
+        flush=True,
+    )
 
 
 def main() -> int:
