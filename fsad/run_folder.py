@@ -9,7 +9,8 @@ fit|test|predict`` on rank 0 before anything is written:
   :data:`HEARTBEAT_SECONDS`. A lock is taken over when its holder is gone: a process on this host is checked by
   pid; a requeued SLURM job finds its own job id in it (on whichever node it now runs, and resumes from its
   ``hpc_ckpt``); a lock of another SLURM job is stale once ``squeue`` (or ``sacct``) no longer lists that job as
-  active; otherwise (another host, no SLURM tools) a lock whose heartbeat is older than :data:`STALE_AFTER_SECONDS` is stale;
+  active; otherwise (another host, no SLURM tools) a lock is stale when its heartbeat is older than
+  :data:`STALE_AFTER_SECONDS`. Taking a lock over prints one line saying why;
 * ``run.json`` is written when a ``fit`` or ``test`` finishes and records its config hash (of ``model``, ``data``
   and ``seed_everything``: the settings that decide what a run computes; trainer, logger and checkpoint options may
   differ, so fit-then-test, resuming with more epochs and re-testing share a folder). A run whose hash differs
@@ -25,6 +26,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -144,7 +146,9 @@ class RunFolder:
             try:
                 descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                if lock_takeover_reason(lock) is not None:
+                reason = lock_takeover_reason(lock)
+                if reason is not None:
+                    print(f"run folder {self.path}: lock taken over ({reason})", file=sys.stderr)
                     lock.unlink(missing_ok=True)
                     continue
                 holder = read_lock_owner(lock)

@@ -109,7 +109,7 @@ def other_jobs_lock(folder: Path, job: str, age_seconds: float = 0.0) -> None:
         os.utime(lock, (time.time() - age_seconds, time.time() - age_seconds))
 
 
-def test_a_live_lock_of_another_job_is_refused_and_a_finished_jobs_lock_is_taken(tmp_path, monkeypatch) -> None:
+def test_a_live_lock_of_another_job_is_refused_and_a_finished_jobs_lock_is_taken(tmp_path, monkeypatch, capsys) -> None:
     slurm_env(monkeypatch, "4242")
     tools = tmp_path / "bin"
     fake_squeue(tools, {"5151": "RUNNING"})
@@ -124,6 +124,7 @@ def test_a_live_lock_of_another_job_is_refused_and_a_finished_jobs_lock_is_taken
     other_jobs_lock(folder, "6262")  # squeue no longer knows it: the job has ended
     claimed = RunFolder(folder, "abc")
     claimed.claim(overwrite=False)
+    assert capsys.readouterr().err == f"run folder {folder}: lock taken over (SLURM job 6262 is no longer running)\n"
     assert json.loads((folder / LOCK).read_text()) == {"pid": os.getpid(), "host": os.uname().nodename,
                                                        "slurm_job": "4242"}  # fmt: skip
     claimed.release()
