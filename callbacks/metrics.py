@@ -295,7 +295,7 @@ class AnomalyMetrics(Callback):
         self.f1 = f1
         self.bins = bins
         if not histogram_range[0] < histogram_range[1]:
-            raise ValueError(f"AnomalyMetrics.histogram_range must be (low, high) with low < high, got {histogram_range}")
+            raise ValueError(f"AnomalyMetrics.histogram_range must be (low, high), low < high; got {histogram_range}")
         self.histogram_range = (float(histogram_range[0]), float(histogram_range[1]))
         self.results: dict[str, float] = {}
         self._rank, self._world = 0, 1

@@ -136,8 +136,8 @@ class FewShotAnomalyModule(LightningModule, ABC):
             )
 
     def maps_and_scores(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """The method's scoring of one backbone pass, then upsampling and smoothing to ``eval_size``; values stay raw, as
-        rank metrics need them (a clamp would turn distinct scores into ties)."""
+        """The method's scoring of one backbone pass, then upsampling and smoothing to ``eval_size``; values stay raw,
+        as rank metrics need them (a clamp would turn distinct scores into ties)."""
         grid_maps, image_scores = self.score(features)
         anomaly_map = upsample_and_smooth(grid_maps, self.eval_size, self.gaussian_sigma)
         return anomaly_map.float(), image_scores.float()

@@ -62,9 +62,10 @@ def test_negative_and_above_one_scores_reach_the_metrics_raw(tmp_path: Path) -> 
     maps = maps.numpy()
     assert scores.min() < 0 < 1 < scores.max() and maps.min() < 0 < 1 < maps.max()  # the case this test is about
     assert (maps < 0).mean() > 0.1 and (maps > 1).mean() > 0.1
-    clipped = roc_auc_score(labels, scores.clip(0, 1)), roc_auc_score(masks.reshape(-1) > 0, maps.reshape(-1).clip(0, 1))
-    assert clipped[0] != roc_auc_score(labels, scores) and clipped[1] != roc_auc_score(masks.reshape(-1) > 0, maps.reshape(-1))
+    pixels, pixel_labels = maps.reshape(-1), masks.reshape(-1) > 0
+    assert roc_auc_score(labels, scores.clip(0, 1)) != roc_auc_score(labels, scores)  # a clamp would show
+    assert roc_auc_score(pixel_labels, pixels.clip(0, 1)) != roc_auc_score(pixel_labels, pixels)
     assert metrics.results["image_AUROC"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
-    pixel_reference = roc_auc_score(masks.reshape(-1) > 0, maps.reshape(-1))
+    pixel_reference = roc_auc_score(pixel_labels, pixels)
     assert metrics.results["pixel_AUROC"] == pytest.approx(pixel_reference, abs=1e-6)
     assert binned.results["pixel_AUROC_hist"] == pytest.approx(pixel_reference, abs=1e-3)
