@@ -6,12 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Trainer, seed_everything
 from sklearn.metrics import roc_auc_score
 
+from fsad.callbacks.heatmaps import HeatmapLogger
 from fsad.callbacks.metrics import AnomalyMetrics
+from fsad.callbacks.predictions import PredictionWriter
 from fsad.datamodules.synthetic import SyntheticDataModule
 from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec
 from fsad.lightning_modules.membank.module import MemoryBankAD
@@ -50,8 +53,9 @@ def test_negative_and_above_one_scores_reach_the_metrics_raw(tmp_path: Path) -> 
     module = WideRangeMemoryBank()
     metrics = AnomalyMetrics(f1=False)
     binned = AnomalyMetrics(pixel_mode="histogram", f1=False, histogram_range=(-20.0, 20.0))
+    heatmaps = HeatmapLogger(num_images=2)
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
-                      callbacks=[metrics, binned])  # fmt: skip
+                      callbacks=[metrics, binned, heatmaps])  # fmt: skip
     trainer.test(module, datamodule=data, verbose=False)
     grid_maps = torch.cat([r[0] for r in module.raw])
     scores = torch.cat([r[1] for r in module.raw]).numpy()
@@ -69,3 +73,17 @@ def test_negative_and_above_one_scores_reach_the_metrics_raw(tmp_path: Path) -> 
     pixel_reference = roc_auc_score(pixel_labels, pixels)
     assert metrics.results["pixel_AUROC"] == pytest.approx(pixel_reference, abs=1e-6)
     assert binned.results["pixel_AUROC_hist"] == pytest.approx(pixel_reference, abs=1e-3)
+    assert len(list((tmp_path / "heatmaps").glob("*.png"))) == 2  # the display path takes raw maps too
+
+
+def test_predictions_keep_raw_maps_and_scores(tmp_path: Path) -> None:
+    seed_everything(0)
+    data = SyntheticDataModule(root=str(tmp_path / "syn"), category="disc", image_size=96, eval_size=EVAL_SIZE)
+    writer = PredictionWriter(map_format="npy", map_size="eval")
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path / "run"),
+                      callbacks=[writer])  # fmt: skip
+    trainer.predict(WideRangeMemoryBank(), datamodule=data)
+    maps = [np.load(path) for path in (tmp_path / "run" / "predictions").rglob("*_map.npy")]
+    assert maps and min(m.min() for m in maps) < 0 < 1 < max(m.max() for m in maps)  # written as computed
+    scores = [float(row["score"]) for row in writer.rows.values()]
+    assert min(scores) < 0 < 1 < max(scores)
