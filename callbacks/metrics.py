@@ -131,10 +131,15 @@ def _metrics_from_sorted(positives: np.ndarray, negatives: np.ndarray) -> dict[s
     }
 
 
-def histogram_counts(scores: np.ndarray, labels: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """int64 histograms of negative and positive scores over ``bins`` equal bins of [0,1] (summable across ranks)."""
+def histogram_counts(
+    scores: np.ndarray, labels: np.ndarray, bins: int, value_range: tuple[float, float] = (0.0, 1.0)
+) -> tuple[np.ndarray, np.ndarray]:
+    """int64 histograms of negative and positive scores over ``bins`` equal bins of ``value_range`` (summable across
+    ranks); scores outside the range fall in the end bins."""
     scores, labels = _binary_inputs(scores, labels)
-    index = np.clip((scores.astype(np.float64) * bins).astype(np.int64), 0, bins - 1)
+    low, high = value_range
+    position = (scores.astype(np.float64) - low) / (high - low) * bins
+    index = np.clip(np.floor(position), 0, bins - 1).astype(np.int64)
     return (
         np.bincount(index[~labels], minlength=bins).astype(np.int64),
         np.bincount(index[labels], minlength=bins).astype(np.int64),
@@ -271,6 +276,8 @@ class AnomalyMetrics(Callback):
         aupro: also compute AUPRO up to FPR 0.3 (costly; exact mode only).
         f1: also compute image and pixel F1-max.
         bins: histogram bins for ``histogram`` mode.
+        histogram_range: the (low, high) span the bins cover; maps are raw, so set it to the method's range (values
+            outside land in the end bins and tie there).
     """
 
     def __init__(
@@ -279,6 +286,7 @@ class AnomalyMetrics(Callback):
         aupro: bool = False,
         f1: bool = True,
         bins: int = 65536,
+        histogram_range: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         if pixel_mode not in ("exact", "histogram"):
             raise ValueError(f"AnomalyMetrics.pixel_mode must be 'exact' or 'histogram', got {pixel_mode!r}")
@@ -286,6 +294,9 @@ class AnomalyMetrics(Callback):
         self.aupro = aupro
         self.f1 = f1
         self.bins = bins
+        if not histogram_range[0] < histogram_range[1]:
+            raise ValueError(f"AnomalyMetrics.histogram_range must be (low, high), low < high; got {histogram_range}")
+        self.histogram_range = (float(histogram_range[0]), float(histogram_range[1]))
         self.results: dict[str, float] = {}
         self._rank, self._world = 0, 1
         self._reset()
@@ -325,7 +336,7 @@ class AnomalyMetrics(Callback):
                 self._maps[index] = maps[row].astype(np.float32, copy=False)
                 self._masks[index] = masks[row]
             elif index % self._world == self._rank:  # not a padding copy of another rank's sample
-                negatives, positives = histogram_counts(maps[row], masks[row], self.bins)
+                negatives, positives = histogram_counts(maps[row], masks[row], self.bins, self.histogram_range)
                 self._negative_counts += negatives
                 self._positive_counts += positives
 

@@ -1,4 +1,4 @@
-"""The batch contract shared by every datamodule, module and callback (DESIGN.md, "The batch contract").
+"""The batch contract shared by every datamodule, module and callback.
 
 Data flows one way: a DataModule yields a :class:`Batch`, a module fills ``anomaly_map`` and ``pred_score``
 on it, and the callbacks read those fields. Lightning moves dataclasses between devices field by field.
@@ -27,8 +27,12 @@ class Batch:
         index: int64 [B], each sample's index in its dataset (used to drop DDP padding duplicates).
 
     Outputs written by the module:
-        anomaly_map: float32 [B,h,w] in [0,1].
-        pred_score: float32 [B] in [0,1].
+        anomaly_map: float32 [B,h,w], raw: the method's own values, any real range.
+        pred_score: float32 [B], raw, any real range; higher means more anomalous.
+
+    Nothing between the method and the metrics clamps, squashes or rescales the outputs: AUROC, AP and F1 are rank
+    metrics, and a clamp turns distinct scores into ties. Ranges are fixed only for display (heatmaps, overlays),
+    thresholds and the exported min-max normalisation.
     """
 
     image: torch.Tensor

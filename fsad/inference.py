@@ -45,8 +45,8 @@ class CheckpointError(FsadError, ValueError):
 class Prediction:
     """The verdict on one image.
 
-    score: raw image score in [0,1] (what ``fsad test`` ranks).
-    anomaly_map: float32 [H,W] at the image's own size, in [0,1].
+    score: raw image score, any real range (what ``fsad test`` ranks).
+    anomaly_map: raw float32 [H,W] at the image's own size, in the method's own range.
     label: 1 anomalous / 0 normal, when an image threshold is fitted; else ``None``.
     mask: uint8 {0,1} [H,W] at the image's own size, when a pixel threshold is fitted; else ``None``.
     """
@@ -226,7 +226,7 @@ class Inferencer:
             mask = F.interpolate(eval_mask, size=(height, width), mode="nearest")[0, 0].to(torch.uint8).numpy()
         return Prediction(
             score=float(outputs["pred_score"][0]),
-            anomaly_map=anomaly_map[0, 0].clamp(0.0, 1.0).numpy(),
+            anomaly_map=anomaly_map[0, 0].numpy(),
             label=int(outputs["pred_label"][0]) if "pred_label" in outputs else None,
             mask=mask,
         )

@@ -79,7 +79,8 @@ class FewShotAnomalyModule(LightningModule, ABC):
 
     @abstractmethod
     def score(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return grid maps [B,rows,cols] and image scores [B], both in [0,1], from one backbone pass."""
+        """Return grid maps [B,rows,cols] and image scores [B] from one backbone pass, raw: any real range, higher means
+        more anomalous (nothing downstream clamps them)."""
 
     def prepare_for_data(self, data: Any) -> None:
         """Build what depends on the dataset and category (prompt texts); ``data`` is the datamodule, or any object
@@ -135,13 +136,14 @@ class FewShotAnomalyModule(LightningModule, ABC):
             )
 
     def maps_and_scores(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """The method's scoring of one backbone pass, then upsampling and smoothing to ``eval_size``."""
+        """The method's scoring of one backbone pass, then upsampling and smoothing to ``eval_size``; values stay raw,
+        as rank metrics need them (a clamp would turn distinct scores into ties)."""
         grid_maps, image_scores = self.score(features)
         anomaly_map = upsample_and_smooth(grid_maps, self.eval_size, self.gaussian_sigma)
-        return anomaly_map.float(), image_scores.float().clamp(0.0, 1.0)
+        return anomaly_map.float(), image_scores.float()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised images [B,3,S,S] → anomaly maps [B,E,E] and image scores [B], in [0,1], after :meth:`fit_support`.
+        """Normalised images [B,3,S,S] → raw anomaly maps [B,E,E] and image scores [B], after :meth:`fit_support`.
 
         One backbone pass, the method's scoring, then upsampling and smoothing to ``eval_size``.
         """

@@ -69,21 +69,23 @@ class MemoryBank(nn.Module):
     def _device(self) -> torch.device:
         return next(iter(self.banks.values())).device if self.taps else torch.device("cpu")
 
-    def min_distance(self, tap: int, query: torch.Tensor) -> torch.Tensor:
-        """``min_m (1 − cos(q, m)) / 2`` for every query token: [B,N,C] → [B,N] in [0,1]."""
-        bank = self.banks[tap].to(query.device)
-        flat = F.normalize(query.reshape(-1, query.shape[-1]).float(), dim=-1)
+    def min_distance(self, tap: int, query: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``min_m (1 − cos(q, m)) / 2`` for every query token: [B,N,C] → [B,N], in [0,1] up to rounding (not clamped:
+        a clamp would tie the tokens that rounding pushes past an end)."""
+        bank = self.banks[tap].to(query.device, dtype)
+        flat = F.normalize(query.reshape(-1, query.shape[-1]).to(dtype), dim=-1)
         if tracing_or_exporting():  # one product: a recorded graph must serve every batch size
             best = (flat @ bank.T).amax(dim=1)
         else:
             best = torch.cat([(chunk @ bank.T).amax(dim=1) for chunk in flat.split(self.query_chunk)])
-        return ((1.0 - best) / 2.0).clamp(0.0, 1.0).reshape(query.shape[:-1])
+        return ((1.0 - best) / 2.0).reshape(query.shape[:-1])
 
-    def forward(self, tokens: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Mean over taps of the per-token minimum distances: {tap: [B,N,C]} → [B,N]."""
+    def forward(self, tokens: dict[int, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Mean over taps of the per-token minimum distances: {tap: [B,N,C]} → [B,N], computed in ``dtype`` (the
+        queries normalised, the products, minima and mean all in it: PromptAD's fp16 scoring passes float16)."""
         if not self.is_fitted:
             raise RuntimeError("MemoryBank.fit must run on the support set before scoring")
         missing = set(self.taps) - set(tokens)
         if missing:
             raise KeyError(f"query lacks taps {sorted(missing)} that the memory bank was fitted on")
-        return torch.stack([self.min_distance(tap, tokens[tap]) for tap in self.taps]).mean(dim=0)
+        return torch.stack([self.min_distance(tap, tokens[tap], dtype) for tap in self.taps]).mean(dim=0)

@@ -41,11 +41,11 @@ def upsample_and_smooth(maps: torch.Tensor, size: int | tuple[int, int], sigma: 
     """Bilinearly upsample [B,h,w] grid maps to ``size`` and blur them with σ in output pixels.
 
     PromptAD/FineGrainedAD use σ = 4 at 400 px (methods.md §1, "Inference"); KAG-prompt uses no smoothing (σ = 0).
-    The result is clamped to [0,1], the range the batch contract promises.
+    Values stay raw (no clamp): the batch contract passes the method's own range to the metrics.
     """
     size = (size, size) if isinstance(size, int) else tuple(size)
     up = F.interpolate(maps.unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False).squeeze(1)
-    return gaussian_blur(up, sigma).clamp_(0.0, 1.0)
+    return gaussian_blur(up, sigma)
 
 
 def harmonic_fusion(first: torch.Tensor, second: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

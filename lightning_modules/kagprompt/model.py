@@ -23,6 +23,8 @@ from fsad.lightning_modules.components.clip import BackboneOutput
 from fsad.lightning_modules.components.memory_bank import MemoryBank
 
 Variant = Literal["paper", "code"]
+ReverseEdge = Literal["transpose", "same"]
+VisualReduction = Literal["sum", "mean"]
 PAPER_KERNELS = ((1, 4), (4, 1), (2, 2), (3, 3))
 
 
@@ -93,14 +95,19 @@ class KernelAwareGraph(nn.Module):
             channel (Eq. 9's "channel-by-element product").
         gate_self_loop: paper only. Gate the self-loop message h_ii too (Eq. 9 sums over all j ∈ 𝒩 "and itself
             through gating").
+        reverse_edge: the edge a deeper layer's node sends to a shallower one. ``transpose`` (paper, Eq. 5): it is the
+            transpose of the forward edge, e = N_i W_cᵀ N_jᵀ for i > j; ``same`` (the authors' code): N_i W_c N_jᵀ in
+            both directions.
     """
 
     def __init__(
         self, dim: int, layers: int, rounds: int, variant: Variant, use_gate: bool = True, use_gru: bool = True,
-        gate_channels: Literal[1, "dim"] = 1, gate_self_loop: bool = True,
+        gate_channels: Literal[1, "dim"] = 1, gate_self_loop: bool = True, reverse_edge: ReverseEdge = "transpose",
     ) -> None:  # fmt: skip
         super().__init__()
-        self.variant, self.rounds, self.layers = variant, rounds, layers
+        if reverse_edge not in ("transpose", "same"):
+            raise ValueError(f"model.reverse_edge must be 'transpose' or 'same', got {reverse_edge!r}")
+        self.variant, self.rounds, self.layers, self.reverse_edge = variant, rounds, layers, reverse_edge
         self.use_gate, self.use_gru, self.gate_self_loop = use_gate, use_gru, gate_self_loop
         self.inter = nn.Linear(dim, dim, bias=False)  # Eq. 4: W_c; the query is N_i W_cᵀ as nn.Linear computes it
         if variant == "paper":
@@ -115,17 +122,27 @@ class KernelAwareGraph(nn.Module):
         self.gru = ConvGRUCell(dim) if use_gru else None
         others = [[j for j in range(layers) if j != i] for i in range(layers)]
         self.register_buffer("others", torch.tensor(others), persistent=False)
+        reverse = [[j < i for j in row] for i, row in enumerate(others)]  # the edge runs from a deeper layer j > i?
+        self.register_buffer("reverse", torch.tensor(reverse), persistent=False)
         authors_init(self)
 
     def inter_messages(self, state: torch.Tensor) -> torch.Tensor:
-        """Eq. 4–7: h_ji = softmax_rows((N_i W_cᵀ) N_jᵀ) N_j for every j ≠ i: [B,L,N,C] → [B,L,L−1,N,C].
+        """Eq. 4–7: h_ji = softmax_rows(e) N_j for every j ≠ i: [B,L,N,C] → [B,L,L−1,N,C].
 
-        No 1/√d scale (neither the paper nor the authors have one, C2); j runs over the other layers in order.
+        e = N_i W_c N_jᵀ (Eq. 4) for j > i; for j < i, e = N_i W_cᵀ N_jᵀ (Eq. 5, ``reverse_edge: transpose``) or
+        again N_i W_c N_jᵀ (``same``, the authors). W_c is ``inter.weight``ᵀ, so N W_c = ``inter(N)``. No 1/√d scale
+        (neither the paper nor the authors have one, C2); j runs over the other layers in order.
         """
-        query = self.inter(state)
+        forward_query = self.inter(state)
         keys = state[:, self.others]  # [B,L,L−1,N,C]
-        attention = torch.softmax(torch.einsum("binc,bijmc->bijnm", query, keys), dim=-1)
-        return attention @ keys
+        if self.reverse_edge == "same":
+            logits = torch.einsum("binc,bijmc->bijnm", forward_query, keys)
+        else:
+            reverse_query = state @ self.inter.weight  # N_i W_cᵀ
+            reverse = self.reverse[None, :, :, None, None]  # [1,L,L−1,1,1]
+            query = torch.where(reverse, reverse_query[:, :, None], forward_query[:, :, None])
+            logits = torch.einsum("bijnc,bijmc->bijnm", query, keys)
+        return torch.softmax(logits, dim=-1) @ keys
 
     def intra_message(self, state: torch.Tensor) -> torch.Tensor:
         """Eq. 3 (= h_ii, Eq. 6): α·softmax((W_c1 N)(W_c2 N)ᵀ)(W_c3 N) + N on [B,L,N,C]."""
@@ -202,8 +219,10 @@ class KAGPromptModel(nn.Module):
         use_graph: False = the "w/o graph" ablation, O_i = V_i.
         use_gate, use_gru, gate_channels, gate_self_loop: see :class:`KernelAwareGraph`.
         use_memory: False = the "w/o memory bank" ablation, M = M_p.
-        visual_reduction: paper only. How Eq. 13 combines the 4 layers' (1 − max cos): ``sum`` as printed (range
-            [0, 8], clamped to [0, 1] by the batch contract) or ``mean`` (the Norm of Eq. 12, range [0, 2]).
+        reverse_edge: Eq. 5 reading, see :class:`KernelAwareGraph`; ``None`` = ``transpose`` (paper) / ``same`` (code).
+        visual_reduction: how Eq. 13 combines the 4 layers: ``sum`` as printed (paper: Σ (1 − max cos), range
+            [0, 8]) or ``mean`` (the authors' code: the mean of the max cosines before their softmax); ``None`` =
+            ``sum`` (paper) / ``mean`` (code).
     """
 
     def __init__(
@@ -211,11 +230,14 @@ class KAGPromptModel(nn.Module):
         gamma: float = 0.1, score_gamma: float = 0.1, top_k: int = 30, text_scale: float = 100.0,
         graph_dim: int | None = None, score_size: int = 224, kernels: tuple[tuple[int, int], ...] = PAPER_KERNELS,
         use_graph: bool = True, use_gate: bool = True, use_gru: bool = True, gate_channels: Literal[1, "dim"] = 1,
-        gate_self_loop: bool = True, use_memory: bool = True, visual_reduction: Literal["sum", "mean"] = "mean",
+        gate_self_loop: bool = True, use_memory: bool = True, visual_reduction: VisualReduction | None = None,
+        reverse_edge: ReverseEdge | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         if variant not in ("paper", "code"):
             raise ValueError(f"model.variant must be 'paper' or 'code', got {variant!r}")
+        visual_reduction = visual_reduction or ("sum" if variant == "paper" else "mean")
+        reverse_edge = reverse_edge or ("transpose" if variant == "paper" else "same")
         if visual_reduction not in ("sum", "mean"):
             raise ValueError(f"model.visual_reduction must be 'sum' or 'mean', got {visual_reduction!r}")
         self.variant, self.taps, self.gamma, self.score_gamma = variant, list(taps), gamma, score_gamma
@@ -228,7 +250,9 @@ class KAGPromptModel(nn.Module):
         )
         self.multi_kernel = MultiKernelConv(inner, variant, tuple(tuple(k) for k in kernels))
         self.graph = (
-            KernelAwareGraph(inner, len(taps), rounds, variant, use_gate, use_gru, gate_channels, gate_self_loop)
+            KernelAwareGraph(
+                inner, len(taps), rounds, variant, use_gate, use_gru, gate_channels, gate_self_loop, reverse_edge
+            )
             if use_graph else None
         )  # fmt: skip
         self.to_joint = nn.Identity() if inner == dim else nn.Linear(inner, dim)
@@ -285,15 +309,15 @@ class KAGPromptModel(nn.Module):
     def visual_map(self, features: BackboneOutput, graph_out: torch.Tensor) -> torch.Tensor:
         """M_v at the score size [B,S,S].
 
-        Paper (Eq. 13): Up(Σ_i or mean_i (1 − max_r cos(O_i, r_i))). Code: sim = mean_i max cos on raw tokens, Up,
-        then softmax([sim, 1 − sim])₁ (C5).
+        Paper (Eq. 13): Up(Σ_i (1 − max_r cos(O_i, r_i))). Code: sim = mean_i max cos on raw tokens, Up, then
+        softmax([sim, 1 − sim])₁ (C5). ``visual_reduction`` swaps Σ_i and mean_i in either.
         """
         distance = self.memory(self.memory_tokens(features, graph_out))  # mean_i (1 − max cos)/2, [B,N]
         grid = distance.reshape(-1, 1, *features.grid)
+        layers = len(self.taps) if self.visual_reduction == "sum" else 1
         if self.variant == "paper":
-            layers = len(self.taps) if self.visual_reduction == "sum" else 1
             return self.upsample(2.0 * layers * grid)[:, 0]
-        similarity = self.upsample(1.0 - 2.0 * grid)
+        similarity = self.upsample(layers * (1.0 - 2.0 * grid))
         return torch.cat([similarity, 1.0 - similarity], dim=1).softmax(dim=1)[:, 1]
 
     def image_logits(self, cls: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -339,10 +363,11 @@ def image_score(image_similarity: torch.Tensor, maps: torch.Tensor, gamma: float
 def authors_focal_loss(
     abnormal: torch.Tensor, normal: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5
 ) -> torch.Tensor:
-    """The authors' focal loss on [normal, abnormal] (C9): one-hot clamped to [smooth, 1−smooth],
-    p_t = Σ onehot·p + smooth, mean of −(1−p_t)^γ log p_t."""
-    one_hot = target.clamp(smooth, 1 - smooth)
-    p_true = (1 - one_hot) * normal + one_hot * abnormal + smooth
+    """The authors' focal loss on [normal, abnormal] (C9): both one-hot columns [1 − G, G] clamped to
+    [smooth, 1−smooth], p_t = Σ onehot·p + smooth, mean of −(1−p_t)^γ log p_t."""
+    normal_weight = (1 - target).clamp(smooth, 1 - smooth)
+    abnormal_weight = target.clamp(smooth, 1 - smooth)
+    p_true = normal_weight * normal + abnormal_weight * abnormal + smooth
     return (-(1 - p_true).pow(gamma) * p_true.log()).mean()
 
 

@@ -30,7 +30,9 @@ class KAGPrompt(FewShotAnomalyModule):
         text_scale: logit scale of the text comparisons (100).
         score_size: side of the maps fused and top-k'd; ``null`` = ``eval_size`` (paper) or 224 (code, the authors').
         kernels: Eq. 1 kernel shapes. use_graph, use_gate, use_gru, use_memory: Table 2 ablation switches.
-        gate_channels, gate_self_loop, visual_reduction: readings of ambiguous paper equations (README).
+        gate_channels, gate_self_loop: readings of ambiguous paper equations (README).
+        reverse_edge, visual_reduction: Eq. 5 and Eq. 13, ``null`` = as printed (paper: ``transpose``, ``sum``) or
+            as the authors' code (code: ``same``, ``mean``).
         focal_weight, dice_weight, image_loss_weight: λ₁, λ₂ and the image-term weight of Eq. 17;
             ``dice_weight=None`` → 1 (paper) or 0.3 (code). focal_gamma: the focal exponent (2).
         lr, betas, weight_decay, warmup_fraction: Adam with linear warm-up then cosine decay over the fit.
@@ -60,7 +62,8 @@ class KAGPrompt(FewShotAnomalyModule):
         use_memory: bool = True,
         gate_channels: Literal[1, "dim"] = 1,
         gate_self_loop: bool = True,
-        visual_reduction: Literal["sum", "mean"] = "mean",
+        visual_reduction: Literal["sum", "mean"] | None = None,
+        reverse_edge: Literal["transpose", "same"] | None = None,
         focal_weight: float = 1.0,
         dice_weight: float | None = None,
         image_loss_weight: float = 1.0,
@@ -80,7 +83,7 @@ class KAGPrompt(FewShotAnomalyModule):
         self.model = KAGPromptModel(
             self.backbone.width, self.backbone.embed_dim, taps, variant, rounds, gamma, score_gamma, top_k,
             text_scale, graph_dim, score_size, tuple(tuple(k) for k in (kernels or PAPER_KERNELS)), use_graph,
-            use_gate, use_gru, gate_channels, gate_self_loop, use_memory, visual_reduction,
+            use_gate, use_gru, gate_channels, gate_self_loop, use_memory, visual_reduction, reverse_edge,
         )  # fmt: skip
         self.text_by_category: dict[str, torch.Tensor] = {}
         self.category: str | None = None
@@ -108,9 +111,8 @@ class KAGPrompt(FewShotAnomalyModule):
         # the authors' ground truth: the mask at the map size, G > 0.3
         target = F.interpolate(batch.gt_mask.float().unsqueeze(1), size=size, mode="bilinear") > 0.3
         hp = self.hparams
-        labels = (
-            batch.gt_label if self.model.variant == "paper" else target.flatten(1).amax(1).long()
-        )  # code: c = max G
+        # c = max G, as the authors label: an NSA item whose patch left no mask pixel above 0.3 counts as normal
+        labels = target.flatten(1).amax(1).long()
         terms = kag_loss(
             outputs, target[:, 0], labels, self.model.variant, hp.focal_weight, hp.dice_weight,
             hp.image_loss_weight, hp.focal_gamma,

@@ -80,12 +80,15 @@ class PromptADModel(nn.Module):
         variant: ``paper`` or ``code`` (module docstring).
         n_pro_cls: normal context sets of the code variant's classification prompts (3 in ``train_cls.py``).
         image_max_size: size to which ``M_v`` is upsampled before its max in the code variant (the eval size).
+        scoring_dtype: precision of T's softmax, of ``M_v`` and of the CLS score (float32; the backbone's fp16/bf16
+            with the low-precision scoring quirk, as the authors' ``calculate_*_anomaly_score``).
     """
 
     def __init__(
         self, width: int, n_ctx: int = 4, n_ctx_ab: int = 1, n_pro_ab: int = 4, eam_margin: float = 0.0,
         mean_loss_weight: float = 0.001, temperature_quirk: bool = False, eam_token_axis_quirk: bool = False,
         variant: Variant = "paper", n_pro_cls: int = 3, image_max_size: int = 400,
+        scoring_dtype: torch.dtype = torch.float32,
     ) -> None:  # fmt: skip
         super().__init__()
         check_variant(variant)
@@ -103,6 +106,7 @@ class PromptADModel(nn.Module):
         self.temperature_quirk = temperature_quirk
         self.eam_token_axis_quirk = eam_token_axis_quirk
         self.image_max_size = image_max_size
+        self.scoring_dtype = scoring_dtype
         self.last_image_parts: torch.Tensor | None = None  # [B,2] (max M_v, text score) of the last forward
         self.text: GroupFeatures | None = None
         self.cls_text: GroupFeatures | None = None
@@ -167,17 +171,36 @@ class PromptADModel(nn.Module):
         if self.text is None:
             self.cache_text(backbone)
         t = self.temperature(backbone)
-        visual = self.memory(features.taps)
-        textual = two_way_probability(
-            F.normalize(features.vv_tokens, dim=-1), self.text.normal_prototype, self.text.abnormal_prototype, t
-        )
+        if self.scoring_dtype == torch.float32:
+            visual = self.memory(features.taps)
+            textual = two_way_probability(
+                F.normalize(features.vv_tokens, dim=-1), self.text.normal_prototype, self.text.abnormal_prototype, t
+            )
+            image_text = two_way_probability(
+                F.normalize(features.cls, dim=-1), self.cls_text.normal_prototype, self.cls_text.abnormal_prototype, t
+            )
+        else:
+            textual, visual, image_text = self.low_precision_parts(features, t)
         grid = harmonic_fusion(textual, visual).reshape(visual.shape[0], *features.grid)
-        image_text = two_way_probability(
-            F.normalize(features.cls, dim=-1), self.cls_text.normal_prototype, self.cls_text.abnormal_prototype, t
-        )
         if self.variant == "code":
             visual_max = upsampled_max(visual.reshape(visual.shape[0], *features.grid), self.image_max_size)
         else:
             visual_max = visual.amax(dim=1)
-        self.last_image_parts = torch.stack([visual_max, image_text], dim=1)  # for the paper protocol's max fusion
+        self.last_image_parts = torch.stack([visual_max, image_text.float()], dim=1)  # the paper protocol's max fusion
         return grid, harmonic_fusion(visual_max, image_text)
+
+    def low_precision_parts(self, features: BackboneOutput, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(T [B,N], M_v [B,N], CLS score [B]) as the authors' fp16 forward computes them: the tower outputs
+        normalised, ``softmax((t·f) @ [p̄ⁿ; p̄ᵃ]ᵀ)`` and the memory bank's distances in ``scoring_dtype``. T and M_v
+        return to fp32 (their maps are fp32 from there on); the CLS score stays low-precision, so the image-score
+        fusion's ``1/s`` is taken in it, as their numpy metric does on the fp16 scores."""
+        dtype = self.scoring_dtype
+
+        def probability(tokens: torch.Tensor, text: GroupFeatures) -> torch.Tensor:
+            unit = F.normalize(tokens.to(dtype), dim=-1)
+            prototypes = torch.stack([text.normal_prototype, text.abnormal_prototype]).to(dtype)
+            return ((t * unit) @ prototypes.T).softmax(dim=-1)[..., 1]
+
+        textual = probability(features.vv_tokens, self.text).float()
+        visual = self.memory(features.taps, dtype).float()
+        return textual, visual, probability(features.cls, self.cls_text)

@@ -184,6 +184,8 @@ class PromptAD(PromptTuningModule):
         low_precision_prompts_quirk: with ``backbone.precision`` fp16/bf16, hold the prompt contexts in that
             precision and let SGD update them there, as the authors' fp16 prompt learner (no fp32 master copy);
             default from ``variant``. No effect at fp32.
+        low_precision_scoring_quirk: with ``backbone.precision`` fp16/bf16, compute T's softmax, M_v and the CLS
+            score in that precision, as the authors' fp16 forward; default from ``variant``. No effect at fp32.
     """
 
     method_name = "promptad"
@@ -213,17 +215,20 @@ class PromptAD(PromptTuningModule):
         max_fusion_quirk: bool | None = None,
         eam_token_axis_quirk: bool | None = None,
         low_precision_prompts_quirk: bool | None = None,
+        low_precision_scoring_quirk: bool | None = None,
     ) -> None:
         super().__init__(
             backbone, image_size, eval_size, gaussian_sigma, variant, protocol, bgr_test_quirk, best_epoch_on_test,
             max_fusion_quirk, low_precision_prompts_quirk,
         )  # fmt: skip
         code = variant == "code"
+        low_precision_scoring = code if low_precision_scoring_quirk is None else low_precision_scoring_quirk
         self.model = PromptADModel(
             self.backbone.text_width, n_ctx, n_ctx_ab, n_pro_ab, eam_margin, mean_loss_weight,
             temperature_quirk=code if temperature_quirk is None else temperature_quirk,
             eam_token_axis_quirk=code if eam_token_axis_quirk is None else eam_token_axis_quirk,
             variant=variant, n_pro_cls=n_pro_cls, image_max_size=eval_size,
+            scoring_dtype=self.backbone.dtype if low_precision_scoring else torch.float32,
         )  # fmt: skip
 
     def prepare_for_data(self, data: Any) -> None:

@@ -219,6 +219,41 @@ def test_fp16_path_lands_within_fp16_rounding_of_the_authors_fp16_run(meta: dict
     print("fp16 max |Δ| per stage:", json.dumps({k: f"{v:.2e}" for k, v in measured.items()}))
 
 
+def fp16_scoring(meta: dict, quirk: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fsad's code variant at ``backbone.precision: fp16`` on the authors' support and test tensors, at their fp16
+    initial contexts (both prompt sets): the anomaly maps at eval size and the image scores."""
+    seg, half = golden("seg"), golden("fp16")
+    module = code_variant(meta, lr=meta["lr"], precision="fp16", low_precision_scoring_quirk=quirk)
+    assert module.model.scoring_dtype == (torch.float16 if quirk else torch.float32)
+    module.model.build(module.backbone, "bottle")
+    with torch.no_grad():
+        for learner, prefix in ((module.model.prompts, ""), (module.model.cls_prompts, "cls_")):
+            normal = torch.from_numpy(half[f"{prefix}initial_normal_context"])
+            learner.normal_context.copy_(normal.reshape(learner.normal_context.shape))
+            learner.abnormal_context.copy_(torch.from_numpy(half[f"{prefix}initial_abnormal_context"]))
+        module.model.fit_support(module.backbone(torch.from_numpy(seg["support_images"])))
+        module.model.cache_text(module.backbone)
+        return module.maps_and_scores(module.backbone(torch.from_numpy(seg["test_images"])))
+
+
+def test_fp16_scoring_follows_the_authors_fp16_forward(meta: dict) -> None:
+    """At fp16 the authors compute T's softmax, M_v and the CLS score in fp16 (their ``calculate_*_anomaly_score``);
+    ``variant: code`` does the same (``low_precision_scoring_quirk``). Against their fp16 maps and scores on the same
+    tensors, it lands closer than fsad's fp32 scoring of the same fp16 tower outputs (measured in the README)."""
+    half = golden("fp16")
+    measured = {}
+    for quirk in (True, False):
+        maps, scores = fp16_scoring(meta, quirk)
+        map_gap = (maps - torch.from_numpy(half["scoring_anomaly_map"])).abs()
+        measured[f"map max quirk={quirk}"] = map_gap.max().item()
+        measured[f"map mean quirk={quirk}"] = map_gap.mean().item()
+        measured[f"score quirk={quirk}"] = (scores - torch.from_numpy(half["scoring_image_score"])).abs().max().item()
+    print("fp16 scoring |Δ|:", json.dumps({k: f"{v:.2e}" for k, v in measured.items()}))
+    assert measured["map max quirk=True"] <= FP16_TOLERANCE and measured["score quirk=True"] <= FP16_TOLERANCE
+    assert measured["map mean quirk=True"] < measured["map mean quirk=False"]
+    assert measured["score quirk=True"] < measured["score quirk=False"]
+
+
 #: One fp16 unit in the last place for magnitudes in [2⁻⁵, 2⁻⁴), where the largest trained contexts lie (0.031-0.063).
 FP16_CONTEXT_UNIT = 2.0**-15
 

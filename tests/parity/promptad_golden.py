@@ -15,8 +15,8 @@ computed:
   is pointed at ``logit_scale``.
 
 ``fp16.npz`` holds their own fp16 computation, unchanged (their factory's mixed precision: low-precision linear,
-convolution and attention weights, LayerNorms in fp32): the backbone outputs for the same test tensors and the raw
-text features at their initial fp16 contexts. ``fp16_train.npz`` holds their fp16 segmentation ``fit`` at their own
+convolution and attention weights, LayerNorms in fp32): the backbone outputs for the same test tensors, the raw
+text features at their initial fp16 contexts, and their fp16 scoring (maps and image scores) at those contexts. ``fp16_train.npz`` holds their fp16 segmentation ``fit`` at their own
 lr 0.002: the fp16 contexts before training and after every optimiser step, and each step's gradients.
 
 Usage (needs the authors' requirements: loguru, scikit-image, matplotlib, seaborn, pandas)::
@@ -244,17 +244,48 @@ def run_task(task: str, data_root: Path, modules, workdir: Path) -> dict[str, np
     return out
 
 
-def run_fp16(modules, test_images: np.ndarray) -> dict[str, np.ndarray]:
-    """Their fp16 model as shipped: backbone outputs of the fp32 run's test tensors and initial text features."""
+def run_fp16(modules, test_images: np.ndarray, support_images: np.ndarray) -> dict[str, np.ndarray]:
+    """Their fp16 models as shipped: backbone outputs of the fp32 run's test tensors and initial text features; then,
+    at those initial contexts and with their galleries built from the fp32 run's support tensors, their fp16 scoring:
+    the segmentation model's text and visual grids and its anomaly map (``forward(..., 'seg')``), and the
+    classification model's (three normal context sets) text score and image score (``forward(..., 'cls')``)."""
     _, authors_model, clipad, train_seg, _ = modules
     train_seg.setup_seed(AUTHORS_SEED)
     model = build_authors_model(authors_model, clipad, n_pro=1, precision="fp16")
+    test, support = torch.from_numpy(test_images), torch.from_numpy(support_images)
     with torch.no_grad():
-        cls, vv, tap3, tap8 = model.encode_image(torch.from_numpy(test_images))
+        cls, vv, tap3, tap8 = model.encode_image(test)
     out = dict(test_cls=as_array(cls), test_vv=as_array(vv), test_tap3=as_array(tap3), test_tap8=as_array(tap8))
     out["initial_normal_context"] = as_array(model.prompt_learner.normal_ctx)
     out["initial_abnormal_context"] = as_array(model.prompt_learner.abnormal_ctx)
     out.update({f"initial_{k}": v for k, v in authors_text_features(model).items()})
+
+    def build_galleries(authors) -> None:  # what their fit does before testing: support gallery, text prototypes
+        with torch.no_grad():
+            _, _, support3, support8 = authors.encode_image(support)
+            authors.build_image_feature_gallery(support3, support8)
+            authors.build_text_feature_gallery()
+
+    calls: dict[str, list] = {}
+    record_calls(model, ["calculate_textual_anomaly_score", "calculate_visual_anomaly_score"], calls)
+    build_galleries(model)
+    with torch.no_grad():
+        maps = model(test, "seg")
+    out["scoring_textual_grid"] = as_array(calls["calculate_textual_anomaly_score"][-1])[:, 0]
+    out["scoring_visual_grid"] = as_array(calls["calculate_visual_anomaly_score"][-1])[:, 0]
+    out["scoring_anomaly_map"] = np.stack(maps).astype(np.float32)
+    train_seg.setup_seed(AUTHORS_SEED)
+    cls_model = build_authors_model(authors_model, clipad, n_pro=3, precision="fp16")
+    out["cls_initial_normal_context"] = as_array(cls_model.prompt_learner.normal_ctx)
+    out["cls_initial_abnormal_context"] = as_array(cls_model.prompt_learner.abnormal_ctx)
+    build_galleries(cls_model)
+    with torch.no_grad():
+        text_scores, visual_maps = cls_model(test, "cls")
+    text_score = np.asarray(text_scores)  # their fp16 softmax, as numpy returns it
+    visual_max = np.stack(visual_maps).reshape(len(TEST), -1).max(axis=1)
+    out["scoring_image_text_score"] = text_score.astype(np.float32)
+    # utils/metrics.py::metric_cal_img, on their arrays as their test returns them
+    out["scoring_image_score"] = (1.0 / (1.0 / visual_max + 1.0 / text_score)).astype(np.float32)
     return out
 
 
@@ -306,7 +337,7 @@ def generate(authors_repo: Path, data_root: Path, out_dir: Path) -> None:
         for task in ("seg", "cls"):
             np.savez_compressed(out_dir / f"{task}.npz", **run_task(task, data_root, modules, Path(tmp)))
     with np.load(out_dir / "seg.npz") as seg:
-        np.savez_compressed(out_dir / "fp16.npz", **run_fp16(modules, seg["test_images"]))
+        np.savez_compressed(out_dir / "fp16.npz", **run_fp16(modules, seg["test_images"], seg["support_images"]))
     with tempfile.TemporaryDirectory() as tmp:
         np.savez_compressed(out_dir / "fp16_train.npz", **run_fp16_training(data_root, modules, Path(tmp)))
     commit = authors_commit(authors_repo)

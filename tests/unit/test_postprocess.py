@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from fsad.lightning_modules.components.postprocess import gaussian_blur, harmonic_fusion, upsample_and_smooth
@@ -19,12 +20,14 @@ def test_gaussian_blur_equals_scipy_mirror() -> None:
         np.testing.assert_allclose(ours[i], ref, atol=1e-6)
 
 
-def test_upsample_keeps_constant_maps_and_range() -> None:
+def test_upsample_keeps_constant_maps_and_raw_values() -> None:
     maps = torch.full((1, 4, 4), 0.3)
     out = upsample_and_smooth(maps, 32, sigma=4.0)
     assert out.shape == (1, 32, 32)
     torch.testing.assert_close(out, torch.full((1, 32, 32), 0.3))
-    assert upsample_and_smooth(torch.rand(2, 5, 5) * 3, 16, 0.0).max() <= 1.0
+    wide = torch.rand(2, 5, 5) * 6 - 3  # values in [−3, 3] stay as bilinear upsampling leaves them: no clamp
+    expected = F.interpolate(wide[:, None], size=16, mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(upsample_and_smooth(wide, 16, 0.0), expected)
 
 
 def test_harmonic_fusion_by_hand() -> None:
