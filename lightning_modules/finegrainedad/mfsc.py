@@ -537,7 +537,8 @@ def mllp_texts(
     placeholders), ALPs whose attribute values are replaced by learnable placeholders, component NHPs with a
     placeholder inserted after each value, component groups ``gated`` (Attr-MoE), and no attribute groups. Without
     it, the code's form: no foreground level, ALPs = contexts + caption, relation and attributes as Attr-MoE groups;
-    a record imported from the authors' file (``record.released``) then gives their exact strings
+    image AHPs are the object in each defect state only (as many rows as each Attr-MoE attribute group mixes into
+    them); a record imported from the authors' file (``record.released``) gives their exact strings
     (:func:`released_prompt_texts`).
     """
     if not placeholders and record.released is not None:
@@ -549,7 +550,8 @@ def mllp_texts(
     summary = _sentence(record.image_level.summary)
     image_abnormal = [_sentence(_with_defect(summary, fg, state)) for state in record.abnormal_states]
     names = (fg, *(c.name for c in record.components))
-    image_abnormal += abnormal_rewrites(summary, in_use, rng, names)
+    if placeholders:  # the code's image AHPs are the defect states only: its Attr-MoE mixes attribute rows into them
+        image_abnormal += abnormal_rewrites(summary, in_use, rng, names)
     image_alp = with_placeholders(summary, "replace") if placeholders else summary
     image = PromptGroupTexts(
         normal=[summary], abnormal=list(dict.fromkeys(image_abnormal)), learnable_abnormal=[image_alp]

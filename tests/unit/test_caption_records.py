@@ -245,13 +245,12 @@ def _one_span_changed(normal: str, abnormal: str) -> tuple[str, str] | None:
     return (old, new) if old or new else None
 
 
-@pytest.mark.parametrize("placeholders", [True, False], ids=["paper", "code"])
-def test_image_ahps_replace_the_summarys_attribute_values(placeholders: bool) -> None:
+def test_image_ahps_replace_the_summarys_attribute_values() -> None:
     """§3.3: image AHPs replace the Summary's attribute values, by a negative description or another value of the
     attribute's list. Every AHP that is not a defect state differs from the Summary in one value (an article may
     change with it), and each colour of the Summary is both negated and replaced by a colour the object lacks."""
     record = packaged_record("mvtec", "capsule")
-    texts = mllp_texts(record, placeholders=placeholders)
+    texts = mllp_texts(record, placeholders=True)
     summary = texts.image.normal[0]
     in_record = {v for c in record.components for v in c.attributes.color.base}
     states = [state.replace("{}", "").strip() for state in record.abnormal_states]
@@ -267,6 +266,18 @@ def test_image_ahps_replace_the_summarys_attribute_values(placeholders: bool) ->
     for colour in ("black", "orange"):  # the Summary's colours
         assert (colour, f"non-{colour}") in swapped
         assert any(old == colour and new in COLORS and new not in in_record for old, new in swapped), swapped
+
+
+@pytest.mark.parametrize("category", ["bottle", "capsule", "screw"])
+def test_code_form_image_ahps_are_the_defect_states_that_attr_moe_mixes_into(category: str) -> None:
+    """The code's form (no placeholders, a record of ours): the image AHPs are the object in each defect state, no
+    value replacements, because its Attr-MoE adds each attribute group's AHP rows into the image rows one for one
+    and so needs at least as many rows in every attribute group as the image level has."""
+    record = packaged_record("mvtec", category)
+    texts = mllp_texts(record, placeholders=False)
+    assert len(texts.image.abnormal) == len(record.abnormal_states)
+    for name, group in texts.attributes.items():
+        assert len(group.abnormal) >= len(texts.image.abnormal), name
 
 
 def test_component_ahps_use_the_records_own_defect_states_and_value_replacement() -> None:
