@@ -168,4 +168,7 @@ class PredictionWriter(Callback):
         replace_directory(staging, target)
         threshold = self.active_threshold(pl_module)
         count = len(rows) + len(bad)
-        print(f"wrote {count} rows to {target / 'scores.csv'}" + ("" if math.isnan(threshold) else f" (threshold {threshold:.6f})"))
+        print(
+            f"wrote {count} rows to {target / 'scores.csv'}"
+            + ("" if math.isnan(threshold) else f" (threshold {threshold:.6f})")
+        )
