@@ -33,6 +33,7 @@ COLOUR_BAR_WIDTH = 96
 CAPTION_LINE_HEIGHT = 20
 GAP = 4
 FONT = cv2.FONT_HERSHEY_SIMPLEX
+LOGGER_NAMES = {WandbLogger: "W&B", TensorBoardLogger: "TensorBoard", MLFlowLogger: "MLflow"}
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ def send_to_loggers(
                     logger.experiment.log_image(logger.run_id, picture, artifact_file=f"{key}/{name}.png")
         except Exception as err:  # an offline, disabled or unreachable logger must never end the run
             warnings.warn(
-                f"could not log {key} to {type(logger).__name__} ({type(err).__name__}: {err})", UserWarning,
+                f"could not log {key} to {LOGGER_NAMES.get(type(logger), type(logger).__name__)} "
+                f"({type(err).__name__}: {err})", UserWarning,
                 stacklevel=2,
             )  # fmt: skip
