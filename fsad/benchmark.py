@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from lightning.pytorch.loggers import WandbLogger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fsad.callbacks.metrics import AnomalyMetrics
@@ -354,19 +355,24 @@ class Sweep:
     def run_cell(self, cell: Cell, checkpoint: Path | None) -> dict[str, object]:
         """One cell as the protocol says; returns its CSV row with fit/test wall times and paper columns.
 
-        A W&B logger of the cell joins the sweep's group (``WANDB_RUN_GROUP``, unless the environment sets one)."""
+        A W&B logger of the cell logs one W&B run of its own (finished with the cell), in the sweep's group
+        (``WANDB_RUN_GROUP``, unless the environment sets one)."""
         group = wandb_group([{"method": self.method, "dataset": self.dataset, HASH_COLUMN: self.config_hash}])
         ours = "WANDB_RUN_GROUP" not in os.environ
         if ours:
             os.environ["WANDB_RUN_GROUP"] = group
+        cli = None
         try:
-            return self._run_cell(cell, checkpoint)
+            cli = FsadCLI(args=cell.args(self.config, self.run_root), run=False)
+            return self._run_cell(cell, checkpoint, cli)
         finally:
             if ours:
                 os.environ.pop("WANDB_RUN_GROUP", None)
+            for logger in cli.trainer.loggers if cli is not None else []:
+                if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+                    logger.experiment.finish()  # else the next cell's logger would join this run
 
-    def _run_cell(self, cell: Cell, checkpoint: Path | None) -> dict[str, object]:
-        cli = FsadCLI(args=cell.args(self.config, self.run_root), run=False)
+    def _run_cell(self, cell: Cell, checkpoint: Path | None, cli: FsadCLI) -> dict[str, object]:
         if self.feature_cache is not None and hasattr(cli.model, "feature_cache"):
             self.feature_cache.preprocessing = self.preprocessing_of(cli.datamodule)
             cli.model.feature_cache = self.feature_cache

@@ -264,7 +264,8 @@ def gallery(heatmaps_dir: Path) -> str:
         gt = {0: "normal", 1: "anomalous"}.get(record["gt_label"], "unknown")
         pred = {0: "normal", 1: "anomalous"}.get(record["pred_label"], "unknown")
         cards.append(
-            f'<figure class="card" data-defect="{escape(record["defect_type"])}" data-gt="{gt}" data-pred="{pred}">'
+            f'<figure class="card" data-defect="{escape(record["defect_type"])}" data-gt="{gt}" data-pred="{pred}" '
+            f'data-score="{float(record["score"])!r}">'
             f'<img src="{uri}" alt="{escape(record["file"])}"><figcaption>{escape(record["file"])}: score '
             f"{float(record['score']):.4g}, gt {gt}, pred {pred} ({escape(record.get('chosen_as', ''))})"
             "</figcaption></figure>"
