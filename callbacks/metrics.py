@@ -2,7 +2,7 @@
 
 Pure functions first (image/pixel AUROC, F1-max, AP, AUPRO), then :class:`AnomalyMetrics`, the callback that buffers
 per-rank results keyed by the sample index, drops DDP padding duplicates, gathers to rank 0, computes there and
-broadcasts the numbers so every rank logs the same values (DESIGN.md, "Metrics and callbacks").
+broadcasts the numbers so every rank logs the same values (docs/architecture.md, "Metric rules").
 """
 
 from __future__ import annotations

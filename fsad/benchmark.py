@@ -1,7 +1,7 @@
 """``fsad benchmark``: sweep categories × shots × seeds of one method, resumably, into a paper-style table.
 
 Each cell runs in this process through the same :class:`FsadCLI` as ``fsad fit``/``fsad test``, the way the
-method's ``protocol_stage`` says (DESIGN.md, "Sweep protocol per method"):
+method's ``protocol_stage`` says (README.md, "Sweeps: the papers' tables"):
 
 * ``fewshot_fit``: fit on the cell's k shots, then test (PromptAD, FineGrainedAD);
 * ``training_free``: test only (memory bank);

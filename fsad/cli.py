@@ -87,7 +87,7 @@ FSAD_DESCRIPTION = (
 
 
 def run_directory(run_root: str | Path, method: str, dataset: str, category: str, k_shot: int, seed: int) -> Path:
-    """``<run_root>/<method>/<dataset>/<category>/k<k>_s<seed>`` (DESIGN.md, "CLI")."""
+    """``<run_root>/<method>/<dataset>/<category>/k<k>_s<seed>`` (docs/architecture.md, "CLI")."""
     return Path(run_root) / method / dataset / category / f"k{k_shot}_s{seed}"
 
 
