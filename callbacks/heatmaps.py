@@ -34,11 +34,12 @@ from fsad.callbacks.results import fresh_directory, replace_directory, write_tex
 from fsad.callbacks.visualiser import (
     ColourScale,
     ReviewCaption,
-    calibrated_scale,
     colour_map,
+    fitted_threshold,
     render_review,
     run_scale,
     send_to_loggers,
+    thresholds_scale,
     write_png,
 )
 from fsad.datamodules.transforms import DataError, load_rgb
@@ -63,10 +64,6 @@ def worst_errors(scores: dict[int, float], labels: dict[int, int], count: int) -
     normal = sorted((i for i in scores if labels[i] == 0), key=lambda i: -scores[i])[:count]
     anomalous = sorted((i for i in scores if labels[i] != 0), key=lambda i: scores[i])[:count]
     return {**{i: "false_positive" for i in normal}, **{i: "false_negative" for i in anomalous}}
-
-
-def _scalar(value: Any) -> float:
-    return float(value) if value is not None else math.nan
 
 
 class HeatmapLogger(Callback):
@@ -194,8 +191,8 @@ class HeatmapLogger(Callback):
         decisions = Decisions()
         if thresholds is not None and (thresholds.has_image or thresholds.has_pixel):
             decisions = Decisions(
-                image=effective(thresholds, "image") if thresholds.has_image else None,
-                pixel=effective(thresholds, "pixel") if thresholds.has_pixel else None,
+                image=fitted_threshold(thresholds, "image"),
+                pixel=fitted_threshold(thresholds, "pixel"),
                 source=f"calibrated thresholds ({thresholds.source or 'set by hand'})",
             )
         elif metrics is not None and metrics.f1_thresholds:
@@ -204,11 +201,8 @@ class HeatmapLogger(Callback):
                 pixel=finite_or_none(metrics.f1_thresholds.get("pixel")),
                 source="F1-max thresholds of this test set (oracle)",
             )
-        if self.color_scale == "auto" and thresholds is not None and thresholds.has_pixel:
-            fitted = [_scalar(getattr(thresholds, name)) for name in ("pixel_threshold", "pixel_min", "pixel_max")]
-            if all(math.isfinite(v) for v in fitted):
-                return calibrated_scale(*fitted, marked=decisions.pixel), decisions
-        return run_scale(low, high, decisions.pixel), decisions
+        calibrated = thresholds_scale(thresholds) if thresholds is not None and self.color_scale == "auto" else None
+        return calibrated or run_scale(low, high, decisions.pixel), decisions
 
     def _write_pictures(
         self, trainer: Trainer, items: dict[int, dict[str, Any]], chosen: dict[int, str], scale: ColourScale,
@@ -276,13 +270,6 @@ class Decisions:
     image: float | None = None
     pixel: float | None = None
     source: str = "no thresholds"
-
-
-def effective(thresholds: Any, level: Literal["image", "pixel"]) -> float:
-    """The raw value at which the model's :class:`DecisionThresholds` decide ``level`` (sensitivity applied)."""
-    return float(
-        thresholds.effective_threshold(*(getattr(thresholds, f"{level}_{n}") for n in ("threshold", "min", "max")))
-    )
 
 
 def finite_or_none(value: float | None) -> float | None:

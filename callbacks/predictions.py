@@ -33,7 +33,15 @@ from PIL import Image
 from fsad.batch import Batch
 from fsad.callbacks.metrics import f1_max_threshold, gather_to_rank_zero
 from fsad.callbacks.results import fresh_directory, replace_directory, write_text_atomically
-from fsad.callbacks.visualiser import ColourScale, ReviewCaption, calibrated_scale, render_review, run_scale, write_png
+from fsad.callbacks.visualiser import (
+    ColourScale,
+    ReviewCaption,
+    fitted_threshold,
+    render_review,
+    run_scale,
+    thresholds_scale,
+    write_png,
+)
 from fsad.datamodules.transforms import load_rgb
 from fsad.lightning_modules.components.thresholds import DecisionThresholds
 
@@ -41,13 +49,10 @@ from fsad.lightning_modules.components.thresholds import DecisionThresholds
 def overlay_scale(thresholds: DecisionThresholds, maps: torch.Tensor) -> ColourScale:
     """The overlays' colour scale: the calibrated normalisation when the model carries fitted pixel thresholds and
     their range, otherwise the min–max of this batch's raw maps (so the heat is never a uniform blue)."""
-    fitted = [float(getattr(thresholds, f"pixel_{name}")) for name in ("threshold", "min", "max")]
-    if all(math.isfinite(value) for value in fitted):
-        marked = float(thresholds.effective_threshold(thresholds.pixel_threshold, thresholds.pixel_min,
-                                                      thresholds.pixel_max))  # fmt: skip
-        return calibrated_scale(*fitted, marked=marked)
-    pixel = fitted[0] if math.isfinite(fitted[0]) else None
-    return run_scale(float(maps.min()), float(maps.max()), pixel, source="batch")
+    calibrated = thresholds_scale(thresholds)
+    if calibrated is not None:
+        return calibrated
+    return run_scale(float(maps.min()), float(maps.max()), fitted_threshold(thresholds, "pixel"), source="batch")
 
 
 class PredictionWriter(Callback):

@@ -20,11 +20,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+
+from fsad.lightning_modules.components.thresholds import DecisionThresholds
 
 GROUND_TRUTH_RGB = (255, 255, 255)
 PREDICTED_RGB = (255, 0, 255)
@@ -71,6 +74,20 @@ def calibrated_scale(threshold: float, low: float, high: float, marked: float | 
     sensitivity moves it)."""
     half = max(high - low, 1e-12) / 2
     return ColourScale(threshold - half, threshold + half, threshold if marked is None else marked, "calibrated")
+
+
+def fitted_threshold(thresholds: DecisionThresholds, level: Literal["image", "pixel"]) -> float | None:
+    """The raw value at which the model decides ``level`` (sensitivity applied); None when not fitted."""
+    threshold, low, high = (getattr(thresholds, f"{level}_{name}") for name in ("threshold", "min", "max"))
+    return float(thresholds.effective_threshold(threshold, low, high)) if math.isfinite(float(threshold)) else None
+
+
+def thresholds_scale(thresholds: DecisionThresholds) -> ColourScale | None:
+    """The calibrated scale of a model with fitted pixel threshold and range (None without them)."""
+    fitted = [float(getattr(thresholds, f"pixel_{name}")) for name in ("threshold", "min", "max")]
+    if not all(math.isfinite(value) for value in fitted):
+        return None
+    return calibrated_scale(*fitted, marked=fitted_threshold(thresholds, "pixel"))
 
 
 @dataclass(frozen=True)

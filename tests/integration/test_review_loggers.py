@@ -133,3 +133,20 @@ def test_predict_overlays_carry_the_score_on_the_batch_range(tmp_path: Path) -> 
         assert strip.shape[0] >= 40 and (strip < 100).any()  # the caption strip holds text
         strips.append(strip)
     assert len(strips) >= 2 and not np.array_equal(strips[0], strips[1])  # each with its own score
+
+
+def test_fitted_thresholds_set_the_scale_and_the_predictions(tmp_path: Path) -> None:
+    from fsad.datamodules.synthetic import SyntheticDataModule
+
+    model = tiny_model()
+    image_t, pixel_t, low, high = 0.2, 0.15, 0.05, 0.45  # as if fitted by calibration
+    model.thresholds.set("labelled", image_threshold=image_t, pixel_threshold=pixel_t, pixel_min=low, pixel_max=high)
+    data = SyntheticDataModule(root=str(tmp_path / "syn"), category="disc", image_size=96, eval_size=64)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
+                      callbacks=[AnomalyMetrics(), HeatmapLogger(num_images=6)])  # fmt: skip
+    trainer.test(model, datamodule=data, verbose=False)
+    index = json.loads((tmp_path / "heatmaps/heatmaps.json").read_text())
+    # n(x) = (x − t)/(max − min) + ½ spans [0, 1] over t ± (max − min)/2, the threshold in the middle
+    assert index["scale"] == f"calibrated scale {pixel_t - 0.2:.4g}..{pixel_t + 0.2:.4g}, threshold {pixel_t:.4g}"
+    assert index["decisions"] == "calibrated thresholds (labelled)"
+    assert [r["pred_label"] for r in index["images"]] == [int(r["score"] >= image_t) for r in index["images"]]
