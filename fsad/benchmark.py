@@ -355,19 +355,17 @@ class Sweep:
     def run_cell(self, cell: Cell, checkpoint: Path | None) -> dict[str, object]:
         """One cell as the protocol says; returns its CSV row with fit/test wall times and paper columns.
 
-        A W&B logger of the cell logs one W&B run of its own (finished with the cell), in the sweep's group
-        (``WANDB_RUN_GROUP``, unless the environment sets one)."""
+        A W&B logger of the cell logs one W&B run of its own (finished with the cell), in the sweep's group unless
+        its config names a group."""
         group = wandb_group([{"method": self.method, "dataset": self.dataset, HASH_COLUMN: self.config_hash}])
-        ours = "WANDB_RUN_GROUP" not in os.environ
-        if ours:
-            os.environ["WANDB_RUN_GROUP"] = group
         cli = None
         try:
             cli = FsadCLI(args=cell.args(self.config, self.run_root), run=False)
+            for logger in cli.trainer.loggers:
+                if isinstance(logger, WandbLogger) and not logger._wandb_init.get("group"):
+                    logger._wandb_init["group"] = group  # the wandb.init arguments its run will start with
             return self._run_cell(cell, checkpoint, cli)
         finally:
-            if ours:
-                os.environ.pop("WANDB_RUN_GROUP", None)
             for logger in cli.trainer.loggers if cli is not None else []:
                 if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
                     logger.experiment.finish()  # else the next cell's logger would join this run
@@ -555,12 +553,14 @@ def wandb_group(rows: list[dict[str, str]]) -> str:
     return f"{rows[0]['method']}-{rows[0]['dataset']}-{hashes[0] if len(hashes) == 1 else 'mixed'}"
 
 
-def log_table_to_wandb(project: str, table_rows: list[dict[str, str]], markdown: str, group: str) -> None:
-    """One W&B table row per cell, in a run of the sweep's group."""
+def log_table_to_wandb(
+    project: str, table_rows: list[dict[str, str]], markdown: str, group: str, folder: Path
+) -> None:  # fmt: skip
+    """One W&B table row per cell, in a run of the sweep's group whose files go under ``folder``/wandb."""
     try:
         import wandb
 
-        run = wandb.init(project=project, job_type="benchmark", group=group, reinit=True)
+        run = wandb.init(project=project, job_type="benchmark", group=group, dir=str(folder), reinit=True)
         columns = list(table_rows[0])
         run.log({"benchmark": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in table_rows])})
         run.summary["benchmark_markdown"] = markdown
@@ -604,7 +604,7 @@ def collect(
     markdown = build_table(rows, ap_aupro)
     write_text_atomically(sweep_output / "benchmark.md", markdown)
     if wandb_project:
-        log_table_to_wandb(wandb_project, rows, markdown, wandb_group(rows))
+        log_table_to_wandb(wandb_project, rows, markdown, wandb_group(rows), sweep_output)
     return markdown
 
 

@@ -15,12 +15,15 @@ from scipy import ndimage
 
 from fsad.callbacks.heatmaps import HeatmapLogger
 from fsad.callbacks.metrics import AnomalyMetrics
+from fsad.callbacks.results import ResultsWriter
 from fsad.callbacks.visualiser import GROUND_TRUTH_RGB, overlay_region
 from fsad.cli import main
 from fsad.datamodules.mvtec import MVTecDataModule
 from fsad.datamodules.synthetic import default_synthetic_root
 from fsad.datamodules.transforms import load_mask
+from fsad.report import write_run_report
 from tests.integration.test_heatmaps_wandb import tiny_model
+from tests.integration.test_report import assert_self_contained, render
 
 pytestmark = pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
 REPO = Path(__file__).resolve().parents[2]
@@ -46,7 +49,7 @@ def test_bottle_review_pictures_reach_disk_wandb_tensorboard_and_mlflow(
         MLFlowLogger(experiment_name="fsad-test", tracking_uri=f"file:{tmp_path / 'mlruns'}"),
     ]
     trainer = Trainer(accelerator="cpu", logger=loggers, enable_progress_bar=False,
-                      default_root_dir=str(tmp_path / "run"), callbacks=[metrics, heatmaps])  # fmt: skip
+                      default_root_dir=str(tmp_path / "run"), callbacks=[metrics, heatmaps, ResultsWriter(print_table=False)])  # fmt: skip
     trainer.test(tiny_model(eval_size=EVAL), datamodule=data, verbose=False)
     loggers[0].experiment.finish()
 
@@ -105,6 +108,13 @@ def test_bottle_review_pictures_reach_disk_wandb_tensorboard_and_mlflow(
     assert np.trapezoid(tpr, fpr) == pytest.approx(metrics.results["image_AUROC"], abs=1e-9)
     curves = json.loads((tmp_path / "run/curves.json").read_text())["image"]
     assert curves["fpr"] == pytest.approx(fpr.tolist())
+
+    # the run's report.html: self-contained, every picture and support image in it, rendered by Chromium last
+    page = write_run_report(tmp_path / "run")
+    assert_self_contained(page.read_text())
+    dom = render(page, tmp_path / "bottle_report.png")  # skips here, with one line, without Chromium
+    assert dom.texts["title"] == "fsad run: membank mvtec bottle k=2 seed=0"
+    assert dom.count("img") == len(records) + 2 and dom.texts["shown"] == str(len(records))
 
 
 def metrics_score(metrics: AnomalyMetrics, index: int) -> float:
