@@ -186,16 +186,35 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 # --------------------------------------------------------------------------- run
-def caption_provenance(record: Any) -> list[str]:
-    """Every ``provenance`` value found in a caption record (any nesting), with its path in the record."""
-    found: list[str] = []
+def caption_provenance(record: Any) -> list[dict[str, str]]:
+    """Every ``provenance`` block found in a caption record (any nesting) as display rows: where it sits, its kind,
+    source, date, generator and the images it names."""
+    found: list[dict[str, str]] = []
+
+    def describe(where: str, block: Any) -> dict[str, str]:
+        if not isinstance(block, dict):
+            return {"record": where, "kind": str(block)}
+        generator = block.get("generator") or {}
+        images = block.get("images") or []
+        return {
+            "record": where,
+            "kind": str(block.get("kind", "")),
+            "source": str(block.get("source", "")),
+            "date": str(block.get("date", "")),
+            "generator": " / ".join(str(v) for v in generator.values())
+            if isinstance(generator, dict)
+            else str(generator),
+            "images": ", ".join(str(i.get("name", i)) if isinstance(i, dict) else str(i) for i in images),
+        }
 
     def walk(node: Any, where: str) -> None:
         if isinstance(node, dict):
+            if "provenance" in node:
+                label = "/".join(str(node[k]) for k in ("dataset", "category") if k in node) or where or "record"
+                found.append(describe(label, node["provenance"]))
             for key, value in node.items():
-                if key == "provenance" and not isinstance(value, dict | list):
-                    found.append(f"{where or 'record'}: {value}")
-                walk(value, f"{where}.{key}" if where else str(key))
+                if key != "provenance":
+                    walk(value, f"{where}.{key}" if where else str(key))
         elif isinstance(node, list):
             for number_, value in enumerate(node):
                 walk(value, f"{where}[{number_}]")
@@ -236,10 +255,10 @@ def run_sections(run_dir: Path) -> tuple[str, str]:
     if captions_file.is_file():
         try:
             provenance = caption_provenance(json.loads(captions_file.read_text()))
+            shown = html_table(provenance) if provenance else "<p>captions.json records no provenance</p>"
         except json.JSONDecodeError as err:
-            provenance = [f"captions.json is not valid JSON ({err})"]
-        items = "".join(f"<li>{escape(p)}</li>" for p in provenance) or "<li>no provenance recorded</li>"
-        parts += [f"<h2>Caption record provenance</h2><ul>{items}</ul>"]
+            shown = f"<p>captions.json is not valid JSON ({escape(err)})</p>"
+        parts += [f"<h2>Caption record provenance</h2>{shown}"]
 
     parts.append(gallery(run_dir / "heatmaps"))
     config_file = run_dir / "config.yaml"

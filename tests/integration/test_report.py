@@ -3,6 +3,7 @@ AP/AUPRO option and W&B group."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -157,3 +158,19 @@ def test_a_sweep_has_a_legend_a_wandb_group_and_a_report_linking_its_cells(
 def test_report_of_a_folder_without_results_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["report", str(tmp_path)]) == 1
     assert capsys.readouterr().err.strip() == f"error: {tmp_path}: no results.csv, so no finished test run to report on"
+
+
+def test_the_caption_records_provenance_is_in_the_report(tmp_path: Path) -> None:
+    record = json.loads((REPO / "lightning_modules/finegrainedad/captions/mvtec/bottle.json").read_text())
+    (tmp_path / "captions.json").write_text(json.dumps(record))
+    (tmp_path / "results.csv").write_text(
+        "method,dataset,category,k,seed,image_AUROC\nfinegrainedad,mvtec,bottle,1,0,0.9\n"
+    )
+    assert main(["report", str(tmp_path)]) == 0
+    text = (tmp_path / "report.html").read_text()
+    assert_self_contained(text)
+    section = text[text.index("Caption record provenance") :]
+    provenance = record["provenance"]
+    for fact in ("mvtec/bottle", provenance["kind"], provenance["date"], provenance["images"][0]["name"]):
+        assert html.escape(fact) in section
+    assert html.escape(provenance["source"], quote=True) in section
