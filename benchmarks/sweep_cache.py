@@ -1,6 +1,6 @@
 """P6: a 3 k × 3 seed memory-bank sweep with the test-feature cache ÷ nine uncached cells.
 
-The real MVTec-AD bottle images (``/work/shared/data/mvtec_ad/bottle`` or ``--bottle``), ViT-B-16-plus-240 with
+The real MVTec-AD bottle images (``$FSAD_TEST_DATA/mvtec_ad/bottle`` or ``--bottle``), ViT-B-16-plus-240 with
 random weights (``pretrained: null``) on the CPU, through ``fsad benchmark``'s own runner. ``seed_everything`` is
 fixed so every cell draws the same random backbone, as every cell of a real sweep loads the same pretrained
 weights (the cache key holds a digest of the weights, so different draws would never share entries).
@@ -15,6 +15,7 @@ defect types) to shorten it.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -73,7 +74,7 @@ def sweep_seconds(folder: Path, name: str, root: Path, shots: list[int], seeds: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bottle", type=Path, default=Path("/work/shared/data/mvtec_ad/bottle"))
+    parser.add_argument("--bottle", type=Path, default=Path(os.environ.get("FSAD_TEST_DATA", "data")) / "mvtec_ad" / "bottle")
     parser.add_argument("--max-test-images", type=int, default=None, help="first N test images (default: all)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")

@@ -2,7 +2,7 @@
 
 Pure functions first (image/pixel AUROC, F1-max, AP, AUPRO), then :class:`AnomalyMetrics`, the callback that buffers
 per-rank results keyed by the sample index, drops DDP padding duplicates, gathers to rank 0, computes there and
-broadcasts the numbers so every rank logs the same values (DESIGN.md, "Metrics and callbacks").
+broadcasts the numbers so every rank logs the same values (docs/architecture.md, "Metric rules").
 """
 
 from __future__ import annotations
@@ -104,6 +104,29 @@ def _ap_from_sorted(positives: np.ndarray, negatives: np.ndarray) -> float:
     _, tp, fp = _positive_thresholds(positives, negatives)
     recall_step = np.diff(tp, prepend=0.0) / positives.size
     return float((recall_step * tp / (tp + fp)).sum())
+
+
+def curves_from_sorted(positives: np.ndarray, negatives: np.ndarray) -> dict[str, list[float]]:
+    """The ROC and PR curves behind :func:`_auroc_from_sorted` and :func:`_ap_from_sorted`, point for point.
+
+    ROC: (FPR, TPR) of the rule ``score ≥ t`` at every distinct score t from high to low, starting at (0, 0); the
+    trapezoids under it sum to the AUROC with ties counted ½. PR: (recall, precision) at every distinct positive
+    score from high to low; Σ ΔR·P over it is the AP.
+    """
+    if positives.size == 0 or negatives.size == 0:
+        return {}
+    distinct = np.unique(np.concatenate([positives, negatives]))[::-1]
+    tpr = (positives.size - np.searchsorted(positives, distinct, side="left")) / positives.size
+    fpr = (negatives.size - np.searchsorted(negatives, distinct, side="left")) / negatives.size
+    pr_thresholds, tp, fp = _positive_thresholds(positives, negatives)
+    return {
+        "roc_threshold": [float("inf"), *distinct.astype(np.float64).tolist()],
+        "fpr": [0.0, *fpr.tolist()],
+        "tpr": [0.0, *tpr.tolist()],
+        "pr_threshold": pr_thresholds.astype(np.float64).tolist(),
+        "recall": (tp / positives.size).tolist(),
+        "precision": (tp / (tp + fp)).tolist(),
+    }
 
 
 def exact_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -298,6 +321,10 @@ class AnomalyMetrics(Callback):
             raise ValueError(f"AnomalyMetrics.histogram_range must be (low, high), low < high; got {histogram_range}")
         self.histogram_range = (float(histogram_range[0]), float(histogram_range[1]))
         self.results: dict[str, float] = {}
+        #: rank 0 only: the image-level ROC and PR curves the image AUROC and AP were computed from
+        self.curves: dict[str, list[float]] = {}
+        #: rank 0 only: the F1-max thresholds of this test set, ``image`` and (exact mode) ``pixel``
+        self.f1_thresholds: dict[str, float] = {}
         self._rank, self._world = 0, 1
         self._reset()
 
@@ -371,13 +398,19 @@ class AnomalyMetrics(Callback):
         order = sorted(scores)
         image_scores = np.array([scores[i] for i in order], dtype=np.float32)
         image_labels = np.array([labels[i] for i in order], dtype=np.int64)
-        results = self._named("image", binary_metrics(image_scores, image_labels))
+        positives, negatives = _split_sorted(image_scores, image_labels)
+        image = _metrics_from_sorted(positives, negatives)
+        self.curves = curves_from_sorted(positives, negatives)
+        self.f1_thresholds = {"image": image["F1_threshold"]}
+        results = self._named("image", image)
         if self.pixel_mode == "histogram":
             results["pixel_AUROC_hist"] = histogram_auroc(negative_counts, positive_counts)
             return results
         pixel_maps = [maps.pop(i) for i in order]  # hand each map over, so no second copy of them all is held
         pixel_masks = [masks.pop(i) for i in order]
-        results |= self._named("pixel", pixel_metrics(pixel_maps, pixel_masks))
+        pixel = pixel_metrics(pixel_maps, pixel_masks)
+        self.f1_thresholds["pixel"] = pixel["F1_threshold"]
+        results |= self._named("pixel", pixel)
         if self.aupro:
             results["pixel_AUPRO"] = aupro(pixel_maps, pixel_masks)
         return results

@@ -31,10 +31,28 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 
 from fsad.batch import Batch
-from fsad.callbacks.heatmaps import render_heatmap
 from fsad.callbacks.metrics import f1_max_threshold, gather_to_rank_zero
 from fsad.callbacks.results import fresh_directory, replace_directory, write_text_atomically
+from fsad.callbacks.visualiser import (
+    ColourScale,
+    ReviewCaption,
+    fitted_threshold,
+    render_review,
+    run_scale,
+    thresholds_scale,
+    write_png,
+)
 from fsad.datamodules.transforms import load_rgb
+from fsad.lightning_modules.components.thresholds import DecisionThresholds
+
+
+def overlay_scale(thresholds: DecisionThresholds, maps: torch.Tensor) -> ColourScale:
+    """The overlays' colour scale: the calibrated normalisation when the model carries fitted pixel thresholds and
+    their range, otherwise the min–max of this batch's raw maps (so the heat is never a uniform blue)."""
+    calibrated = thresholds_scale(thresholds)
+    if calibrated is not None:
+        return calibrated
+    return run_scale(float(maps.min()), float(maps.max()), fitted_threshold(thresholds, "pixel"), source="batch")
 
 
 class PredictionWriter(Callback):
@@ -44,7 +62,9 @@ class PredictionWriter(Callback):
         threshold: a number, ``f1`` (fitted on the validation folders, or taken from the checkpoint), or ``None``
             (the checkpoint's threshold if it has one, else no labels).
         map_format: raw maps as ``npy`` (float32) or ``png16`` (16-bit PNG, 0..65535 for 0..1).
-        overlays: also write image | heatmap-overlay PNGs.
+        overlays: also write review pictures (image | heat overlay with the predicted-mask outline | colour bar,
+            with the score and predicted label written under them); the scale is the calibrated normalisation when
+            the model carries fitted pixel thresholds, otherwise the batch's min–max of raw maps.
         map_size: ``image`` (each image's own size, bilinear) or ``eval`` (the model's evaluation size).
     """
 
@@ -119,6 +139,8 @@ class PredictionWriter(Callback):
     ) -> None:  # fmt: skip
         result = outputs if isinstance(outputs, Batch) else batch
         threshold = self.active_threshold(pl_module)
+        scale = overlay_scale(pl_module.thresholds, result.anomaly_map)
+        decided_by = "" if math.isnan(threshold) else f"image threshold {threshold:.4g}"
         for row, path in enumerate(result.image_path):
             index = int(result.index[row])
             if index % trainer.world_size != trainer.global_rank:  # a DDP padding copy of another rank's image
@@ -138,15 +160,15 @@ class PredictionWriter(Callback):
                 (out_dir / f"{name}_map.npy").write_bytes(buffer.getvalue())
             else:
                 cv2.imwrite(str(out_dir / f"{name}_map.png"), (np.clip(anomaly_map, 0, 1) * 65535).astype(np.uint16))
+            predicted_mask = None
             if pl_module.thresholds.has_pixel:  # the predicted defect mask, 0/255, at the map's size
-                mask = pl_module.thresholds.pixel_mask(result.anomaly_map[row]).cpu().numpy()
-                cv2.imwrite(str(out_dir / f"{name}_mask.png"), mask * 255)
-            if self.overlays:
-                panel = render_heatmap(load_rgb(path), anomaly_map, np.zeros_like(anomaly_map, dtype=np.uint8))
-                height, width = anomaly_map.shape
-                keep = np.r_[0:width, 2 * width + 8 : 3 * width + 8]  # image | overlay (drop the contour panel)
-                cv2.imwrite(str(out_dir / f"{name}.png"), cv2.cvtColor(panel[:, keep], cv2.COLOR_RGB2BGR))
+                predicted_mask = pl_module.thresholds.pixel_mask(result.anomaly_map[row]).cpu().numpy()
+                cv2.imwrite(str(out_dir / f"{name}_mask.png"), predicted_mask * 255)
             label = "" if math.isnan(threshold) else int(score >= threshold)
+            if self.overlays:
+                caption = ReviewCaption(score, predicted=None if label == "" else label, decided_by=decided_by)
+                picture = render_review(load_rgb(path), anomaly_map, scale, caption, predicted=predicted_mask)
+                write_png(out_dir / f"{name}.png", picture)
             self.rows[index] = {"path": relative.as_posix(), "score": repr(score), "label": label, "error": ""}
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -168,4 +190,7 @@ class PredictionWriter(Callback):
         replace_directory(staging, target)
         threshold = self.active_threshold(pl_module)
         count = len(rows) + len(bad)
-        print(f"wrote {count} rows to {target / 'scores.csv'}" + ("" if math.isnan(threshold) else f" (threshold {threshold:.6f})"))
+        print(
+            f"wrote {count} rows to {target / 'scores.csv'}"
+            + ("" if math.isnan(threshold) else f" (threshold {threshold:.6f})")
+        )

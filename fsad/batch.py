@@ -1,4 +1,4 @@
-"""The batch contract shared by every datamodule, module and callback.
+"""The batch contract shared by every datamodule, module and callback (docs/architecture.md, "The batch contract").
 
 Data flows one way: a DataModule yields a :class:`Batch`, a module fills ``anomaly_map`` and ``pred_score``
 on it, and the callbacks read those fields. Lightning moves dataclasses between devices field by field.

@@ -1,7 +1,7 @@
 """``fsad benchmark``: sweep categories × shots × seeds of one method, resumably, into a paper-style table.
 
 Each cell runs in this process through the same :class:`FsadCLI` as ``fsad fit``/``fsad test``, the way the
-method's ``protocol_stage`` says (DESIGN.md, "Sweep protocol per method"):
+method's ``protocol_stage`` says (README.md, "Sweeps: the papers' tables"):
 
 * ``fewshot_fit``: fit on the cell's k shots, then test (PromptAD, FineGrainedAD);
 * ``training_free``: test only (memory bank);
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from lightning.pytorch.loggers import WandbLogger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fsad.callbacks.metrics import AnomalyMetrics
@@ -56,6 +57,13 @@ PAPER_LEGEND = (
     "comparison with their tables only; both select with test labels): † best epoch chosen on the test set; "
     "‡ max of the image AUROCs of the two image-score fusions."
 )
+AP_AUPRO_METRICS = (("image_AP", "I-AP"), ("pixel_AP", "P-AP"), ("pixel_AUPRO", "AUPRO"))
+METRIC_DEFINITIONS = (
+    "Metrics, in percent: I-AUROC / P-AUROC, area under the image- / pixel-level ROC curve (ties count ½); I-F1 / "
+    "P-F1, the best F1 over all thresholds; I-AP / P-AP, average precision Σ ΔRecall·Precision; AUPRO, area under "
+    "the per-region-overlap curve up to a false-positive rate of 0.3, divided by 0.3; – where a cell did not record it."
+)
+HONEST_LEGEND = "Protocol: honest (last epoch, one image-score fusion, no test labels used for any choice)."
 PROTOCOL_STAGES = ("fewshot_fit", "training_free", "pretrained")
 
 
@@ -96,6 +104,7 @@ class BenchmarkConfig(BaseModel):
     output: str = "runs/benchmark"
     extra_args: list[str] = Field(default_factory=list, description="more CLI overrides for every cell")
     wandb_project: str | None = None
+    ap_aupro_columns: bool = Field(False, description="benchmark.md also shows I-AP, P-AP and AUPRO columns")
     pretrained_checkpoint: str | None = Field(None, description="checkpoint every cell of a pretrained method tests")
     pretrain: PretrainConfig | None = None
     feature_cache: FeatureCacheConfig = Field(default_factory=FeatureCacheConfig)
@@ -200,7 +209,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> 
 
 
 CELL_KEYS = ("config", "data.init_args.category", "data.init_args.k_shot", "data.init_args.seed", "seed_everything",
-             "run_root", "trainer.default_root_dir")  # fmt: skip
+             "run_root", "trainer.default_root_dir", "report")  # fmt: skip
 
 
 class Sweep:
@@ -344,8 +353,24 @@ class Sweep:
         return "benchmark: the resolved config changed, so its cells run again (" + " | ".join(lines) + ")"
 
     def run_cell(self, cell: Cell, checkpoint: Path | None) -> dict[str, object]:
-        """One cell as the protocol says; returns its CSV row with fit/test wall times and paper columns."""
-        cli = FsadCLI(args=cell.args(self.config, self.run_root), run=False)
+        """One cell as the protocol says; returns its CSV row with fit/test wall times and paper columns.
+
+        A W&B logger of the cell logs one W&B run of its own (finished with the cell), in the sweep's group unless
+        its config names a group."""
+        group = wandb_group([{"method": self.method, "dataset": self.dataset, HASH_COLUMN: self.config_hash}])
+        cli = None
+        try:
+            cli = FsadCLI(args=cell.args(self.config, self.run_root), run=False)
+            for logger in cli.trainer.loggers:
+                if isinstance(logger, WandbLogger) and not logger._wandb_init.get("group"):
+                    logger._wandb_init["group"] = group  # the wandb.init arguments its run will start with
+            return self._run_cell(cell, checkpoint, cli)
+        finally:
+            for logger in cli.trainer.loggers if cli is not None else []:
+                if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+                    logger.experiment.finish()  # else the next cell's logger would join this run
+
+    def _run_cell(self, cell: Cell, checkpoint: Path | None, cli: FsadCLI) -> dict[str, object]:
         if self.feature_cache is not None and hasattr(cli.model, "feature_cache"):
             self.feature_cache.preprocessing = self.preprocessing_of(cli.datamodule)
             cli.model.feature_cache = self.feature_cache
@@ -468,18 +493,33 @@ def format_mean_std(values: list[float]) -> str:
     return f"{mean:.2f} ± {100 * statistics.pstdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
-def build_table(rows: list[dict[str, str]]) -> str:
+def statistics_legend(seeds: list[str]) -> str:
+    """The line naming the statistic behind ``mean ± std`` and the seeds it is taken over."""
+    if len(seeds) == 1:
+        return f"Each value is one run (seed {seeds[0]}); with one seed there is no ±."
+    return (
+        f"mean ± std over n = {len(seeds)} seeds ({', '.join(seeds)}); std is the population standard deviation "
+        "(divisor n, not n − 1). The mean row averages the categories within each seed first."
+    )
+
+
+def build_table(rows: list[dict[str, str]], ap_aupro: bool = False) -> str:
     """Paper-style table: one row per category plus the mean, one column group per k, mean ± std over seeds.
 
     The mean row averages the categories per seed first, then reports mean ± std of those averages over seeds.
-    Paper-protocol columns follow the honest ones when any cell recorded them, explained by a legend.
+    Paper-protocol columns follow the honest ones when any cell recorded them. ``ap_aupro`` adds the I-AP, P-AP and
+    AUPRO columns. A legend under the table names the statistic, the metrics and the protocol marks.
     """
+    wanted = (*TABLE_METRICS, *(m for m in AP_AUPRO_METRICS if m not in TABLE_METRICS)) if ap_aupro else TABLE_METRICS
+    forced = {name for name, _ in AP_AUPRO_METRICS} if ap_aupro else set()
     present = [
-        (n, label) for n, label in (*TABLE_METRICS, *PAPER_METRICS) if any(r.get(n) not in (None, "") for r in rows)
+        (n, label)
+        for n, label in (*wanted, *PAPER_METRICS)
+        if n in forced or any(r.get(n) not in (None, "") for r in rows)
     ]
     shots = sorted({int(r["k"]) for r in rows})
     categories = sorted({r["category"] for r in rows})
-    seeds = sorted({r["seed"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows}, key=int)
 
     def value(row: dict[str, str], name: str) -> float:
         return float(row[name]) if row.get(name) not in (None, "") else float("nan")
@@ -502,19 +542,25 @@ def build_table(rows: list[dict[str, str]]) -> str:
     first = rows[0]
     hashes = sorted({r.get(HASH_COLUMN) or "?" for r in rows})
     title = f"# {first['method']} on {first['dataset']}\n\nconfig {', '.join(hashes)}\n\n"
-    legend = (
-        f"\n{PAPER_LEGEND}\n"
-        if any(name for name, _ in present if name.startswith(("paper", "image_AUROC_paper")))
-        else ""
-    )
-    return title + markdown_table(lines) + legend
+    paper = any(name for name, _ in present if name.startswith(("paper", "image_AUROC_paper")))
+    legend = [statistics_legend(seeds), METRIC_DEFINITIONS, PAPER_LEGEND if paper else HONEST_LEGEND]
+    return title + markdown_table(lines) + "\n" + "\n\n".join(legend) + "\n"
 
 
-def log_table_to_wandb(project: str, table_rows: list[dict[str, str]], markdown: str) -> None:
+def wandb_group(rows: list[dict[str, str]]) -> str:
+    """The W&B group of a sweep's runs: method, dataset and config hash (every cell's run and the table's run)."""
+    hashes = sorted({r.get(HASH_COLUMN) or "none" for r in rows})
+    return f"{rows[0]['method']}-{rows[0]['dataset']}-{hashes[0] if len(hashes) == 1 else 'mixed'}"
+
+
+def log_table_to_wandb(
+    project: str, table_rows: list[dict[str, str]], markdown: str, group: str, folder: Path
+) -> None:  # fmt: skip
+    """One W&B table row per cell, in a run of the sweep's group whose files go under ``folder``/wandb."""
     try:
         import wandb
 
-        run = wandb.init(project=project, job_type="benchmark", reinit=True)
+        run = wandb.init(project=project, job_type="benchmark", group=group, dir=str(folder), reinit=True)
         columns = list(table_rows[0])
         run.log({"benchmark": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in table_rows])})
         run.summary["benchmark_markdown"] = markdown
@@ -535,8 +581,9 @@ def read_rows(sweep_output: Path) -> list[dict[str, str]]:
 
 
 def collect(
-    sweep_output: Path, wandb_project: str | None = None, config_hash: str | None = None, allow_mixed: bool = False
-) -> str:
+    sweep_output: Path, wandb_project: str | None = None, config_hash: str | None = None, allow_mixed: bool = False,
+    ap_aupro: bool = False,
+) -> str:  # fmt: skip
     """Write ``benchmark.md`` from the finished cells of one config hash (``config_hash``, or the only one present;
     several only with ``allow_mixed``, the latest row of a cell winning); returns the markdown."""
     rows = read_rows(sweep_output)
@@ -554,10 +601,10 @@ def collect(
             "rerun the sweep to finish the current config's cells (its table is then written), or pass --allow-mixed"
         )
     rows = list({tuple(r[c] for c in KEY_COLUMNS): r for r in rows}.values())
-    markdown = build_table(rows)
+    markdown = build_table(rows, ap_aupro)
     write_text_atomically(sweep_output / "benchmark.md", markdown)
     if wandb_project:
-        log_table_to_wandb(wandb_project, rows, markdown)
+        log_table_to_wandb(wandb_project, rows, markdown, wandb_group(rows), sweep_output)
     return markdown
 
 
@@ -576,7 +623,7 @@ def main(argv: list[str]) -> int:
     config = load_config(args.config)
     output = Path(config.output)
     if args.collect:
-        print(collect(output, config.wandb_project, allow_mixed=args.allow_mixed))
+        print(collect(output, config.wandb_project, allow_mixed=args.allow_mixed, ap_aupro=config.ap_aupro_columns))
         return 0
     sweep = Sweep(config, fail_fast=args.fail_fast)
     if args.list_cells:
@@ -598,5 +645,5 @@ def main(argv: list[str]) -> int:
     ran, failed = sweep.run(args.cell_index)
     print(f"ran cells: {ran}" + (f"; failed cells: {failed} (see {sweep.failures_path})" if failed else ""))
     if args.cell_index is None and any(key[0] == sweep.config_hash for key in sweep.finished()):
-        print(collect(output, config.wandb_project, config_hash=sweep.config_hash))
+        print(collect(output, config.wandb_project, config_hash=sweep.config_hash, ap_aupro=config.ap_aupro_columns))
     return 1 if failed else 0

@@ -63,6 +63,7 @@ EXTENSION_COMMANDS: dict[str, str] = {
     "benchmark": "fsad.benchmark:main",
     "export": "fsad.export:main",
     "slurm": "fsad.slurm:main",
+    "report": "fsad.report:main",
 }
 #: One line each for ``fsad --help`` (what it does, then its usage); each command's own ``--help`` has the details.
 TRAINER_HELP: dict[str, str] = {
@@ -77,6 +78,7 @@ EXTENSION_HELP: dict[str, str] = {
     "benchmark": "Sweep categories x k x seeds, resumable, into the paper-style table: fsad benchmark -c <sweep>.yaml",
     "export": "Export a self-contained ONNX/TorchScript model: fsad export -c <config> --ckpt_path <ckpt> --out <dir>",
     "slurm": "Write a SLURM job script: fsad slurm --nodes N --gpus-per-node G -- fit|test|predict|benchmark -c ...",
+    "report": "Write a self-contained report.html of a run or sweep: fsad report <run_dir|sweep_output>",
 }
 FSAD_DESCRIPTION = (
     "fsad: few-shot industrial anomaly detection on OpenCLIP. Exit codes: 0 done, 1 an error you can fix (one "
@@ -85,7 +87,7 @@ FSAD_DESCRIPTION = (
 
 
 def run_directory(run_root: str | Path, method: str, dataset: str, category: str, k_shot: int, seed: int) -> Path:
-    """``<run_root>/<method>/<dataset>/<category>/k<k>_s<seed>`` (DESIGN.md, "CLI")."""
+    """``<run_root>/<method>/<dataset>/<category>/k<k>_s<seed>`` (docs/architecture.md, "CLI")."""
     return Path(run_root) / method / dataset / category / f"k{k_shot}_s{seed}"
 
 
@@ -165,6 +167,7 @@ class FsadCLI(LightningCLI):
                 f"--metrics.{name}", type=kind | None, default=None,
                 help=f"AnomalyMetrics.{name} for this run (default: as the callback in trainer.callbacks says)",
             )  # fmt: skip
+        parser.add_argument("--report", type=bool, default=True, help="`fsad test` writes report.html (fsad report).")
         parser.link_arguments("data.init_args.image_size", "model.init_args.image_size")
         parser.link_arguments("data.init_args.eval_size", "model.init_args.eval_size")
         if any(action.dest == "weights_only" for action in parser._actions):  # fit/validate/test/predict --ckpt_path
@@ -240,6 +243,13 @@ class FsadCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         super()._run_subcommand(subcommand)
+        if subcommand == "test" and self._active_config().get("report") and self.trainer.is_global_zero:
+            from fsad.report import ReportError, write_run_report
+
+            try:
+                print(f"report: {write_run_report(Path(self.trainer.default_root_dir))}")
+            except ReportError as err:  # e.g. a config without ResultsWriter: the run itself is fine
+                warnings.warn(f"no report.html: {err}", UserWarning, stacklevel=2)
         if self.run_folder is not None and subcommand in ("fit", "test"):
             self.run_folder.complete(subcommand)
 

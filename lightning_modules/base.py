@@ -22,7 +22,7 @@ class SizeMismatchError(FsadError, ValueError):
 
 
 ProtocolStage = Literal["fewshot_fit", "training_free", "pretrained"]
-"""How a sweep runs a method per (category, k, seed) cell (DESIGN.md, "Sweep protocol per method"):
+"""How a sweep runs a method per (category, k, seed) cell (README.md, "Sweeps: the papers' tables"):
 
 * ``fewshot_fit``: fit on the cell's k support shots, then test (PromptAD, FineGrainedAD);
 * ``training_free``: test only; the support shots are encoded at test start (memory bank);

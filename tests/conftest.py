@@ -11,7 +11,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+#: real test images: $FSAD_TEST_DATA, or a ``shared/data`` folder beside the checkout
+SHARED_DATA = Path(os.environ.get("FSAD_TEST_DATA") or REPO_ROOT.parent / "shared" / "data")
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +26,7 @@ def _offline_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
 
 @pytest.fixture
 def shared_data() -> Path:
-    """The real test images in ``../shared/data``; the test skips when the folder is absent."""
+    """The real test images (:data:`SHARED_DATA`); the test skips when the folder is absent."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test data not found at {SHARED_DATA}")
     return SHARED_DATA

@@ -1,6 +1,6 @@
 """Frozen OpenCLIP backbone: one forward pass gives CLS, V-V patch tokens and raw tapped tokens.
 
-Weights load in this order (DESIGN.md, "Backbone"): ``checkpoint`` (a local file), the ``pretrained`` open_clip
+Weights load in this order (docs/architecture.md, "Backbone loading"): ``checkpoint`` (a local file), the ``pretrained`` open_clip
 tag, then random initialisation when ``pretrained`` is ``None``. Offline with no weights, one
 :class:`BackboneWeightsError` says which file to get and which key to set.
 """
@@ -304,7 +304,7 @@ class ClipBackbone(nn.Module):
 
         With ``truncate`` only the first ``max(eot_index)+1`` positions go through the transformer. Under CLIP's
         causal mask no position attends to a later one, and pooling reads the end-of-text position, so the result
-        is exactly that of the full context (DESIGN.md P2).
+        is exactly that of the full context (README.md, budget P2).
         """
         length = int(eot_index.max()) + 1 if truncate else embeddings.shape[1]
         clip = self.clip

@@ -1,7 +1,7 @@
 """On-disk cache of frozen-backbone outputs of test images, shared by every cell of a benchmark sweep.
 
 A sweep of k shots × seeds tests the same images with the same frozen backbone in every cell, so the backbone pass
-of a test image is computed once and read back afterwards (DESIGN.md budget P6). An entry is keyed by
+of a test image is computed once and read back afterwards (README.md, budget P6). An entry is keyed by
 
 * the backbone: its spec (architecture, weights source, taps, V-V path, precision) and a digest of its weights,
   so two random initialisations never share entries;

@@ -73,7 +73,7 @@ def test_negative_and_above_one_scores_reach_the_metrics_raw(tmp_path: Path) -> 
     pixel_reference = roc_auc_score(pixel_labels, pixels)
     assert metrics.results["pixel_AUROC"] == pytest.approx(pixel_reference, abs=1e-6)
     assert binned.results["pixel_AUROC_hist"] == pytest.approx(pixel_reference, abs=1e-3)
-    assert len(list((tmp_path / "heatmaps").glob("*.png"))) == 2  # the display path takes raw maps too
+    assert len(list((tmp_path / "heatmaps").glob("*/*.png"))) == 2  # the display path takes raw maps too
 
 
 def test_predictions_keep_raw_maps_and_scores(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ def test_sequential_runs_of_two_configs_never_mix_and_a_failed_run_leaves_the_fi
     assert main(demo_args(tmp_path)) == 0
     finished = snapshot(run_dir)
     assert {"run.json", "results.csv", "config.yaml", "support.txt"} <= set(finished)
-    assert len([name for name in finished if name.startswith("heatmaps/")]) == 8
+    assert len([name for name in finished if name.startswith("heatmaps/") and name.endswith(".png")]) == 8
     capsys.readouterr()
 
     # another config into the same folder: refused, nothing touched
@@ -68,7 +68,7 @@ def test_sequential_runs_of_two_configs_never_mix_and_a_failed_run_leaves_the_fi
     assert main(demo_args(tmp_path, "--model.init_args.gaussian_sigma", "1.0", "--overwrite", "true")) == 0
     replaced = snapshot(run_dir)
     assert "heatmaps/99999_stale.png" not in replaced
-    assert len([name for name in replaced if name.startswith("heatmaps/")]) == 8
+    assert len([name for name in replaced if name.startswith("heatmaps/") and name.endswith(".png")]) == 8
     assert json.loads(replaced["run.json"])["config_hash"] != json.loads(finished["run.json"])["config_hash"]
     assert "gaussian_sigma: 1.0" in replaced["config.yaml"].decode()
 

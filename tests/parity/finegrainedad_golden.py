@@ -20,7 +20,7 @@ ViT-B-16-plus-240. Four adjustments let it run here; none changes what is comput
 
 Usage (needs the authors' requirements: loguru, scikit-image, matplotlib, seaborn, pandas)::
 
-    python tests/parity/make_golden.py finegrainedad --authors /path/to/FineGrainedAD --data ../shared/data/mvtec_ad
+    python tests/parity/make_golden.py finegrainedad --authors /path/to/FineGrainedAD --data /path/to/mvtec_ad
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ lr 0.002: the fp16 contexts before training and after every optimiser step, and 
 
 Usage (needs the authors' requirements: loguru, scikit-image, matplotlib, seaborn, pandas)::
 
-    python tests/parity/make_golden.py promptad --authors /path/to/PromptAD --data ../shared/data/mvtec_ad
+    python tests/parity/make_golden.py promptad --authors /path/to/PromptAD --data /path/to/mvtec_ad
 """
 
 from __future__ import annotations
