@@ -39,9 +39,9 @@ from fsad.callbacks import heatmaps, metrics, paper_protocol, predictions, resul
 from fsad.callbacks.metrics import AnomalyMetrics
 from fsad.callbacks.paper_protocol import paper_protocol_callbacks
 from fsad.callbacks.progress import LogProgress
-from fsad.callbacks.results import config_hash
 from fsad.datamodules import auxiliary, folder, mvtec, predict, realiad, synthetic, visa  # noqa: F401
 from fsad.errors import CheckpointError, FsadError
+from fsad.lightning_modules.components.run_settings import evaluation_change_line, run_config_hash
 from fsad.lightning_modules.finegrainedad import module as finegrainedad_module  # noqa: F401
 from fsad.lightning_modules.kagprompt import module as kagprompt_module  # noqa: F401
 from fsad.lightning_modules.membank import module as membank_module  # noqa: F401
@@ -117,6 +117,8 @@ class FsadCLI(LightningCLI):
     ) -> None:
         self.signal_guard = signal_guard
         self.run_folder: RunFolder | None = None
+        self.checkpoint: dict[str, Any] | None = None  # --ckpt_path's contents, compared with the model once built
+        self.checkpoint_source = ""
         try:
             self._construct(args, run, **kwargs)
         finally:
@@ -202,20 +204,23 @@ class FsadCLI(LightningCLI):
         return run_directory(config.run_root, method, dataset, str(category), int(k_shot), int(seed))
 
     def _parse_ckpt_path(self) -> None:
-        """Check ``--ckpt_path`` before Lightning opens it to read its hyper-parameters."""
-        if self.config.get("subcommand") and self._active_config().get("ckpt_path"):
-            check_checkpoint(self._active_config().ckpt_path)
-        super()._parse_ckpt_path()
+        """Read ``--ckpt_path`` (one line if it is not a readable checkpoint) for the settings check made once the
+        model is built (:meth:`check_against_checkpoint`). Lightning's own version is not called: it would put the
+        checkpoint's hyper-parameters, even its model class, over the config without a word."""
+        path = self._active_config().get("ckpt_path") if self.config.get("subcommand") else None
+        if not path:
+            return
+        check_checkpoint(path)
+        file = checkpoint_keyword_file(path, self.resolve_run_dir())
+        if file is not None:
+            self.checkpoint_source = f"--ckpt_path {file}"
+            self.checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
 
     def before_instantiate_classes(self) -> None:
         config = self._active_config()
         apply_metrics_options(config)
         run_dir = self.resolve_run_dir()
         config.trainer.default_root_dir = str(run_dir)
-        if self.subcommand is not None and rank_zero_only.rank == 0:
-            settings = [config.model.as_dict(), config.data.as_dict(), {"seed": config.get("seed_everything")}]
-            self.run_folder = RunFolder(run_dir, config_hash(*settings))
-            self.run_folder.claim(bool(config.get("overwrite")))
         loggers = config.trainer.get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if isinstance(logger, Namespace) and logger.get("init_args") is not None:
@@ -224,6 +229,33 @@ class FsadCLI(LightningCLI):
                         logger.init_args[key] = value.replace(RUN_DIR_PLACEHOLDER, str(run_dir))
                 if logger.class_path.endswith("WandbLogger"):
                     self._fall_back_to_offline_wandb(logger.init_args)
+
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer from the config; then check the model against ``--ckpt_path``, hash what
+        runs, and claim the run folder under that hash."""
+        super().instantiate_classes()
+        self.check_against_checkpoint()
+        config = self._active_config()
+        seed = config.get("seed_everything")
+        self.model.run_config_hash = run_config_hash(
+            self.model, self.datamodule, seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+        )
+        if self.subcommand is None:
+            return
+        if rank_zero_only.rank == 0:
+            self.run_folder = RunFolder(Path(config.trainer.default_root_dir), self.model.run_config_hash)
+            self.run_folder.claim(bool(config.get("overwrite")))
+        for logger in self.trainer.loggers:  # the W&B run config, CSV hparams, ...
+            logger.log_hyperparams({"config_hash": self.model.run_config_hash})
+
+    def check_against_checkpoint(self) -> None:
+        """The config decides what runs: a checkpoint of another model class or other trained-structure settings is
+        refused in one line; evaluation settings that differ from the checkpoint's are applied and listed in one."""
+        if self.checkpoint is None:
+            return
+        changes = self.model.check_checkpoint_settings(self.checkpoint, self.datamodule, self.checkpoint_source)
+        if changes and rank_zero_only.rank == 0:
+            print(evaluation_change_line(changes, self.checkpoint_source), file=sys.stderr)
 
     @staticmethod
     def _fall_back_to_offline_wandb(init_args: Namespace) -> None:
@@ -240,8 +272,10 @@ class FsadCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         super()._run_subcommand(subcommand)
-        if self.run_folder is not None and subcommand in ("fit", "test"):
-            self.run_folder.complete(subcommand)
+        if self.run_folder is not None:
+            self.run_folder.write_records(self.model.run_records())
+            if subcommand in ("fit", "test"):
+                self.run_folder.complete(subcommand)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         settings = self._get(self.config_init, "trainer", default={})
@@ -317,6 +351,21 @@ def check_checkpoint(path: str) -> None:
         raise CheckpointError(
             f"--ckpt_path: cannot read {file}: truncated or not a PyTorch checkpoint ({type(err).__name__})"
         ) from None
+
+
+def checkpoint_keyword_file(path: str, run_dir: Path) -> Path | None:
+    """The file ``--ckpt_path`` names: the path itself, or for ``last`` the newest ``checkpoints/last*.ckpt`` of the
+    run folder and for ``hpc`` its highest ``hpc_ckpt_<n>.ckpt`` (where Lightning looks); None when the keyword
+    names no file yet (``best``, ``registry``, or a first run), which Lightning then reports."""
+    if path == "last":
+        found = sorted((run_dir / "checkpoints").glob("last*.ckpt"), key=lambda file: file.stat().st_mtime)
+        return found[-1] if found else None
+    if path == "hpc":
+        found = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda file: int(file.stem.rpartition("_")[2] or 0))
+        return found[-1] if found else None
+    if path in CHECKPOINT_KEYWORDS or path.startswith("registry:"):
+        return None
+    return Path(path).expanduser()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from fsad.errors import RunFolderError
 
@@ -178,6 +179,13 @@ class RunFolder:
         tmp = self.path / (MARKER + ".tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         tmp.replace(self.path / MARKER)
+
+    def write_records(self, records: dict[str, Any]) -> None:
+        """Write the run's self-description files (``captions.json`` ...) beside ``config.yaml``, each atomically."""
+        for name, content in records.items():
+            tmp = self.path / (name + ".tmp")
+            tmp.write_text(json.dumps(content, indent=2) + "\n")
+            tmp.replace(self.path / name)
 
     def release(self) -> None:
         if self._locked:
