@@ -78,12 +78,17 @@ def differing(checkpoint: Mapping[str, Any], requested: Mapping[str, Any], keys:
     }
 
 
+def shown(value: Any) -> str:
+    """A setting's value as a config file writes it (``false``, ``null``, ``"honest"``, ``[2, 4]``)."""
+    return json.dumps(canonical(value))
+
+
 def describe_changes(changes: Mapping[str, tuple], first: str, second: str) -> str:
     """``key: <first> a, <second> b; ...`` for a one-line message."""
-    return "; ".join(f"{key}: {first} {old!r}, {second} {new!r}" for key, (old, new) in changes.items())
+    return "; ".join(f"{key}: {first} {shown(old)}, {second} {shown(new)}" for key, (old, new) in changes.items())
 
 
 def evaluation_change_line(changes: Mapping[str, tuple], source: str) -> str:
     """The one line a run prints when its evaluation settings differ from the checkpoint's."""
-    listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+    listed = ", ".join(f"{key} {shown(old)} -> {shown(new)}" for key, (old, new) in changes.items())
     return f"evaluation settings changed relative to {source}: {listed}"
