@@ -40,7 +40,7 @@ from fsad.callbacks.metrics import AnomalyMetrics
 from fsad.callbacks.paper_protocol import paper_protocol_callbacks
 from fsad.callbacks.progress import LogProgress
 from fsad.datamodules import auxiliary, folder, mvtec, predict, realiad, synthetic, visa  # noqa: F401
-from fsad.errors import CheckpointError, FsadError
+from fsad.errors import CheckpointError, FsadError, RunFolderError
 from fsad.lightning_modules.components.run_settings import evaluation_change_line, run_config_hash
 from fsad.lightning_modules.finegrainedad import module as finegrainedad_module  # noqa: F401
 from fsad.lightning_modules.kagprompt import module as kagprompt_module  # noqa: F401
@@ -119,6 +119,7 @@ class FsadCLI(LightningCLI):
         self.run_folder: RunFolder | None = None
         self.checkpoint: dict[str, Any] | None = None  # --ckpt_path's contents, compared with the model once built
         self.checkpoint_source = ""
+        self.checkpoint_file: Path | None = None
         try:
             self._construct(args, run, **kwargs)
         finally:
@@ -213,7 +214,7 @@ class FsadCLI(LightningCLI):
         check_checkpoint(path)
         file = checkpoint_keyword_file(path, self.resolve_run_dir())
         if file is not None:
-            self.checkpoint_source = f"--ckpt_path {file}"
+            self.checkpoint_file, self.checkpoint_source = file, f"--ckpt_path {file}"
             self.checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
 
     def before_instantiate_classes(self) -> None:
@@ -242,8 +243,14 @@ class FsadCLI(LightningCLI):
         )
         if self.subcommand is None:
             return
+        run_dir = Path(config.trainer.default_root_dir)
+        if config.get("overwrite") and self.checkpoint_file and run_dir.resolve() in self.checkpoint_file.resolve().parents:
+            raise RunFolderError(
+                f"--overwrite would empty {run_dir}, which holds the --ckpt_path checkpoint {self.checkpoint_file}: "
+                "write this run elsewhere with --run_root or trainer.default_root_dir"
+            )
         if rank_zero_only.rank == 0:
-            self.run_folder = RunFolder(Path(config.trainer.default_root_dir), self.model.run_config_hash)
+            self.run_folder = RunFolder(run_dir, self.model.run_config_hash)
             self.run_folder.claim(bool(config.get("overwrite")))
         for logger in self.trainer.loggers:  # the W&B run config, CSV hparams, ...
             logger.log_hyperparams({"config_hash": self.model.run_config_hash})

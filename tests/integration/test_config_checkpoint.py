@@ -119,6 +119,10 @@ def test_trained_structure_or_another_method_is_refused_in_one_line(finegraineda
     assert "FineGrainedAD model (fsad.lightning_modules.finegrainedad.module.FineGrainedAD)" in line
     assert "asks for PromptAD (fsad.lightning_modules.promptad.module.PromptAD)" in line
     assert not any(tmp_path.iterdir())  # nothing was written
+    # an evaluation change into the checkpoint's own folder is another config; --overwrite would delete the checkpoint
+    line = error_line(fsad("test", "-c", FINEGRAINEDAD, "--run_root", str(finegrainedad_run.parents[3]),
+                           "--ckpt_path", checkpoint, "--model.init_args.gaussian_sigma", "8", "--overwrite", "true"))
+    assert "--overwrite would empty" in line and Path(checkpoint).is_file()
 
 
 @pytest.mark.filterwarnings("ignore")
