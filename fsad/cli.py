@@ -244,7 +244,11 @@ class FsadCLI(LightningCLI):
         if self.subcommand is None:
             return
         run_dir = Path(config.trainer.default_root_dir)
-        if config.get("overwrite") and self.checkpoint_file and run_dir.resolve() in self.checkpoint_file.resolve().parents:
+        if (
+            config.get("overwrite")
+            and self.checkpoint_file
+            and run_dir.resolve() in self.checkpoint_file.resolve().parents
+        ):
             raise RunFolderError(
                 f"--overwrite would empty {run_dir}, which holds the --ckpt_path checkpoint {self.checkpoint_file}: "
                 "write this run elsewhere with --run_root or trainer.default_root_dir"

@@ -229,7 +229,10 @@ class FineGrainedAD(PromptTuningModule):
         """Also store the caption record the prompts were built from, with where it was read."""
         super().on_save_checkpoint(checkpoint)
         if self.record is not None:
-            checkpoint[CAPTION_RECORD_KEY] = {"record": self.record.model_dump(mode="json"), "origin": self.record_origin}
+            checkpoint[CAPTION_RECORD_KEY] = {
+                "record": self.record.model_dump(mode="json"),
+                "origin": self.record_origin,
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse weights trained on another caption record than the one the prompts were just built from (a load

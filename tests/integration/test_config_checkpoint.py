@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from fsad.export import save_checkpoint
 from fsad.inference import Inferencer
 from fsad.lightning_modules.components.run_settings import SettingsMismatchError
 from fsad.lightning_modules.finegrainedad.mfsc import packaged_record
+from fsad.lightning_modules.finegrainedad.module import FineGrainedAD
 from fsad.lightning_modules.kagprompt.module import KAGPrompt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,7 +58,9 @@ def finegrainedad_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     fit = fsad("fit", "-c", FINEGRAINEDAD, "--run_root", str(root), *ONE_EPOCH)
     assert fit.returncode == 0, fit.stderr[-3000:]
     run_dir = root / "finegrainedad/synthetic/disc/k2_s0"
-    test = fsad("test", "-c", FINEGRAINEDAD, "--run_root", str(root), "--ckpt_path", str(run_dir / "checkpoints/last.ckpt"))
+    test = fsad(
+        "test", "-c", FINEGRAINEDAD, "--run_root", str(root), "--ckpt_path", str(run_dir / "checkpoints/last.ckpt")
+    )
     assert test.returncode == 0, test.stderr[-3000:]  # the same config reruns in its own folder
     assert "evaluation settings changed" not in test.stderr
     return run_dir
@@ -120,9 +124,40 @@ def test_trained_structure_or_another_method_is_refused_in_one_line(finegraineda
     assert "asks for PromptAD (fsad.lightning_modules.promptad.module.PromptAD)" in line
     assert not any(tmp_path.iterdir())  # nothing was written
     # an evaluation change into the checkpoint's own folder is another config; --overwrite would delete the checkpoint
-    line = error_line(fsad("test", "-c", FINEGRAINEDAD, "--run_root", str(finegrainedad_run.parents[3]),
-                           "--ckpt_path", checkpoint, "--model.init_args.gaussian_sigma", "8", "--overwrite", "true"))
+    line = error_line(
+        fsad(
+            "test",
+            "-c",
+            FINEGRAINEDAD,
+            "--run_root",
+            str(finegrainedad_run.parents[3]),
+            "--ckpt_path",
+            checkpoint,
+            "--model.init_args.gaussian_sigma",
+            "8",
+            "--overwrite",
+            "true",
+        )
+    )
     assert "--overwrite would empty" in line and Path(checkpoint).is_file()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_caption_record_other_than_the_checkpoints_is_a_trained_structure_mismatch(
+    finegrainedad_run: Path, tmp_path: Path
+) -> None:
+    checkpoint = torch.load(finegrainedad_run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    arguments = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+    data = SimpleNamespace(dataset_name="synthetic", category="disc")
+    same, other = tmp_path / "same.json", tmp_path / "other.json"
+    same.write_text(json.dumps(packaged_record("synthetic", "disc").model_dump(mode="json")))
+    other.write_text(json.dumps(packaged_record("synthetic", "tile").model_dump(mode="json")))
+    # the checkpoint's record given as a file is no difference; another record is refused with both named
+    assert FineGrainedAD(**{**arguments, "captions": str(same)}).check_checkpoint_settings(checkpoint, data, "x") == {}
+    with pytest.raises(
+        SettingsMismatchError, match=r"captions: checkpoint \"synthetic/disc \(.*config \"synthetic/tile"
+    ):
+        FineGrainedAD(**{**arguments, "captions": str(other)}).check_checkpoint_settings(checkpoint, data, "x")
 
 
 @pytest.mark.filterwarnings("ignore")
