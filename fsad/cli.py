@@ -1,11 +1,14 @@
 """The ``fsad`` command: LightningCLI's ``fit|validate|test|predict`` plus extension subcommands.
 
-``fsad fit -c configs/<method>/<dataset>.yaml [--key value ...]`` works as in any LightningCLI, with three additions:
+``fsad fit -c configs/<method>/<dataset>.yaml [--key value ...]`` works as in any LightningCLI, with four additions:
 
 * every run writes into ``<run_root>/<method>/<dataset>/<category>/k<k>_s<seed>/`` (config, support.txt,
   checkpoints, heatmaps, results), unless ``trainer.default_root_dir`` is set;
 * ``data.image_size`` and ``data.eval_size`` are linked to the model, so they are set in one place;
-* ``seed_everything`` defaults to ``data.seed``, so the same config and seed give the same numbers.
+* ``seed_everything`` defaults to ``data.seed``, so the same config and seed give the same numbers;
+* ``--ckpt_path`` never replaces the config: the model is built from the config and compared with the checkpoint
+  (another model class or trained-structure setting is refused, changed evaluation settings are reported), and the
+  run folder is claimed under the config hash of what runs.
 
 Logger configs may write ``{run_dir}`` in their string arguments (``save_dir: "{run_dir}"``) to log into the run
 directory. Other subcommands (``benchmark``, ``captions``, ``data``) are plain functions registered in
