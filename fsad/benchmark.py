@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import itertools
 import json
 import math
@@ -36,10 +37,12 @@ from lightning.pytorch.loggers import WandbLogger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fsad.callbacks.metrics import AnomalyMetrics
-from fsad.callbacks.results import config_hash, markdown_table, write_text_atomically
+from fsad.callbacks.results import markdown_table, write_text_atomically
 from fsad.cli import FsadCLI, _import_class
 from fsad.errors import FsadError
+from fsad.inference import load_checkpoint
 from fsad.lightning_modules.components.feature_cache import FeatureCache
+from fsad.lightning_modules.components.run_settings import evaluation_change_line
 from fsad.progress import progress_reporter
 from fsad.signals import user_facing_error
 
@@ -176,6 +179,13 @@ class ParsedConfig(FsadCLI):
         return None
 
 
+def sweep_hash(resolved: dict[str, Any]) -> str:
+    """The sweep's identity (``benchmark.csv``'s ``config_hash`` column, the resume key): a short SHA-1 of its resolved
+    config with the cell keys left out. Each row also carries its cell's run config hash (``run_config_hash``)."""
+    text = json.dumps([resolved], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
 def resolved_config(cli: FsadCLI, drop: tuple[str, ...]) -> dict[str, Any]:
     """The fully resolved LightningCLI config of ``cli`` (defaults included) without the keys in ``drop``."""
     config = yaml.safe_load(cli.parser.dump(cli.config, skip_validation=True, skip_none=False))
@@ -235,7 +245,7 @@ class Sweep:
         self.resolved = resolved_config(probe, CELL_KEYS) | {
             "benchmark": {"pretrained_checkpoint": self.checkpoint_identity(), "pretrain": self.pretrain_hash}
         }
-        self.config_hash = config_hash(self.resolved)
+        self.config_hash = sweep_hash(self.resolved)
         self.run_root = self.output / "runs" / self.config_hash
         self.feature_cache = (
             FeatureCache(
@@ -290,7 +300,7 @@ class Sweep:
         cli = ParsedConfig(args=[*self.pretrain_args(), "--run_root", str(self.output / "pretrain")], run=False)
         if getattr(cli.model_class, "protocol_stage", None) != "pretrained":
             raise BenchmarkError(f"pretrain: {cli.model_class.__name__} is not a pretrained-protocol method")
-        return config_hash(resolved_config(cli, ("config", "run_root", "trainer.default_root_dir")))
+        return sweep_hash(resolved_config(cli, ("config", "run_root", "trainer.default_root_dir")))
 
     def pretrained_weights(self, train: bool = True) -> Path:
         """The checkpoint the cells test: the given one, or the pretrain block's, trained now unless recorded.
@@ -381,6 +391,11 @@ class Sweep:
             start = time.perf_counter()
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
             fit_seconds = round(time.perf_counter() - start, 3)
+        if checkpoint is not None:  # the cell's config must be the one the checkpoint was trained with
+            source = f"pretrained checkpoint {checkpoint}"
+            changes = cli.model.check_checkpoint_settings(load_checkpoint(checkpoint), cli.datamodule, source)
+            if changes:
+                print(evaluation_change_line(changes, source), file=sys.stderr)
         start = time.perf_counter()
         cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False, ckpt_path=checkpoint)
         test_seconds = round(time.perf_counter() - start, 3)
@@ -388,7 +403,7 @@ class Sweep:
         if metrics is None:
             raise BenchmarkError("the method config has no fsad.callbacks.metrics.AnomalyMetrics callback to read from")
         row = dict(zip((HASH_COLUMN, *KEY_COLUMNS), self.key(cell), strict=True)) | dict(metrics)
-        row |= {"fit_seconds": fit_seconds, "test_seconds": test_seconds}
+        row |= {"run_config_hash": cli.model.run_config_hash, "fit_seconds": fit_seconds, "test_seconds": test_seconds}
         return row | paper_columns(run_dir, cli.trainer.callback_metrics)
 
     def record_failure(self, cell: Cell, err: BaseException) -> str:

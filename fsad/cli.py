@@ -1,11 +1,14 @@
 """The ``fsad`` command: LightningCLI's ``fit|validate|test|predict`` plus extension subcommands.
 
-``fsad fit -c configs/<method>/<dataset>.yaml [--key value ...]`` works as in any LightningCLI, with three additions:
+``fsad fit -c configs/<method>/<dataset>.yaml [--key value ...]`` works as in any LightningCLI, with four additions:
 
 * every run writes into ``<run_root>/<method>/<dataset>/<category>/k<k>_s<seed>/`` (config, support.txt,
   checkpoints, heatmaps, results), unless ``trainer.default_root_dir`` is set;
 * ``data.image_size`` and ``data.eval_size`` are linked to the model, so they are set in one place;
-* ``seed_everything`` defaults to ``data.seed``, so the same config and seed give the same numbers.
+* ``seed_everything`` defaults to ``data.seed``, so the same config and seed give the same numbers;
+* ``--ckpt_path`` never replaces the config: the model is built from the config and compared with the checkpoint
+  (another model class or trained-structure setting is refused, changed evaluation settings are reported), and the
+  run folder is claimed under the config hash of what runs.
 
 Logger configs may write ``{run_dir}`` in their string arguments (``save_dir: "{run_dir}"``) to log into the run
 directory. Other subcommands (``benchmark``, ``captions``, ``data``) are plain functions registered in
@@ -39,9 +42,9 @@ from fsad.callbacks import heatmaps, metrics, paper_protocol, predictions, resul
 from fsad.callbacks.metrics import AnomalyMetrics
 from fsad.callbacks.paper_protocol import paper_protocol_callbacks
 from fsad.callbacks.progress import LogProgress
-from fsad.callbacks.results import config_hash
 from fsad.datamodules import auxiliary, folder, mvtec, predict, realiad, synthetic, visa  # noqa: F401
-from fsad.errors import CheckpointError, FsadError
+from fsad.errors import CheckpointError, FsadError, RunFolderError
+from fsad.lightning_modules.components.run_settings import evaluation_change_line, run_config_hash
 from fsad.lightning_modules.finegrainedad import module as finegrainedad_module  # noqa: F401
 from fsad.lightning_modules.kagprompt import module as kagprompt_module  # noqa: F401
 from fsad.lightning_modules.membank import module as membank_module  # noqa: F401
@@ -119,6 +122,9 @@ class FsadCLI(LightningCLI):
     ) -> None:
         self.signal_guard = signal_guard
         self.run_folder: RunFolder | None = None
+        self.checkpoint: dict[str, Any] | None = None  # --ckpt_path's contents, compared with the model once built
+        self.checkpoint_source = ""
+        self.checkpoint_file: Path | None = None
         try:
             self._construct(args, run, **kwargs)
         finally:
@@ -205,20 +211,23 @@ class FsadCLI(LightningCLI):
         return run_directory(config.run_root, method, dataset, str(category), int(k_shot), int(seed))
 
     def _parse_ckpt_path(self) -> None:
-        """Check ``--ckpt_path`` before Lightning opens it to read its hyper-parameters."""
-        if self.config.get("subcommand") and self._active_config().get("ckpt_path"):
-            check_checkpoint(self._active_config().ckpt_path)
-        super()._parse_ckpt_path()
+        """Read ``--ckpt_path`` (one line if it is not a readable checkpoint) for the settings check made once the
+        model is built (:meth:`check_against_checkpoint`). Lightning's own version is not called: it would put the
+        checkpoint's hyper-parameters, even its model class, over the config without a word."""
+        path = self._active_config().get("ckpt_path") if self.config.get("subcommand") else None
+        if not path:
+            return
+        check_checkpoint(path)
+        file = checkpoint_keyword_file(path, self.resolve_run_dir())
+        if file is not None:
+            self.checkpoint_file, self.checkpoint_source = file, f"--ckpt_path {file}"
+            self.checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
 
     def before_instantiate_classes(self) -> None:
         config = self._active_config()
         apply_metrics_options(config)
         run_dir = self.resolve_run_dir()
         config.trainer.default_root_dir = str(run_dir)
-        if self.subcommand is not None and rank_zero_only.rank == 0:
-            settings = [config.model.as_dict(), config.data.as_dict(), {"seed": config.get("seed_everything")}]
-            self.run_folder = RunFolder(run_dir, config_hash(*settings))
-            self.run_folder.claim(bool(config.get("overwrite")))
         loggers = config.trainer.get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if isinstance(logger, Namespace) and logger.get("init_args") is not None:
@@ -227,6 +236,43 @@ class FsadCLI(LightningCLI):
                         logger.init_args[key] = value.replace(RUN_DIR_PLACEHOLDER, str(run_dir))
                 if logger.class_path.endswith("WandbLogger"):
                     self._fall_back_to_offline_wandb(logger.init_args)
+
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer from the config; then check the model against ``--ckpt_path``, hash what
+        runs, and claim the run folder under that hash."""
+        super().instantiate_classes()
+        self.check_against_checkpoint()
+        config = self._active_config()
+        seed = config.get("seed_everything")
+        self.model.run_config_hash = run_config_hash(
+            self.model, self.datamodule, seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+        )
+        if self.subcommand is None:
+            return
+        run_dir = Path(config.trainer.default_root_dir)
+        if (
+            config.get("overwrite")
+            and self.checkpoint_file
+            and run_dir.resolve() in self.checkpoint_file.resolve().parents
+        ):
+            raise RunFolderError(
+                f"--overwrite would empty {run_dir}, which holds the --ckpt_path checkpoint {self.checkpoint_file}: "
+                "write this run elsewhere with --run_root or trainer.default_root_dir"
+            )
+        if rank_zero_only.rank == 0:
+            self.run_folder = RunFolder(run_dir, self.model.run_config_hash)
+            self.run_folder.claim(bool(config.get("overwrite")))
+        for logger in self.trainer.loggers:  # the W&B run config, CSV hparams, ...
+            logger.log_hyperparams({"config_hash": self.model.run_config_hash})
+
+    def check_against_checkpoint(self) -> None:
+        """The config decides what runs: a checkpoint of another model class or other trained-structure settings is
+        refused in one line; evaluation settings that differ from the checkpoint's are applied and listed in one."""
+        if self.checkpoint is None:
+            return
+        changes = self.model.check_checkpoint_settings(self.checkpoint, self.datamodule, self.checkpoint_source)
+        if changes and rank_zero_only.rank == 0:
+            print(evaluation_change_line(changes, self.checkpoint_source), file=sys.stderr)
 
     @staticmethod
     def _fall_back_to_offline_wandb(init_args: Namespace) -> None:
@@ -243,6 +289,8 @@ class FsadCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         super()._run_subcommand(subcommand)
+        if self.run_folder is not None:
+            self.run_folder.write_records(self.model.run_records())
         if subcommand == "test" and self._active_config().get("report") and self.trainer.is_global_zero:
             from fsad.report import ReportError, write_run_report
 
@@ -327,6 +375,21 @@ def check_checkpoint(path: str) -> None:
         raise CheckpointError(
             f"--ckpt_path: cannot read {file}: truncated or not a PyTorch checkpoint ({type(err).__name__})"
         ) from None
+
+
+def checkpoint_keyword_file(path: str, run_dir: Path) -> Path | None:
+    """The file ``--ckpt_path`` names: the path itself, or for ``last`` the newest ``checkpoints/last*.ckpt`` of the
+    run folder and for ``hpc`` its highest ``hpc_ckpt_<n>.ckpt`` (where Lightning looks); None when the keyword
+    names no file yet (``best``, ``registry``, or a first run), which Lightning then reports."""
+    if path == "last":
+        found = sorted((run_dir / "checkpoints").glob("last*.ckpt"), key=lambda file: file.stat().st_mtime)
+        return found[-1] if found else None
+    if path == "hpc":
+        found = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda file: int(file.stem.rpartition("_")[2] or 0))
+        return found[-1] if found else None
+    if path in CHECKPOINT_KEYWORDS or path.startswith("registry:"):
+        return None
+    return Path(path).expanduser()
 
 
 def main(argv: list[str] | None = None) -> int:

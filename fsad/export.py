@@ -17,7 +17,6 @@ TorchScript file is a trace of the same wrapper.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ from fsad.datamodules.transforms import PairedTransform, antialiased_resize
 from fsad.errors import FsadError
 from fsad.lightning_modules.base import FewShotAnomalyModule
 from fsad.lightning_modules.components.clip import BackboneSpec
+from fsad.lightning_modules.components.run_settings import evaluation_change_line
 
 ExportFormat = Literal["onnx", "torchscript", "both"]
 ONNX_FILE = "model.onnx"
@@ -51,11 +51,6 @@ def fsad_version() -> str:
         return version("fsad")
     except PackageNotFoundError:
         return "unknown"
-
-
-def text_hash(text: str) -> str:
-    """The first 16 hex digits of the SHA-256 of ``text`` (used for the resolved config)."""
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class DeployedDetector(nn.Module):
@@ -232,12 +227,16 @@ def prepare_from_config(
     module, data = cli.model, cli.datamodule
     if getattr(data, "resize", "antialias") != "antialias":
         raise ExportError(f"data.resize: {data.resize!r} cannot be exported exactly; export models run with antialias")
-    if ckpt_path:
-        checkpoint = load_checkpoint(ckpt_path)
+    checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
+    if checkpoint is not None:  # refused on another class or trained structure; evaluation changes reported
+        changes = module.check_checkpoint_settings(checkpoint, data, f"--ckpt_path {ckpt_path}")
+        if changes:
+            print(evaluation_change_line(changes, f"--ckpt_path {ckpt_path}"), file=sys.stderr)
+    module.prepare_for_data(data)
+    if checkpoint is not None:
         module.on_load_checkpoint(checkpoint)
         module.load_state_dict(checkpoint["state_dict"])
     module.eval()
-    module.prepare_for_data(data)
     data.setup("test")
     support_files = [str(p) for p in images_from(support)] if support else list(data.support_paths)
     chosen = set(support_files)
@@ -245,8 +244,7 @@ def prepare_from_config(
     transform = data.make_transform()
     fit_support_images(module, support_files, transform)
     data_hparams = {"_class_path": f"{type(data).__module__}.{type(data).__qualname__}", **dict(data.hparams)}
-    config_hash = text_hash(cli.parser.dump(cli.config))
-    return PreparedModel(module, transform, support_files, held_out, config_hash, data_hparams)
+    return PreparedModel(module, transform, support_files, held_out, module.run_config_hash, data_hparams)
 
 
 def main(argv: list[str]) -> int:

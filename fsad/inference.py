@@ -13,6 +13,7 @@ size (bilinear for the map, nearest for the mask).
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ from fsad.export import (
     ExportError,
     read_metadata,
 )
-from fsad.lightning_modules.base import FewShotAnomalyModule
+from fsad.lightning_modules.base import FewShotAnomalyModule, checkpoint_model_class
+from fsad.lightning_modules.components.run_settings import evaluation_change_line
 
 
 class CheckpointError(FsadError, ValueError):
@@ -101,18 +103,30 @@ def import_class(class_path: str) -> type:
     return getattr(importlib.import_module(module_name), name)
 
 
-def module_from_checkpoint(checkpoint: dict[str, Any], model_class: type | None = None) -> FewShotAnomalyModule:
-    """Rebuild the module from the checkpoint's hyper-parameters (``_class_path`` when the fsad CLI wrote it)."""
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
-    class_path = hparams.pop("_class_path", None)
-    hparams.pop("_instantiator", None)
+def module_from_checkpoint(
+    checkpoint: dict[str, Any],
+    data: Any,
+    model_class: type | None = None,
+    settings: dict[str, Any] | None = None,
+    source: str = "the checkpoint",
+) -> FewShotAnomalyModule:
+    """Rebuild the module from the checkpoint's hyper-parameters, with ``settings`` (evaluation settings, e.g.
+    ``{"gaussian_sigma": 8}``) applied on top, and load its weights; ``data`` gives the dataset name and category.
+
+    As ``fsad test --ckpt_path``: a ``model_class`` other than the checkpoint's, or a trained-structure setting
+    other than the checkpoint's, is refused in one line; changed evaluation settings are printed in one line.
+    """
+    hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
     if model_class is None:
+        class_path = checkpoint_model_class(checkpoint)
         if class_path is None:
-            raise CheckpointError(
-                "the checkpoint names no model class (hyper_parameters._class_path); pass model_class="
-            )
+            raise CheckpointError("the checkpoint names no model class (model_class); pass model_class=")
         model_class = import_class(class_path)
-    module = model_class(**hparams)
+    module = model_class(**{**hparams, **(settings or {})})
+    changes = module.check_checkpoint_settings(checkpoint, data, source)
+    if changes:
+        print(evaluation_change_line(changes, source), file=sys.stderr)
+    module.prepare_for_data(data)
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
@@ -152,24 +166,27 @@ class Inferencer:
         model_class: type | None = None,
         category: str | None = None,
         device: str = "cpu",
+        settings: dict[str, Any] | None = None,
     ) -> Inferencer:
         """Rebuild the module from a checkpoint and fit it on ``support`` (a folder or a list of normal images).
 
         The category (prompt texts) and the normalisation come from the checkpoint's datamodule hyper-parameters
-        when the fsad CLI wrote it; ``category`` overrides. A backbone with ``pretrained: null`` is random: rebuild
-        it under the same seed as the run (``lightning.seed_everything``) to get the same model.
+        when the fsad CLI wrote it; ``category`` overrides. FineGrainedAD uses the caption record stored in the
+        checkpoint. ``settings`` changes evaluation settings (``{"gaussian_sigma": 8}``) and is refused for
+        trained-structure ones, as ``fsad test --ckpt_path`` is. A backbone with ``pretrained: null`` is random:
+        rebuild it under the same seed as the run (``lightning.seed_everything``) to get the same model.
         """
         from fsad.calibration import images_from
 
         state = load_checkpoint(checkpoint)
         data = dict(state.get("datamodule_hyper_parameters") or {})
-        module = module_from_checkpoint(state, model_class).to(device)
         if data.get("resize", "antialias") != "antialias":
             raise CheckpointError(f"data.resize: {data['resize']!r} is not supported by the inferencer; use antialias")
         category = category or data.get("category")
         data_class = data.get("_class_path")
         dataset_name = getattr(import_class(data_class), "dataset_name", "custom") if data_class else "custom"
-        module.prepare_for_data(SimpleNamespace(category=category, dataset_name=dataset_name))
+        target = SimpleNamespace(category=category, dataset_name=dataset_name)
+        module = module_from_checkpoint(state, target, model_class, settings, f"checkpoint {checkpoint}").to(device)
         mean = tuple(data.get("mean") or module.backbone.image_mean)
         std = tuple(data.get("std") or module.backbone.image_std)
         transform = PairedTransform(module.image_size, module.eval_size, mean, std)

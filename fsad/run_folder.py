@@ -11,9 +11,10 @@ fit|test|predict`` on rank 0 before anything is written:
   ``hpc_ckpt``); a lock of another SLURM job is stale once ``squeue`` (or ``sacct``) no longer lists that job as
   active; otherwise (another host, no SLURM tools) a lock is stale when its heartbeat is older than
   :data:`STALE_AFTER_SECONDS`. Taking a lock over prints one line saying why;
-* ``run.json`` is written when a ``fit`` or ``test`` finishes and records its config hash (of ``model``, ``data``
-  and ``seed_everything``: the settings that decide what a run computes; trainer, logger and checkpoint options may
-  differ, so fit-then-test, resuming with more epochs and re-testing share a folder). A run whose hash differs
+* ``run.json`` is written when a ``fit`` or ``test`` finishes and records its config hash (``config_hash`` of
+  ``lightning_modules/components/run_settings.py``: the ``model``, ``data`` and ``seed_everything`` settings that
+  decide what a run computes; trainer, logger and checkpoint options may differ, so fit-then-test, resuming with
+  more epochs and re-testing share a folder). A run whose hash differs
   from a finished run's refuses to start unless ``--overwrite`` is given, which empties the folder first;
 * a failed run never writes ``run.json``, ``results.csv``, ``heatmaps/`` or ``predictions/``: those are written
   only at its end (heatmaps and predictions through a staging folder swapped into place).
@@ -31,6 +32,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from fsad.errors import RunFolderError
 
@@ -178,6 +180,13 @@ class RunFolder:
         tmp = self.path / (MARKER + ".tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         tmp.replace(self.path / MARKER)
+
+    def write_records(self, records: dict[str, Any]) -> None:
+        """Write the run's self-description files (``captions.json`` ...) beside ``config.yaml``, each atomically."""
+        for name, content in records.items():
+            tmp = self.path / (name + ".tmp")
+            tmp.write_text(json.dumps(content, indent=2) + "\n")
+            tmp.replace(self.path / name)
 
     def release(self) -> None:
         if self._locked:

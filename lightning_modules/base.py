@@ -14,6 +14,12 @@ from fsad.errors import FsadError
 from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec, ClipBackbone
 from fsad.lightning_modules.components.feature_cache import FeatureCache
 from fsad.lightning_modules.components.postprocess import upsample_and_smooth
+from fsad.lightning_modules.components.run_settings import (
+    SettingsMismatchError,
+    describe_changes,
+    differing,
+    qualified_name,
+)
 from fsad.lightning_modules.components.thresholds import DecisionThresholds
 
 
@@ -48,6 +54,13 @@ class FewShotAnomalyModule(LightningModule, ABC):
 
     method_name: ClassVar[str] = "base"
     protocol_stage: ClassVar[ProtocolStage]
+    trained_structure: ClassVar[frozenset[str]] = frozenset({"backbone", "image_size"})
+    """The init arguments that decide what the trained parameters mean (or hold, for a fitted support set); every
+    other init argument is an evaluation setting. A checkpoint is loaded only under equal trained-structure
+    settings (:meth:`check_checkpoint_settings`)."""
+    run_config_hash: str | None = None
+    """The run's :func:`~fsad.lightning_modules.components.run_settings.config_hash`, set by the ``fsad`` CLI and
+    ``fsad export``; checkpoints and result tables carry it."""
     feature_cache: FeatureCache | None = None
     """Set by the benchmark runner: test-image backbone outputs are then read from (and written to) this cache."""
 
@@ -170,11 +183,60 @@ class FewShotAnomalyModule(LightningModule, ABC):
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> Batch:
         return self.predict_batch(batch)
 
+    # ----------------------------------------------------------------- settings and checkpoints
+    def checkpoint_differences(
+        self, checkpoint: dict[str, Any], data: Any
+    ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+        """(trained-structure, evaluation) settings whose checkpoint value differs from this model's, as
+        ``key -> (checkpoint value, this model's value)``; ``data`` is the run's datamodule (or any object with its
+        ``dataset_name`` and ``category``). Keys a checkpoint does not record are not compared."""
+        saved = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not str(k).startswith("_")}
+        requested = {k: v for k, v in self.hparams.items() if not str(k).startswith("_")}
+        keys = set(saved) | set(requested)
+        return (
+            differing(saved, requested, keys & self.trained_structure),
+            differing(saved, requested, keys - self.trained_structure),
+        )
+
+    def check_checkpoint_settings(self, checkpoint: dict[str, Any], data: Any, source: str) -> dict[str, tuple]:
+        """Refuse a checkpoint (``source`` names it) of another model class or other trained-structure settings, in
+        one line naming both classes or every differing key with both values; return the evaluation settings this
+        model changes relative to it (``key -> (checkpoint value, this model's value)``)."""
+        saved_class = checkpoint_model_class(checkpoint)
+        own_class = qualified_name(type(self))
+        if saved_class is not None and saved_class != own_class:
+            raise SettingsMismatchError(
+                f"{source} holds a {saved_class.rpartition('.')[2]} model ({saved_class}) but the config asks for "
+                f"{type(self).__name__} ({own_class}): use the config the checkpoint was trained with"
+            )
+        structure, evaluation = self.checkpoint_differences(checkpoint, data)
+        if structure:
+            raise SettingsMismatchError(
+                f"{source} was trained with other trained-structure settings than the config asks for: "
+                f"{describe_changes(structure, 'checkpoint', 'config')}; set them as the checkpoint has them, or "
+                "train a new model"
+            )
+        self.adopt_checkpoint_records(checkpoint)
+        return evaluation
+
+    def adopt_checkpoint_records(self, checkpoint: dict[str, Any]) -> None:
+        """Take over what the checkpoint fixes besides its weights and settings (FineGrainedAD: its caption record),
+        before :meth:`prepare_for_data` runs. Nothing by default."""
+
+    def run_records(self) -> dict[str, Any]:
+        """JSON files that describe this run beyond its config (file name -> content), written into the run folder
+        when the run finishes. None by default."""
+        return {}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The frozen backbone is rebuilt from its spec, so checkpoints hold only the method's own weights."""
+        """The frozen backbone is rebuilt from its spec, so checkpoints hold only the method's own weights; the
+        model class and the run's config hash are recorded beside the hyper-parameters."""
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("backbone.")]:
             del state[key]
+        checkpoint["model_class"] = qualified_name(type(self))
+        if self.run_config_hash is not None:
+            checkpoint["config_hash"] = self.run_config_hash
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Put the live backbone weights back so strict loading of a backbone-free checkpoint succeeds; checkpoints
@@ -186,3 +248,8 @@ class FewShotAnomalyModule(LightningModule, ABC):
             state.setdefault("thresholds.image_threshold", state.pop("image_threshold"))
         for key, value in DecisionThresholds().state_dict(prefix="thresholds.").items():
             state.setdefault(key, value)
+
+
+def checkpoint_model_class(checkpoint: dict[str, Any]) -> str | None:
+    """The model class path a checkpoint records (written by fsad, or by Lightning's CLI); None when unknown."""
+    return checkpoint.get("model_class") or (checkpoint.get("hyper_parameters") or {}).get("_class_path")

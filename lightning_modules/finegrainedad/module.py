@@ -10,11 +10,15 @@ import torch.nn.functional as F
 
 from fsad.batch import Batch
 from fsad.lightning_modules.components.clip import BackboneSpec
+from fsad.lightning_modules.components.run_settings import SettingsMismatchError
 from fsad.lightning_modules.finegrainedad.mfsc import (
     CaptionRecord,
+    CaptionRecordError,
     caption_provenance_summary,
     default_prompt_seed,
     mllp_texts,
+    packaged_record,
+    parse_record,
     resolve_record,
 )
 from fsad.lightning_modules.finegrainedad.model import FineGrainedADModel
@@ -29,6 +33,19 @@ from fsad.lightning_modules.finegrainedad.regions import (
 )
 from fsad.lightning_modules.promptad.model import Variant
 from fsad.lightning_modules.promptad.module import PromptTuningModule, Protocol
+
+#: The checkpoint entry holding the caption record a model was trained with: ``{"record": ..., "origin": ...}``.
+CAPTION_RECORD_KEY = "caption_record"
+
+
+def record_origin(captions: str | None, dataset: str, category: str) -> str:
+    """Where a run's record was read from: the ``captions`` path given, or the packaged record's name."""
+    return str(captions) if captions is not None else f"packaged record {dataset}/{category}"
+
+
+def describe_record(record: CaptionRecord) -> str:
+    """``dataset/category (provenance kind, source)`` of a record, for mismatch messages."""
+    return f"{record.dataset}/{record.category} ({record.provenance.kind}, {record.provenance.source})"
 
 
 class FineGrainedAD(PromptTuningModule):
@@ -70,6 +87,16 @@ class FineGrainedAD(PromptTuningModule):
 
     method_name = "finegrainedad"
     protocol_stage = "fewshot_fit"
+    #: what the learned prompts and the Query Former mean: backbone, variant, the caption record and the prompt
+    #: construction, prompt shapes, the region aggregation and objective they were trained with, the optimiser.
+    #: Evaluation: eval_size, gaussian_sigma, image_reweighting (Eq. 6, a scoring step), protocol,
+    #: bgr_test_quirk, best_epoch_on_test, max_fusion_quirk.
+    trained_structure = frozenset({
+        "backbone", "image_size", "variant", "captions", "prompt_seed", "n_ctx", "n_ctx_ab", "n_pro_ab",
+        "n_pro_cls", "cls_epochs", "eam_margin", "mean_loss_weight", "reg_weight", "reg_lambda", "region_boost",
+        "semantic_seeds", "reference_mode", "background_rule", "assignment", "slice_factor", "train_query_former",
+        "lr", "momentum", "weight_decay", "eta_min", "temperature_quirk", "low_precision_prompts_quirk",
+    })  # fmt: skip
 
     def __init__(
         self,
@@ -135,14 +162,21 @@ class FineGrainedAD(PromptTuningModule):
             n_pro_cls=n_pro_cls if code else None,
         )  # fmt: skip
         self.record: CaptionRecord | None = None
+        self.record_origin: str | None = None
+        self.checkpoint_record: tuple[CaptionRecord, str] | None = None  # (record, origin) of a loaded checkpoint
         self.region_weights_by_path: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ set-up
     def prepare_for_data(self, data: Any) -> None:
-        """Load the category's caption record (warning on a generic one, logging its provenance), build its prompts."""
+        """Load the caption record (a loaded checkpoint's, else the category's; warning on a generic one, logging its
+        provenance), build its prompts."""
         self.warn_if_data_differs_from_variant(data)
         dataset, category = getattr(data, "dataset_name", "?"), getattr(data, "category", "?")
-        self.record = resolve_record(self.hparams.captions, dataset, category)
+        if self.checkpoint_record is not None:
+            self.record, self.record_origin = self.checkpoint_record
+        else:
+            self.record = resolve_record(self.hparams.captions, dataset, category)
+            self.record_origin = record_origin(self.hparams.captions, dataset, category)
         if self.record.is_generic:
             warnings.warn(
                 f"caption record {self.record.dataset}/{self.record.category} is generic "
@@ -155,6 +189,71 @@ class FineGrainedAD(PromptTuningModule):
         seed = default_prompt_seed(self.variant) if self.hparams.prompt_seed is None else self.hparams.prompt_seed
         texts = mllp_texts(self.record, seed=seed, placeholders=self.variant == "paper")
         self.model.build(self.backbone, texts)
+
+    # ------------------------------------------------------------------ the caption record in checkpoints
+    def requested_record(self, data: Any) -> CaptionRecord | None:
+        """The record this config asks for on ``data``: the ``captions`` file or folder's, else the packaged record
+        of the data's (dataset, category); None when ``captions`` is null and nothing is packaged for the data (a
+        predict folder), where a checkpoint's own record is used."""
+        dataset, category = getattr(data, "dataset_name", "?"), getattr(data, "category", "?")
+        if self.hparams.captions is not None:
+            return resolve_record(self.hparams.captions, dataset, category)
+        try:
+            return packaged_record(dataset, category)
+        except CaptionRecordError:
+            return None
+
+    def checkpoint_differences(
+        self, checkpoint: dict[str, Any], data: Any
+    ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+        """As the base class, but ``captions`` compares the records themselves: the checkpoint's against the one
+        this config asks for (so the same record given as a file or packaged is no difference)."""
+        structure, evaluation = super().checkpoint_differences(checkpoint, data)
+        saved = checkpoint.get(CAPTION_RECORD_KEY)
+        if saved is None:  # a checkpoint from before records were stored: compare the `captions` setting as written
+            return structure, evaluation
+        structure.pop("captions", None)
+        record = parse_record(saved["record"], "the checkpoint's caption record")
+        requested = self.requested_record(data)
+        if requested is not None and requested.model_dump(mode="json") != record.model_dump(mode="json"):
+            structure["captions"] = (describe_record(record), describe_record(requested))
+        return structure, evaluation
+
+    def adopt_checkpoint_records(self, checkpoint: dict[str, Any]) -> None:
+        """Use the checkpoint's caption record (it equals the requested one, or none was requested)."""
+        saved = checkpoint.get(CAPTION_RECORD_KEY)
+        if saved is not None:
+            self.checkpoint_record = (parse_record(saved["record"], "the checkpoint's caption record"), saved["origin"])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also store the caption record the prompts were built from, with where it was read."""
+        super().on_save_checkpoint(checkpoint)
+        if self.record is not None:
+            checkpoint[CAPTION_RECORD_KEY] = {
+                "record": self.record.model_dump(mode="json"),
+                "origin": self.record_origin,
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse weights trained on another caption record than the one the prompts were just built from (a load
+        that did not go through :meth:`check_checkpoint_settings`)."""
+        saved = checkpoint.get(CAPTION_RECORD_KEY)
+        if saved is not None and self.record is not None:
+            record = parse_record(saved["record"], "the checkpoint's caption record")
+            if record.model_dump(mode="json") != self.record.model_dump(mode="json"):
+                raise SettingsMismatchError(
+                    f"the checkpoint was trained with the caption record {describe_record(record)} but this run built "
+                    f"its prompts from {describe_record(self.record)}: pass the checkpoint's record as "
+                    "model.init_args.captions, or train a new model"
+                )
+        super().on_load_checkpoint(checkpoint)
+
+    def run_records(self) -> dict[str, Any]:
+        """``captions.json``: the record the prompts were built from, its provenance and where it was read."""
+        if self.record is None:
+            return {}
+        return {"captions.json": {"origin": self.record_origin, "provenance": caption_provenance_summary(self.record),
+                                  "record": self.record.model_dump(mode="json")}}  # fmt: skip
 
     def on_fit_start(self) -> None:
         data = self.trainer.datamodule

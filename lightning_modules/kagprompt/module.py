@@ -40,6 +40,16 @@ class KAGPrompt(FewShotAnomalyModule):
 
     method_name = "kagprompt"
     protocol_stage = "pretrained"
+    #: what the trained adapter and graph mean: backbone and taps, variant, widths, kernels, rounds, the Table 2
+    #: switches that remove trained parts, the gate, edge and reduction readings, the map fusion and logit scale the
+    #: loss saw, and the objective and optimiser. Evaluation: eval_size, gaussian_sigma, score_gamma, top_k,
+    #: use_memory (the support bank is built at test time).
+    trained_structure = frozenset({
+        "backbone", "image_size", "variant", "rounds", "graph_dim", "gamma", "text_scale", "score_size", "kernels",
+        "use_graph", "use_gate", "use_gru", "gate_channels", "gate_self_loop", "reverse_edge", "visual_reduction",
+        "focal_weight", "dice_weight", "image_loss_weight", "focal_gamma", "lr", "betas", "weight_decay",
+        "warmup_fraction",
+    })  # fmt: skip
 
     def __init__(
         self,

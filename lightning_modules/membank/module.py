@@ -14,6 +14,8 @@ class MemoryBankAD(FewShotAnomalyModule):
 
     method_name = "membank"
     protocol_stage = "training_free"
+    #: the support bank's features depend on these; ``eval_size`` and ``gaussian_sigma`` are evaluation settings
+    trained_structure = frozenset({"backbone", "image_size"})
 
     def __init__(
         self,

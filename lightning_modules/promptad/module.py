@@ -190,6 +190,14 @@ class PromptAD(PromptTuningModule):
 
     method_name = "promptad"
     protocol_stage = "fewshot_fit"
+    #: what the learned prompts mean: backbone, variant, prompt shapes, the training objective and optimiser that
+    #: produced them. Evaluation: eval_size, gaussian_sigma, protocol, bgr_test_quirk, low_precision_scoring_quirk,
+    #: best_epoch_on_test, max_fusion_quirk.
+    trained_structure = frozenset({
+        "backbone", "image_size", "variant", "n_ctx", "n_ctx_ab", "n_pro_ab", "n_pro_cls", "eam_margin",
+        "mean_loss_weight", "lr", "momentum", "weight_decay", "eta_min", "temperature_quirk", "eam_token_axis_quirk",
+        "low_precision_prompts_quirk",
+    })  # fmt: skip
 
     def __init__(
         self,

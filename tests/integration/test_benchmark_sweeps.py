@@ -54,6 +54,10 @@ def test_kag_sweep_pretrains_once_then_only_tests_every_cell(tmp_path: Path, mon
     rows = read_rows(tmp_path / "kag")
     assert sorted((r["k"], r["seed"]) for r in rows) == [("1", "0"), ("2", "0")]
     assert all(r["fit_seconds"] == "" and float(r["test_seconds"]) > 0 for r in rows)
+    for row in rows:  # each row carries its cell's run config hash, the one in the cell's results.csv
+        (cell_results,) = (tmp_path / "kag/runs").rglob(f"k{row['k']}_s{row['seed']}/results.csv")
+        assert row["run_config_hash"] == next(csv.DictReader(cell_results.read_text().splitlines()))["config_hash"]
+    assert rows[0]["run_config_hash"] != rows[1]["run_config_hash"]
     records = list((tmp_path / "kag/pretrain").glob("*/pretrain.json"))
     assert len(records) == 1 and Path(yaml.safe_load(records[0].read_text())["checkpoint"]).is_file()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -83,6 +84,10 @@ def test_unreachable_wandb_server_falls_back_to_offline(tmp_path: Path, monkeypa
     run_dir = tmp_path / "runs" / "membank" / "synthetic" / "disc" / "k4_s0"
     assert (run_dir / "results.csv").is_file()
     assert list(run_dir.glob("wandb/offline-run-*"))
+    # the W&B run config carries the run's config hash (the client logs each config update it records)
+    run_hash = json.loads((run_dir / "run.json").read_text())["config_hash"]
+    (client_log,) = run_dir.glob("wandb/offline-run-*/logs/debug.log")
+    assert f"{{'config_hash': '{run_hash}'}}" in client_log.read_text()
 
 
 def test_histogram_mode_tracks_the_exact_pixel_auroc(tmp_path: Path) -> None:
