@@ -1,4 +1,5 @@
-"""Auxiliary training data for KAG-prompt: one dataset's normal images plus their NSA-synthesised anomalies.
+"""Auxiliary training data for KAG-prompt (one dataset's normal images plus their NSA-synthesised anomalies) and
+APRIL-GAN (one dataset's test split: real anomalies with their masks, ``split: test``).
 
 KAG-prompt trains on a different dataset than it tests on (VisA → MVTec-AD and the reverse); every normal image
 yields a clean sample (label 0, empty mask) and an NSA sample (label 1, the authors' logistic intensity label > 0.3),
@@ -19,10 +20,11 @@ import cv2
 import numpy as np
 from lightning.pytorch import LightningDataModule
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fsad.batch import collate_batch
-from fsad.datamodules.base import FewShotDataModule, Sample
+from fsad.datamodules.base import AnomalyDataset, FewShotDataModule, Sample
 from fsad.datamodules.mvtec import MVTecDataModule
 from fsad.datamodules.synthesis import LABEL_THRESHOLD, NSASettings, nsa_synthesize, parameters_for
 from fsad.datamodules.synthetic import SyntheticDataModule
@@ -130,7 +132,7 @@ class NSADataset(Dataset):
 
 
 class AuxiliaryDataModule(LightningDataModule):
-    """Training data for cross-dataset KAG-prompt training.
+    """Training data for cross-dataset training (KAG-prompt, APRIL-GAN).
 
     Args:
         root: root of the training dataset (its own layout, as its few-shot datamodule reads it).
@@ -139,6 +141,8 @@ class AuxiliaryDataModule(LightningDataModule):
         image_size, eval_size, batch_size, num_workers: as :class:`FewShotDataModule`.
         seed: seed of the NSA anomalies and of the shuffling (fresh anomalies each epoch from (seed, epoch, index)).
         synthesis: False = normal images only (the "w/o NSA" ablation).
+        split: ``train`` = the normal training images (with NSA anomalies); ``test`` = the test split with its real
+            anomalies and masks, no synthesis (APRIL-GAN trains on the other dataset's test images and masks).
         nsa_patches, nsa_min_overlap, nsa_tolerance: :class:`NSASettings` (the authors' 2, 0.25, 1 grey level); the
             per-category parameters are the table ``NSA_PARAMETERS`` in ``datamodules/synthesis.py``.
     """
@@ -167,17 +171,20 @@ class AuxiliaryDataModule(LightningDataModule):
         nsa_patches: int = 2,
         nsa_min_overlap: float = 0.25,
         nsa_tolerance: float = 1.0,
+        split: Literal["train", "test"] = "train",
     ) -> None:
         super().__init__()
         if dataset not in SOURCES:
             raise ValueError(f"data.dataset: {dataset!r} is not one of {sorted(SOURCES)}")
         if root is None and dataset != "synthetic":
             raise ValueError(f"data.root is required for the {dataset} training dataset")
+        if split not in ("train", "test"):
+            raise ValueError(f"data.split: {split!r} is not 'train' or 'test'")
         self.save_hyperparameters()
         self.root, self.source, self.categories = root, dataset, categories
         self.image_size, self.eval_size, self.batch_size = image_size, eval_size, batch_size
         self.num_workers, self.seed, self.mean, self.std = num_workers, seed, tuple(mean), tuple(std)
-        self.synthesis = synthesis
+        self.synthesis, self.split = synthesis, split
         self.nsa_settings = NSASettings(patches=nsa_patches, min_overlap=nsa_min_overlap, tolerance=nsa_tolerance)
         self.dataset_name = f"{dataset}_aux"
         self.samples: list[Sample] = []
@@ -197,13 +204,19 @@ class AuxiliaryDataModule(LightningDataModule):
         if missing:
             raise DataError(f"data.categories: {missing} not found under {probe.root}; categories found: {found}")
         for category in chosen:
-            self.samples += self._category_module(category).collect_samples("train")
+            self.samples += self._category_module(category).collect_samples(self.split)
         if not self.samples:
-            raise DataError(f"no normal training images found under {probe.root}")
+            raise DataError(f"no {self.split} images found under {probe.root}")
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
         transform = PairedTransform(self.image_size, self.eval_size, self.mean, self.std)
+        if self.split == "test":  # real anomalies and masks, shuffled from the seed
+            return DataLoader(
+                AnomalyDataset(self.samples, transform), batch_size=self.batch_size, shuffle=True,
+                generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers,
+                collate_fn=collate_batch, worker_init_fn=seed_worker_transforms,
+            )  # fmt: skip
         dataset = NSADataset(self.samples, transform, self.seed, self.image_size, self.synthesis, self.nsa_settings)
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=EpochSampler(len(dataset), self.seed),

@@ -44,6 +44,7 @@ from fsad.callbacks.paper_protocol import paper_protocol_callbacks
 from fsad.callbacks.progress import LogProgress
 from fsad.datamodules import auxiliary, folder, mvtec, predict, realiad, synthetic, visa  # noqa: F401
 from fsad.errors import CheckpointError, FsadError, RunFolderError
+from fsad.lightning_modules.aprilgan import module as aprilgan_module  # noqa: F401
 from fsad.lightning_modules.components.run_settings import evaluation_change_line, run_config_hash
 from fsad.lightning_modules.finegrainedad import module as finegrainedad_module  # noqa: F401
 from fsad.lightning_modules.kagprompt import module as kagprompt_module  # noqa: F401

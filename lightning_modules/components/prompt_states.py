@@ -16,6 +16,11 @@ GENERIC_STATES = (
     "{} with flaw", "{} with defect", "{} with damage",
 )  # fmt: skip
 
+# State ensemble of AnomalyGPT, KAG-prompt and APRIL-GAN: the normal and the anomalous side, one ``{}`` each.
+ENSEMBLE_NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
+                          "{} without damage")  # fmt: skip
+ENSEMBLE_ABNORMAL_STATES = ("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage")
+
 DISPLAY_NAMES = {
     "metal_nut": "metal nut", "pcb1": "printed circuit board", "pcb2": "printed circuit board",
     "pcb3": "printed circuit board", "pcb4": "printed circuit board", "pipe_fryum": "pipe fryum",

@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from fsad.batch import Batch
 from fsad.lightning_modules.base import FewShotAnomalyModule
 from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec
-from fsad.lightning_modules.components.prompt_states import display_name
+from fsad.lightning_modules.components.prompt_states import (
+    ENSEMBLE_ABNORMAL_STATES,
+    ENSEMBLE_NORMAL_STATES,
+    display_name,
+)
 from fsad.lightning_modules.kagprompt.model import PAPER_KERNELS, KAGPromptModel, kag_loss
 
-NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
-                 "{} without damage")  # fmt: skip
-ABNORMAL_STATES = ("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage")
 TEMPLATES = ("a photo of a {}.", "a photo of the {}.")
 
 
@@ -104,7 +105,7 @@ class KAGPrompt(FewShotAnomalyModule):
         if category not in self.text_by_category:
             name = display_name(category)
             sides = []
-            for states in (NORMAL_STATES, ABNORMAL_STATES):
+            for states in (ENSEMBLE_NORMAL_STATES, ENSEMBLE_ABNORMAL_STATES):
                 texts = [t.format(s.format(name)) for s in states for t in TEMPLATES]
                 encoded = F.normalize(self.backbone.encode_text(self.backbone.tokenize(texts)), dim=-1)
                 sides.append(F.normalize(encoded.mean(0), dim=-1))
