@@ -1,7 +1,7 @@
 """Regenerate the parity fixtures from the authors' code: ``python tests/parity/make_golden.py <method> --authors PATH``.
 
 ``promptad``: a checkout of FuNz-0/PromptAD; ``kagprompt``: a checkout of CVL-hub/KAG-prompt; ``finegrainedad``: a
-checkout of RetoFan233/FineGrainedAD. The authors' code is
+checkout of RetoFan233/FineGrainedAD; ``aprilgan``: a checkout of ByChelsea/VAND-APRIL-GAN. The authors' code is
 read from the path given and run there; only numbers land in ``tests/fixtures/parity/<method>/``. See README.md.
 """
 
@@ -16,10 +16,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("method", choices=["promptad", "kagprompt", "finegrainedad"])
+    parser.add_argument("method", choices=["promptad", "kagprompt", "finegrainedad", "aprilgan"])
     parser.add_argument("--authors", type=Path, required=True, help="checkout of the authors' repository")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mvtec_ad",
-                        help="MVTec-AD root holding bottle/ (promptad, finegrainedad)")  # fmt: skip
+                        help="MVTec-AD root holding bottle/ (promptad, finegrainedad, aprilgan)")  # fmt: skip
     parser.add_argument(
         "--out", type=Path, default=None, help="fixture folder (default tests/fixtures/parity/<method>)"
     )
@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or REPO / "tests" / "fixtures" / "parity" / args.method
     if args.method == "promptad":
         from tests.parity.promptad_golden import generate
+
+        generate(args.authors, args.data, out)
+    elif args.method == "aprilgan":
+        from tests.parity.aprilgan_golden import generate
 
         generate(args.authors, args.data, out)
     elif args.method == "finegrainedad":
