@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
+import torch
 from lightning.pytorch import LightningDataModule
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fsad.batch import collate_batch

@@ -59,7 +59,7 @@ class AprilGanModel(nn.Module):
         """
         rows, cols = features.grid
         layers = []
-        for tap, adapter in zip(self.taps, self.adapters):
+        for tap, adapter in zip(self.taps, self.adapters, strict=True):
             tokens = F.normalize(adapter(features.taps[tap]), dim=-1)  # [B,N,D]
             logits = self.text_scale * tokens @ text.transpose(1, 2)  # [B,N,2]
             grid = logits.transpose(1, 2).reshape(logits.shape[0], 2, rows, cols)
@@ -107,8 +107,12 @@ def smoothed_focal_loss(
     return (-(1.0 - p_true).pow(gamma) * p_true.log()).mean()
 
 
-def aprilgan_loss(probabilities: torch.Tensor, target: torch.Tensor, focal_gamma: float = 2.0) -> dict[str, torch.Tensor]:
+def aprilgan_loss(
+    probabilities: torch.Tensor, target: torch.Tensor, focal_gamma: float = 2.0
+) -> dict[str, torch.Tensor]:
     """Training loss: ``Σ_l Focal(P_l, G) + Dice(P_l[anomalous], G)`` over the layers of [B,L,2,S,S]; G ∈ {0,1}."""
-    focal = sum(smoothed_focal_loss(probabilities[:, layer], target, focal_gamma) for layer in range(probabilities.shape[1]))
+    focal = sum(
+        smoothed_focal_loss(probabilities[:, layer], target, focal_gamma) for layer in range(probabilities.shape[1])
+    )
     dice = sum(dice_loss(probabilities[:, layer, 1], target) for layer in range(probabilities.shape[1]))
     return {"loss": focal + dice, "focal": focal, "dice": dice}

@@ -36,6 +36,7 @@ import argparse
 import importlib.util
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import types
@@ -59,7 +60,9 @@ SEED = 0
 
 def load_package(name: str, folder: Path) -> types.ModuleType:
     """Import the authors' vendored ``open_clip`` under another name, beside the installed one."""
-    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    spec = importlib.util.spec_from_file_location(
+        name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -67,7 +70,9 @@ def load_package(name: str, folder: Path) -> types.ModuleType:
 
 
 IN_PLACE_NORMALISATION = "patch_tokens[layer] /= patch_tokens[layer].norm(dim=-1, keepdim=True)"
-OUT_OF_PLACE_NORMALISATION = "patch_tokens[layer] = patch_tokens[layer] / patch_tokens[layer].norm(dim=-1, keepdim=True)"
+OUT_OF_PLACE_NORMALISATION = (
+    "patch_tokens[layer] = patch_tokens[layer] / patch_tokens[layer].norm(dim=-1, keepdim=True)"
+)
 
 
 def load_script(path: Path, namespace: dict, out_of_place: bool = False) -> dict:
@@ -194,7 +199,9 @@ def generate(authors_repo: Path, mvtec: Path, out_dir: Path) -> None:
                 trainer_state["grads"] = [p.grad.detach().clone() for g in self.param_groups for p in g["params"]]
                 return super().step(closure)
 
-        train_ns["torch"] = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
+        train_ns["torch"] = types.SimpleNamespace(
+            **{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")}
+        )
         train_ns["torch"].optim = types.SimpleNamespace(Adam=RecordingAdam)
         losses = {"focal": [], "dice": [], "targets": []}
         focal_cls, dice_cls = train_ns["FocalLoss"], train_ns["BinaryDiceLoss"]
@@ -224,7 +231,7 @@ def generate(authors_repo: Path, mvtec: Path, out_dir: Path) -> None:
 
         # ---------------------------------------------------------------- test.py, zero- then few-shot
         adapters = {f"fc.{i}.{kind}": p for i in range(len(TAPS)) for kind, p in
-                    zip(("weight", "bias"), trainer_state["initial"][2 * i : 2 * i + 2])}  # fmt: skip
+                    zip(("weight", "bias"), trainer_state["initial"][2 * i : 2 * i + 2], strict=True)}  # fmt: skip
         torch.manual_seed(SEED)
         for name, value in adapters.items():  # trained-looking adapters: the initial ones plus noise
             adapters[name] = value + 0.05 * torch.randn_like(value)
@@ -235,20 +242,20 @@ def generate(authors_repo: Path, mvtec: Path, out_dir: Path) -> None:
             test_ns = load_script(authors_repo / "test.py", {"__name__": "authors_test"})
             text_features: list[torch.Tensor] = []
 
-            def encode_text(*args, **kwargs):
+            def encode_text(*args, text_features=text_features, **kwargs):
                 prompts = text_encoder(*args, **kwargs)
                 text_features.append(prompts["bottle"].detach().clone())
                 return prompts
 
             auroc = test_ns["roc_auc_score"]
 
-            def recorded_auroc(y_true, y_score, *args, **kwargs):
+            def recorded_auroc(y_true, y_score, *args, auroc=auroc, **kwargs):
                 record.add("auroc_inputs", (np.asarray(y_true).copy(), np.asarray(y_score).copy()))
                 return auroc(y_true, y_score, *args, **kwargs)
 
             normalize = test_ns["normalize"]
 
-            def recorded_normalize(pred, *args, **kwargs):
+            def recorded_normalize(pred, *args, normalize=normalize, **kwargs):
                 if not args and not kwargs:
                     record.add("final_map", np.asarray(pred).copy())
                 return normalize(pred, *args, **kwargs)
@@ -276,8 +283,9 @@ def generate(authors_repo: Path, mvtec: Path, out_dir: Path) -> None:
         "query_taps": torch.cat(zero["taps"])[:, :, 1:],  # [B,L,N,W] without CLS
         "support_images": torch.cat(few["images"][:K_SHOT]),
         "support_taps": torch.cat(few["taps"][:K_SHOT])[:, :, 1:],
-        "layer_probabilities": torch.stack([torch.cat(zero["layer_probabilities"][i * 4 : i * 4 + 4])[:, 1]
-                                            for i in range(queries)]),  # [B,L,S,S], anomalous (normal = 1 − it)  # fmt: skip
+        "layer_probabilities": torch.stack(
+            [torch.cat(zero["layer_probabilities"][i * len(TAPS) : (i + 1) * len(TAPS)])[:, 1] for i in range(queries)]
+        ),  # [B,L,S,S], anomalous (normal = 1 − it)  # fmt: skip
         "zero_shot_map": np.stack(zero["final_map"]),  # [B,S,S]: Σ_l p_l
         "few_shot_map": np.stack(few["final_map"]),  # Σ_l p_l + Σ_l (1 − cos_l)
         "gt_mask": zero["auroc_inputs"][0][0].reshape(queries, IMAGE_SIZE, IMAGE_SIZE),
@@ -289,16 +297,17 @@ def generate(authors_repo: Path, mvtec: Path, out_dir: Path) -> None:
         "train/focal_sum": torch.stack(losses["focal"]).sum(),
         "train/dice_sum": torch.stack(losses["dice"]).sum(),
     }
-    for name, value in zip(adapters, trainer_state["initial"]):
+    for name, value in zip(adapters, trainer_state["initial"], strict=True):
         arrays[f"train/initial/{name}"] = value
-    for name, value in zip(adapters, trainer_state["grads"]):
+    for name, value in zip(adapters, trainer_state["grads"], strict=True):
         arrays[f"train/grad/{name}"] = value
     arrays.update({f"adapters/{k}": v for k, v in adapters.items()})
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_dir / "golden.npz", **{k: np.asarray(torch.as_tensor(v), dtype=np.float32)
                                                    for k, v in arrays.items()})  # fmt: skip
-    commit = (authors_repo / ".git").exists() and __import__("subprocess").run(
-        ["git", "-C", str(authors_repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = (authors_repo / ".git").exists() and subprocess.run(
+        ["git", "-C", str(authors_repo), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     meta = {"authors_repo": "ByChelsea/VAND-APRIL-GAN", "commit": commit or None, "arch": ARCH,
             "image_size": IMAGE_SIZE, "taps": TAPS, "test_images": [f"{d}/{n}" for d, n in TEST_IMAGES],
             "support_paths": few["support_paths"], "seed": SEED, "torch": torch.__version__,
