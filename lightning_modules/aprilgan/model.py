@@ -6,8 +6,8 @@ soft-maxed per pixel, and the anomalous probabilities of all layers make the tex
 anomalous probability of the CLS embedding. Few-shot adds the memory map of the k shots' tapped tokens,
 ``1 − max cos``, per layer, to the text map, and the map's maximum to the image score.
 
-The authors sum over layers, so their maps range over [0, L] (zero-shot) and [0, 3L] (few-shot); fsad keeps the
-batch contract's [0, 1] by dividing by those bounds (the same ranking, so the same AUROC; README).
+Maps and scores are the authors' raw values: sums over the L layers, so maps range over [0, L] zero-shot and
+[0, 3L] few-shot (the batch contract passes any range to the rank metrics).
 """
 
 from __future__ import annotations
@@ -72,22 +72,25 @@ class AprilGanModel(nn.Module):
         return logits.softmax(dim=-1)[:, 1]
 
     def memory_map(self, features: BackboneOutput) -> torch.Tensor:
-        """Few-shot map [B,S,S]: mean over taps of ``(1 − max_m cos(f, m)) / 2``, upsampled (align_corners)."""
-        distances = self.memory({tap: features.taps[tap] for tap in self.taps})
+        """Few-shot map [B,S,S]: ``Σ_l Up(1 − max_m cos(f_l, m))`` over the taps (bilinear, align_corners).
+
+        The shared bank gives the mean over taps of ``(1 − max cos) / 2``; × 2L is the authors' sum (Up is linear).
+        """
+        distances = self.memory({tap: features.taps[tap] for tap in self.taps}) * (2 * len(self.taps))
         return self.upsample(distances.reshape(distances.shape[0], 1, *features.grid))[:, 0]
 
     def forward(self, features: BackboneOutput, text: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every stage: ``layer_probabilities``, ``text_map``, ``image_probability``, then ``memory_map`` (few-shot
-        only), ``anomaly_map`` [B,S,S] in [0,1] and ``score`` [B] in [0,1]."""
+        only), ``anomaly_map`` [B,S,S] and ``score`` [B]."""
         probabilities = self.layer_probabilities(features, text)
-        text_map = probabilities[:, :, 1].mean(dim=1)  # authors: Σ_l, here / L
+        text_map = probabilities[:, :, 1].sum(dim=1)
         image_probability = self.image_probability(features.cls, text)
         outputs = {"layer_probabilities": probabilities, "text_map": text_map, "image_probability": image_probability}
         if not self.memory.is_fitted:
             return outputs | {"anomaly_map": text_map, "score": image_probability}
         memory_map = self.memory_map(features)
-        # authors: Σ_l p_l + Σ_l (1 − cos_l) = L·text_map + 2L·memory_map; here divided by 3L
-        anomaly_map = (text_map + 2.0 * memory_map) / 3.0
+        anomaly_map = text_map + memory_map
+        # the authors min-max normalise the map maxima over the test set first; per image, fsad cannot (README)
         score = 0.5 * (image_probability + anomaly_map.flatten(1).amax(dim=1))
         return outputs | {"memory_map": memory_map, "anomaly_map": anomaly_map, "score": score}
 
