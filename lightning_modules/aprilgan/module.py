@@ -43,6 +43,9 @@ class AprilGan(FewShotAnomalyModule):
 
     method_name = "aprilgan"
     protocol_stage = "pretrained"
+    #: what the adapters mean and the objective that trained them; ``eval_size`` and ``gaussian_sigma`` are evaluation
+    #: settings, and the shots (zero- or few-shot) come from the test datamodule
+    trained_structure = frozenset({"backbone", "image_size", "score_size", "text_scale", "focal_gamma", "lr", "betas"})
 
     def __init__(
         self,

@@ -15,7 +15,8 @@ from fsad.cli import FsadCLI
 from tests.integration.test_cli_and_membank import CollectOutputs
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["--model.init_args.backbone", "{arch: fsad-tiny, pretrained: null, taps: [1, 2, 3, 4], vv_attention: false}"]
+TINY = ["--model.init_args.backbone", "{arch: fsad-tiny, pretrained: null, taps: [1, 2, 3, 4], vv_attention: false}",
+        "--model.init_args.lr", "0.01"]  # fmt: skip
 pytestmark = pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
 
 
