@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
-import torch
 from lightning.pytorch import LightningDataModule
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -131,6 +130,54 @@ class NSADataset(Dataset):
         }  # fmt: skip
 
 
+class MosaicDataset(Dataset):
+    """Test-split items with real masks; with probability ``rate`` an item becomes a 2×2 mosaic of four test images of
+    its category (APRIL-GAN's MVTec-AD training augmentation: each tile's defect type drawn uniformly, then a file of
+    it; pasted at the first tile's size, masks likewise). Items are addressed by ``(epoch, index)`` as
+    :class:`NSADataset`, so the draw is a pure function of (seed, epoch, index).
+    """
+
+    def __init__(self, samples: list[Sample], transform: PairedTransform, seed: int, rate: float) -> None:
+        self.items, self.seed, self.rate = AnomalyDataset(samples, transform), seed, rate
+        self.by_defect: dict[str, dict[str, list[Sample]]] = {}
+        for sample in samples:
+            self.by_defect.setdefault(sample.category, {}).setdefault(sample.defect, []).append(sample)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def mosaic(self, category: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Four test images of ``category`` and their masks tiled 2×2 (row-major)."""
+        defects = self.by_defect[category]
+        names = sorted(defects)
+        tiles = []
+        for _ in range(4):
+            files = defects[names[int(rng.integers(len(names)))]]
+            tiles.append(AnomalyDataset.read(files[int(rng.integers(len(files)))]))
+        height, width = tiles[0][0].shape[:2]
+        image = np.zeros((2 * height, 2 * width, 3), dtype=tiles[0][0].dtype)
+        mask = np.zeros((2 * height, 2 * width), dtype=tiles[0][1].dtype)
+        for position, (tile, tile_mask) in enumerate(tiles):
+            top, left = (position // 2) * height, (position % 2) * width
+            h, w = min(height, tile.shape[0]), min(width, tile.shape[1])
+            image[top : top + h, left : left + w] = tile[:h, :w]
+            mask[top : top + h, left : left + w] = tile_mask[:h, :w]
+        return image, mask
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = item if isinstance(item, tuple) else (0, item)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        if rng.random() >= self.rate:
+            return self.items[index]
+        sample = self.items.samples[index]
+        image, mask = self.mosaic(sample.category, rng)
+        image_tensor, mask_tensor = self.items.transform(image, mask)
+        return {
+            "image": image_tensor, "gt_mask": mask_tensor, "gt_label": int(mask.any()),
+            "image_path": sample.image_path, "mask_path": None, "category": sample.category, "index": index,
+        }  # fmt: skip
+
+
 class AuxiliaryDataModule(LightningDataModule):
     """Training data for cross-dataset training (KAG-prompt, APRIL-GAN).
 
@@ -143,6 +190,8 @@ class AuxiliaryDataModule(LightningDataModule):
         synthesis: False = normal images only (the "w/o NSA" ablation).
         split: ``train`` = the normal training images (with NSA anomalies); ``test`` = the test split with its real
             anomalies and masks, no synthesis (APRIL-GAN trains on the other dataset's test images and masks).
+        mosaic_rate: with ``split: test``, the probability that an item becomes a 2×2 mosaic of four test images of its
+            category (:class:`MosaicDataset`; the APRIL-GAN authors use 0.2 on MVTec-AD, 0 on VisA).
         nsa_patches, nsa_min_overlap, nsa_tolerance: :class:`NSASettings` (the authors' 2, 0.25, 1 grey level); the
             per-category parameters are the table ``NSA_PARAMETERS`` in ``datamodules/synthesis.py``.
     """
@@ -172,6 +221,7 @@ class AuxiliaryDataModule(LightningDataModule):
         nsa_min_overlap: float = 0.25,
         nsa_tolerance: float = 1.0,
         split: Literal["train", "test"] = "train",
+        mosaic_rate: float = 0.0,
     ) -> None:
         super().__init__()
         if dataset not in SOURCES:
@@ -180,11 +230,13 @@ class AuxiliaryDataModule(LightningDataModule):
             raise ValueError(f"data.root is required for the {dataset} training dataset")
         if split not in ("train", "test"):
             raise ValueError(f"data.split: {split!r} is not 'train' or 'test'")
+        if not 0.0 <= mosaic_rate <= 1.0 or (mosaic_rate and split != "test"):
+            raise ValueError(f"data.mosaic_rate: {mosaic_rate} must lie in [0, 1] and needs split: test")
         self.save_hyperparameters()
         self.root, self.source, self.categories = root, dataset, categories
         self.image_size, self.eval_size, self.batch_size = image_size, eval_size, batch_size
         self.num_workers, self.seed, self.mean, self.std = num_workers, seed, tuple(mean), tuple(std)
-        self.synthesis, self.split = synthesis, split
+        self.synthesis, self.split, self.mosaic_rate = synthesis, split, mosaic_rate
         self.nsa_settings = NSASettings(patches=nsa_patches, min_overlap=nsa_min_overlap, tolerance=nsa_tolerance)
         self.dataset_name = f"{dataset}_aux"
         self.samples: list[Sample] = []
@@ -211,13 +263,10 @@ class AuxiliaryDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         transform = PairedTransform(self.image_size, self.eval_size, self.mean, self.std)
-        if self.split == "test":  # real anomalies and masks, shuffled from the seed
-            return DataLoader(
-                AnomalyDataset(self.samples, transform), batch_size=self.batch_size, shuffle=True,
-                generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers,
-                collate_fn=collate_batch, worker_init_fn=seed_worker_transforms,
-            )  # fmt: skip
-        dataset = NSADataset(self.samples, transform, self.seed, self.image_size, self.synthesis, self.nsa_settings)
+        if self.split == "test":  # real anomalies and masks (and mosaics of them)
+            dataset = MosaicDataset(self.samples, transform, self.seed, self.mosaic_rate)
+        else:
+            dataset = NSADataset(self.samples, transform, self.seed, self.image_size, self.synthesis, self.nsa_settings)
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=EpochSampler(len(dataset), self.seed),
             num_workers=self.num_workers, collate_fn=collate_batch, worker_init_fn=seed_worker_transforms,

@@ -59,8 +59,9 @@ class AnomalyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.samples[index]
+    @staticmethod
+    def read(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        """The sample's RGB image and its mask (zeros for a normal image), checked to be the same size."""
         image = load_rgb(sample.image_path)
         if sample.mask_path is not None:
             mask = load_mask(sample.mask_path)
@@ -71,7 +72,11 @@ class AnomalyDataset(Dataset):
                 )
         else:
             mask = np.zeros(image.shape[:2], dtype=np.uint8)
-        image_tensor, mask_tensor = self.transform(image, mask)
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        image_tensor, mask_tensor = self.transform(*self.read(sample))
         return {
             "image": image_tensor,
             "gt_mask": mask_tensor,

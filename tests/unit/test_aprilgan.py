@@ -7,11 +7,13 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from fsad.datamodules.auxiliary import AuxiliaryDataModule
+from fsad.datamodules.auxiliary import AuxiliaryDataModule, MosaicDataset
 from fsad.datamodules.synthetic import SyntheticDataModule
+from fsad.datamodules.transforms import PairedTransform, load_mask, load_rgb
 from fsad.lightning_modules.aprilgan.model import smoothed_focal_loss
 from fsad.lightning_modules.aprilgan.module import AprilGan
 
@@ -57,3 +59,30 @@ def test_test_split_training_data_has_the_real_masks(tmp_path: Path, monkeypatch
     assert bool((masks[labels == 1].amax(dim=1) > 0).all()) and not masks[labels == 0].any()
     with pytest.raises(ValueError, match="data.split"):
         AuxiliaryDataModule(dataset="synthetic", split="val")
+    with pytest.raises(ValueError, match="data.mosaic_rate"):
+        AuxiliaryDataModule(dataset="synthetic", split="train", mosaic_rate=0.2)
+
+
+def test_mosaic_tiles_four_test_images_of_the_category_with_their_own_masks() -> None:
+    samples = SyntheticDataModule(category="tile", k_shot=1).collect_samples("test")
+    transform = PairedTransform(96, 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    dataset = MosaicDataset(samples, transform, seed=0, rate=1.0)
+    image, mask = dataset.mosaic("tile", np.random.default_rng(3))
+    files = {s.image_path: (load_rgb(s.image_path), load_mask(s.mask_path) if s.mask_path else None) for s in samples}
+    height, width = image.shape[0] // 2, image.shape[1] // 2
+    for top in (0, height):
+        for left in (0, width):
+            tile, tile_mask = (
+                image[top : top + height, left : left + width],
+                mask[top : top + height, left : left + width],
+            )
+            matches = [m for picture, m in files.values() if np.array_equal(picture, tile)]
+            assert matches, "every tile is one of the category's test images"
+            expected = matches[0] if matches[0] is not None else np.zeros_like(tile_mask)
+            assert np.array_equal(tile_mask > 0, expected > 0)
+    item, again = dataset[(0, 5)], dataset[(0, 5)]
+    assert torch.equal(item["image"], again["image"]) and not torch.equal(item["image"], dataset[(1, 5)]["image"])
+    assert item["gt_label"] == int(item["gt_mask"].any())
+    assert all(dataset[(0, i)]["image"].shape == (3, 96, 96) for i in range(3))
+    plain = MosaicDataset(samples, transform, seed=0, rate=0.0)
+    assert torch.equal(plain[(4, 2)]["gt_mask"], plain.items[2]["gt_mask"])  # rate 0: the test image itself
