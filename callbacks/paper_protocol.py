@@ -3,7 +3,8 @@
 PromptAD and FineGrainedAD evaluate the test set after every training epoch and report the best epoch per category
 (methods.md §4, "Reporting hazards"). :class:`BestEpochOnTest` reproduces that during ``fit`` and writes every
 epoch's numbers plus the best to ``<run_dir>/paper_best_epoch.json``; :class:`PaperMaxFusion` logs their
-``max(AUROC(harmonic), AUROC(mean))`` image score. Honest results come from ``fsad test``.
+``max(AUROC(harmonic), AUROC(mean))`` image score; :class:`PaperTestSetMinMax` logs APRIL-GAN's few-shot image score,
+normalised over the whole test set. Honest results come from ``fsad test``.
 :func:`paper_protocol_callbacks` gives the callbacks a module's ``protocol`` asks for; the fsad CLI adds them.
 """
 
@@ -78,6 +79,8 @@ class PaperMaxFusion(Callback):
     (every rank's samples are gathered by dataset index, padding duplicates dropped).
     """
 
+    metric = "image_AUROC_paper_max_fusion"
+
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.parts: dict[int, tuple[int, float, float]] = {}
 
@@ -85,27 +88,53 @@ class PaperMaxFusion(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Batch, batch: Batch, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
-        parts = pl_module.model.last_image_parts.cpu()
+        parts = pl_module.model.last_image_parts
+        if parts is None:  # nothing to fuse in this mode (APRIL-GAN zero-shot)
+            return
+        parts = parts.cpu()
         for row, index in enumerate(outputs.index.tolist()):
             self.parts[index] = (int(outputs.gt_label[row]), float(parts[row, 0]), float(parts[row, 1]))
 
+    @staticmethod
+    def paper_auroc(labels: np.ndarray, visual: np.ndarray, text: np.ndarray) -> float:
+        harmonic = 1.0 / (1.0 / np.clip(visual, 1e-12, None) + 1.0 / np.clip(text, 1e-12, None))
+        return max(exact_auroc(harmonic, labels), exact_auroc((visual + text) / 2, labels))
+
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.parts:  # no batch gave parts (APRIL-GAN zero-shot), on every rank alike
+            return
         shards = gather_to_rank_zero(self.parts)
         value = None
         if shards is not None:
             merged = {k: v for shard in shards for k, v in shard.items()}
             labels, visual, text = (np.array(column, dtype=np.float64) for column in zip(*merged.values(), strict=True))
-            harmonic = 1.0 / (1.0 / np.clip(visual, 1e-12, None) + 1.0 / np.clip(text, 1e-12, None))
-            value = max(exact_auroc(harmonic, labels), exact_auroc((visual + text) / 2, labels))
-        pl_module.log("image_AUROC_paper_max_fusion", broadcast_from_rank_zero(value), sync_dist=False)
+            value = self.paper_auroc(labels, visual, text)
+        pl_module.log(self.metric, broadcast_from_rank_zero(value), sync_dist=False)
+
+
+class PaperTestSetMinMax(PaperMaxFusion):
+    """APRIL-GAN's few-shot image AUROC as the authors compute it: ``½(s + norm(max M))``, the map maxima min-max
+    normalised over the whole test set of the category (a score no single image has); logged as
+    ``image_AUROC_paper_test_minmax``. Reads ``last_image_parts`` ([B,2]: max M, text probability s) as its parent.
+    """
+
+    metric = "image_AUROC_paper_test_minmax"
+
+    @staticmethod
+    def paper_auroc(labels: np.ndarray, visual: np.ndarray, text: np.ndarray) -> float:
+        spread = visual.max() - visual.min()
+        normalised = (visual - visual.min()) / spread if spread > 0 else np.zeros_like(visual)
+        return exact_auroc(0.5 * (text + normalised), labels)
 
 
 def paper_protocol_callbacks(module: LightningModule) -> list[Callback]:
-    """The callbacks ``protocol: paper`` (or its two switches) asks of a PromptAD/FineGrainedAD module; none for
-    other modules. Add them to a Trainer built by hand; ``fsad fit|test`` adds them itself."""
+    """The callbacks ``protocol: paper`` (or its two switches) asks of a PromptAD/FineGrainedAD module, and
+    APRIL-GAN's ``paper_image_score``; none for other modules. Add them to a Trainer built by hand; ``fsad fit|test`` adds them itself."""
     callbacks: list[Callback] = []
     if getattr(module, "best_epoch_on_test", False):
         callbacks.append(BestEpochOnTest())
     if getattr(module, "max_fusion_quirk", False):
         callbacks.append(PaperMaxFusion())
+    if getattr(module, "paper_image_score", False):
+        callbacks.append(PaperTestSetMinMax())
     return callbacks

@@ -38,6 +38,8 @@ class AprilGan(FewShotAnomalyModule):
         text_scale: logit scale of the cosine comparisons (the authors' 100).
         focal_gamma: exponent of the focal loss (2).
         lr, betas: Adam (the authors' 1e-3 and (0.5, 0.999)).
+        paper_image_score: also log the authors' few-shot image AUROC, whose scores are normalised over the whole
+            test set, as ``image_AUROC_paper_test_minmax`` (the honest per-image score stays ``image_AUROC``).
     The test datamodule's ``k_shot`` picks the mode: 0 = zero-shot (text only), k > 0 = few-shot (memory map added).
     """
 
@@ -58,6 +60,7 @@ class AprilGan(FewShotAnomalyModule):
         focal_gamma: float = 2.0,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.5, 0.999),
+        paper_image_score: bool = True,
     ) -> None:
         backbone = backbone or BackboneSpec(
             arch="ViT-L-14-336", pretrained="openai", taps=[6, 12, 18, 24], vv_attention=False
@@ -68,6 +71,7 @@ class AprilGan(FewShotAnomalyModule):
         )
         self.text_by_category: dict[str, torch.Tensor] = {}
         self.category: str | None = None
+        self.paper_image_score = paper_image_score
 
     @torch.no_grad()
     def text_features(self, category: str) -> torch.Tensor:

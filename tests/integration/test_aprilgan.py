@@ -56,3 +56,8 @@ def test_fit_on_another_dataset_then_few_and_zero_shot_on_real_bottle(tmp_path: 
     assert torch.allclose(few_scores, 0.5 * (zero_scores + few_maps.amax(dim=1)), atol=1e-6)
     labels = torch.cat(few.labels).numpy()
     assert len(set(labels)) == 2 and 0.0 <= roc_auc_score(labels, few_scores.numpy()) <= 1.0
+    # the authors' score, logged beside: ½(text probability + map maxima min-max normalised over the test set)
+    row = next(csv.DictReader((tmp_path / "runs/aprilgan/mvtec/bottle/k2_s0/results.csv").open()))
+    maxima = few_maps.amax(dim=1).numpy()
+    authors = 0.5 * (zero_scores.numpy() + (maxima - maxima.min()) / (maxima.max() - maxima.min()))
+    assert float(row["image_AUROC_paper_test_minmax"]) == pytest.approx(roc_auc_score(labels, authors), abs=1e-6)
