@@ -39,22 +39,49 @@ class LevelQueryFormer(nn.Module):
         return F.normalize(self.project(torch.cat([normal, abnormal], dim=-1)), dim=-1)
 
 
+class CosineCrossAttention(nn.Module):
+    """One cross-attention layer of the paper's Query Former: single-head attention whose scores are
+    ``scale · cos(query, key)`` and whose values are the keys (the prompt features) themselves.
+
+    Why not the usual ``(qW_q)(kW_k)ᵀ/√D`` head: with unit-norm CLIP features at D = 640 its scores start within
+    ~0.04 of each other, every query attends uniformly, all intrinsic representations are equal and no objective
+    has a gradient that tells them apart (measured: still collapsed after 100 SGD steps at lr 2e-3). Cosine scores at
+    ``scale`` 50 (CLIP-like sharpness) differ from the first step, so each query can move its attention towards its
+    own level.
+    """
+
+    def __init__(self, scale: float = 50.0) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, queries: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [L,D], features [P,D] → (attended features [L,D], attention weights [L,P])."""
+        weights = (self.scale * F.normalize(queries, dim=-1) @ F.normalize(features, dim=-1).T).softmax(dim=-1)
+        return weights @ features, weights
+
+
 class CrossAttentionQueryFormer(nn.Module):
     """The paper's Query Former (PAD branch): randomly initialised learnable multi-level intrinsic representations
     are the queries; two parallel cross-attention layers read, as keys and values, every level's normal prompt
     features and every level's abnormal prompt features respectively; one projection fuses the two outputs.
 
-    Attention decides which level's evidence each intrinsic representation draws on. ``resize(levels)`` creates one
-    query per level once the caption record (and so the number of levels) is known.
+    Attention decides which level's evidence each intrinsic representation draws on; :func:`query_former_loss`
+    trains query l to represent level l. The projection starts as the mean of the two attended features (weights
+    [I/2, I/2], bias 0): a random start rotates the objective's gradient away from the prompt-feature geometry the
+    queries must move in, and whether they separate within the paper's 100 SGD steps then depends on the draw.
+    ``resize(levels)`` creates one query per level once the caption record (and so the number of levels) is known.
     """
 
-    def __init__(self, dim: int, heads: int = 1) -> None:
+    def __init__(self, dim: int, attention_scale: float = 50.0) -> None:
         super().__init__()
         self.dim = dim
         self.queries = nn.Parameter(torch.empty(0, dim))
-        self.normal_attention = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.abnormal_attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.normal_attention = CosineCrossAttention(attention_scale)
+        self.abnormal_attention = CosineCrossAttention(attention_scale)
         self.project = nn.Linear(2 * dim, dim)
+        with torch.no_grad():
+            self.project.weight.copy_(torch.cat([torch.eye(dim), torch.eye(dim)], dim=1) / 2)
+            self.project.bias.zero_()
 
     def resize(self, levels: int) -> None:
         """(Re)create ``levels`` intrinsic queries, N(0, 1/D) like CLIP's embeddings, if their number changed."""
@@ -75,30 +102,67 @@ class CrossAttentionQueryFormer(nn.Module):
         normal_features: torch.Tensor,
         abnormal_features: torch.Tensor,
     ) -> torch.Tensor:
-        """Intrinsic queries [L,D] (normalised) from all normal [Pn,D] and all abnormal [Pa,D] prompt features.
+        """Intrinsic representations [L,D] (normalised) from all normal [Pn,D] and all abnormal [Pa,D] prompt features.
 
         ``normal``/``abnormal`` (the per-level prototypes) only fix L here; the objective compares against them.
         """
         if self.queries.shape[0] != normal.shape[0]:
             raise RuntimeError(f"Query Former has {self.queries.shape[0]} queries for {normal.shape[0]} levels")
-        queries, normal_kv, abnormal_kv = self.queries.unsqueeze(0), normal_features[None], abnormal_features[None]
-        from_normal = self.normal_attention(queries, normal_kv, normal_kv, need_weights=False)[0]
-        from_abnormal = self.abnormal_attention(queries, abnormal_kv, abnormal_kv, need_weights=False)[0]
-        return F.normalize(self.project(torch.cat([from_normal[0], from_abnormal[0]], dim=-1)), dim=-1)
+        from_normal = self.normal_attention(self.queries, normal_features)[0]
+        from_abnormal = self.abnormal_attention(self.queries, abnormal_features)[0]
+        return F.normalize(self.project(torch.cat([from_normal, from_abnormal], dim=-1)), dim=-1)
 
 
-def query_former_loss(queries: torch.Tensor, normal: torch.Tensor, abnormal: torch.Tensor) -> torch.Tensor:
-    """The paper's Query Former objective: maximise cos(q_l, p̄ⁿ_l) + cos(q_l, p̄ᵃ_l) → minimise 2 − both, mean."""
-    return (2 - (queries * normal).sum(-1) - (queries * abnormal).sum(-1)).mean()
+QUERY_CONTRAST_TEMPERATURE = 20.0
+"""τ of :func:`query_former_loss`: level prototypes of CLIP text features sit at cosines of 0.8–0.9 from each other,
+so a cosine gap of 0.1 must already count (τ·0.1 = 2 logits)."""
+
+
+def query_former_loss(
+    queries: torch.Tensor, normal: torch.Tensor, abnormal: torch.Tensor, temperature: float = QUERY_CONTRAST_TEMPERATURE
+) -> torch.Tensor:
+    """The Query Former objective, our reading of "maximise the cosine similarity between the intrinsic features and
+    the corresponding normal/abnormal prompt features": a contrast over levels. Intrinsic representation l [L,D]
+    must be nearer level l's prototypes p̄ⁿ_l and p̄ᵃ_l [L,D] than any other level's:
+    ``½·(CE(τ·q p̄ⁿᵀ, l) + CE(τ·q p̄ᵃᵀ, l))``, mean over l.
+
+    Maximising the cosines alone has one optimum for every query (the direction shared by all levels), so the
+    queries collapse and Eq. 4 routes by float noise; the other levels as negatives keep query l on what sets level
+    l apart.
+    """
+    target = torch.arange(len(queries), device=queries.device)
+    return 0.5 * (
+        F.cross_entropy(temperature * queries @ normal.T, target)
+        + F.cross_entropy(temperature * queries @ abnormal.T, target)
+    )
+
+
+def max_pairwise_cosine(queries: torch.Tensor) -> float:
+    """Largest cosine between two different rows of ``queries`` [L,D] (1.0 = two queries coincide); −1 for L < 2."""
+    if len(queries) < 2:
+        return -1.0
+    unit = F.normalize(queries, dim=-1)
+    cosines = unit @ unit.T
+    cosines.fill_diagonal_(-1.0)
+    return float(cosines.max())
 
 
 def token_wise_scores(
-    tokens: torch.Tensor, queries: torch.Tensor, normal: torch.Tensor, abnormal: torch.Tensor, temperature
+    tokens: torch.Tensor,
+    queries: torch.Tensor,
+    normal: torch.Tensor,
+    abnormal: torch.Tensor,
+    temperature,
+    route: bool = True,
 ) -> torch.Tensor:
     """Eq. 4: each token takes the level l* = argmax_l cos(v_j, q_l) and scores softmax(t·[⟨v,p̄ⁿ_l*⟩,⟨v,p̄ᵃ_l*⟩])₁.
 
+    ``route=False`` is Tab. 5's "without dynamic token-wise inference": the mean of that score over all levels.
     tokens: [..., D] normalised; queries, normal, abnormal: [L,D] normalised. Returns [...] in [0,1].
     """
+    if not route:
+        logits = temperature * torch.stack([tokens @ normal.T, tokens @ abnormal.T], dim=-1)  # [..., L, 2]
+        return logits.softmax(dim=-1)[..., 1].mean(dim=-1)
     level = (tokens @ queries.T).argmax(dim=-1)
     logits = temperature * torch.stack([(tokens * normal[level]).sum(-1), (tokens * abnormal[level]).sum(-1)], -1)
     return logits.softmax(dim=-1)[..., 1]
@@ -118,7 +182,7 @@ class FineGrainedADModel(nn.Module):
         eam_margin: float = 1.0, mean_loss_weight: float = 0.001, reg_weight: float = 1.0,
         temperature_quirk: bool = False, image_reweighting: bool = False, train_query_former: bool = True,
         variant: str = "paper", reg_lambda: float = 1.0, image_max_size: int | None = None, n_pro: int = 1,
-        n_pro_cls: int | None = None,
+        n_pro_cls: int | None = None, token_wise: bool = True, image_level_only: bool = False, attr_moe: bool = True,
     ) -> None:  # fmt: skip
         super().__init__()
         self.variant = variant
@@ -131,7 +195,9 @@ class FineGrainedADModel(nn.Module):
         self.reg_lambda = reg_lambda
         # the code's Attr-MoE: gated attribute prompt sequences added to the image prompts, [normal/abnormal,
         # relation/color/texture/shape]. The paper's weighs the component placeholders (PromptLearner.slot_gate_logits).
-        self.attribute_gates = nn.Parameter(torch.randn(2, 4)) if code else None
+        self.attribute_gates = nn.Parameter(torch.randn(2, 4)) if code and attr_moe else None
+        self.token_wise = token_wise  # Tab. 5: False averages every level's score per token instead of Eq. 4's choice
+        self.image_level_only = image_level_only  # Tab. 5: the image-level prompts alone
         self.memory = MemoryBank()
         self.eam_margin, self.mean_loss_weight, self.reg_weight = eam_margin, mean_loss_weight, reg_weight
         self.temperature_quirk = temperature_quirk
@@ -147,20 +213,32 @@ class FineGrainedADModel(nn.Module):
             self.classifier = FineGrainedADModel(
                 text_width, embed_dim, n_ctx, n_ctx_ab, n_pro_ab, eam_margin, mean_loss_weight,
                 temperature_quirk=temperature_quirk, train_query_former=False, variant=variant, n_pro=n_pro_cls,
+                token_wise=token_wise, image_level_only=image_level_only, attr_moe=attr_moe,
             )  # fmt: skip
 
     ATTRIBUTE_ORDER = ("relation", "color", "texture", "shape")
 
     def build(self, backbone: ClipBackbone, texts: PromptTexts) -> None:
         """Tokenise every level's prompt bodies (from :func:`mllp_texts`); fix the level order
-        components…, foreground (if the texts have one), image, background."""
-        self.components = list(texts.components)
-        self.attributes = [a for a in self.ATTRIBUTE_ORDER if a in texts.attributes]
+        components…, foreground (if the texts have one), image, background — or the image level alone
+        (``image_level_only``, with the attribute groups the code's Attr-MoE mixes into it)."""
+        groups = texts.groups()
+        if self.image_level_only:
+            groups = {name: g for name, g in groups.items() if name == "image" or name.startswith("attribute:")}
+        self.components = [] if self.image_level_only else list(texts.components)
+        self.attributes = [a for a in self.ATTRIBUTE_ORDER if f"attribute:{a}" in groups]
         if self.attributes and self.attribute_gates is None:
-            raise ValueError("attribute groups are the code's Attr-MoE; build variant: paper from placeholder texts")
+            raise ValueError(
+                "attribute groups are the code's Attr-MoE; build variant: paper from placeholder texts, and drop them "
+                "without Attr-MoE"
+            )
         foreground = ["foreground"] if texts.foreground is not None else []
-        self.level_names = [f"component:{c}" for c in self.components] + foreground + ["image", "background"]
-        self.prompts.build(backbone, texts.groups())
+        self.level_names = (
+            ["image"]
+            if self.image_level_only
+            else [f"component:{c}" for c in self.components] + foreground + ["image", "background"]
+        )
+        self.prompts.build(backbone, groups)
         if isinstance(self.query_former, CrossAttentionQueryFormer):
             self.query_former.resize(len(self.level_names))
         self.levels = None
@@ -223,6 +301,12 @@ class FineGrainedADModel(nn.Module):
         self.levels = levels
         if self.classifier is not None:
             self.classifier.cache_text(backbone)
+
+    def query_separation(self, backbone: ClipBackbone) -> float:
+        """Max pairwise cosine of the current intrinsic representations (1.0: two queries coincide, so Eq. 4 cannot
+        tell their levels apart); a diagnostic, computed without gradients."""
+        with torch.no_grad():
+            return max_pairwise_cosine(self.queries(self.encode_levels(backbone)[1]))
 
     @property
     def image_level(self) -> int:
@@ -299,7 +383,9 @@ class FineGrainedADModel(nn.Module):
             self.cache_text(backbone)
         levels, t = self.levels, self.temperature(backbone)
         tokens = F.normalize(features.vv_tokens, dim=-1)
-        textual = token_wise_scores(tokens, levels["queries"], levels["normal"], levels["abnormal"], t)
+        textual = token_wise_scores(
+            tokens, levels["queries"], levels["normal"], levels["abnormal"], t, route=self.token_wise
+        )
         if self.image_reweighting:  # Eq. 6 (our reading): image-level ALP map, geometric mean keeps [0,1]
             image_map = two_way_probability(tokens, levels["normal"][self.image_level], levels["image_learnable"], t)
             textual = (textual * image_map).sqrt()
@@ -313,7 +399,9 @@ class FineGrainedADModel(nn.Module):
         grid = harmonic_fusion(textual, visual).reshape(visual.shape[0], *features.grid)
         cls = F.normalize(features.cls, dim=-1)
         scorer = self.levels if self.classifier is None else self.classifier.levels
-        image_text = token_wise_scores(cls, scorer["queries"], scorer["normal"], scorer["abnormal"], t)
+        image_text = token_wise_scores(
+            cls, scorer["queries"], scorer["normal"], scorer["abnormal"], t, route=self.token_wise
+        )
         if self.image_max_size is None:
             visual_max = visual.amax(dim=1)
         else:  # the authors' cls forward: max of the bilinearly upsampled visual map

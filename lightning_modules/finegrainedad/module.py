@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -10,10 +11,12 @@ import torch.nn.functional as F
 
 from fsad.batch import Batch
 from fsad.lightning_modules.components.clip import BackboneSpec
+from fsad.lightning_modules.components.prompts import SLOT_PATTERN, PromptGroupTexts
 from fsad.lightning_modules.components.run_settings import SettingsMismatchError
 from fsad.lightning_modules.finegrainedad.mfsc import (
     CaptionRecord,
     CaptionRecordError,
+    PromptTexts,
     caption_provenance_summary,
     default_prompt_seed,
     mllp_texts,
@@ -48,6 +51,36 @@ def describe_record(record: CaptionRecord) -> str:
     return f"{record.dataset}/{record.category} ({record.provenance.kind}, {record.provenance.source})"
 
 
+def ablated_texts(texts: PromptTexts, placeholders: bool, attr_moe: bool) -> PromptTexts:
+    """Tab. 5's text-side ablations of the MLLP prompt bodies, nothing else changed.
+
+    ``placeholders=False``: NHPs lose the placeholders inserted after their values and every ALP holding placeholders
+    becomes its level's NHP bodies with their values (contexts + caption: concatenation alone); no group is gated
+    then, as nothing is left to weigh. ``attr_moe=False``: placeholders stay, ungated (every weight 1), and the code
+    form's attribute groups (its Attr-MoE) are dropped.
+    """
+
+    def plain(body: str) -> str:
+        return SLOT_PATTERN.sub("", body).replace("  ", " ").replace(" .", ".").replace(" ,", ",")
+
+    def ablate(group: PromptGroupTexts) -> PromptGroupTexts:
+        normal, learnable, gated = group.normal, group.learnable_abnormal, group.gated and attr_moe
+        if not placeholders:
+            normal = [plain(body) for body in normal]
+            if any(SLOT_PATTERN.search(body) for body in learnable):
+                learnable = list(normal)
+            gated = False
+        return replace(group, normal=normal, learnable_abnormal=learnable, gated=gated)
+
+    return PromptTexts(
+        image=ablate(texts.image),
+        components={name: ablate(group) for name, group in texts.components.items()},
+        background=ablate(texts.background),
+        attributes=texts.attributes if attr_moe else {},
+        foreground=None if texts.foreground is None else ablate(texts.foreground),
+    )
+
+
 class FineGrainedAD(PromptTuningModule):
     """FineGrainedAD (methods.md §2); see this folder's README for every parameter and deviation.
 
@@ -70,10 +103,17 @@ class FineGrainedAD(PromptTuningModule):
             components regions ``one_to_one`` (the paper) or by ``argmax``. ``variant: code`` runs the released
             clustering instead, which has none of these choices: setting one there is an error.
         slice_factor: high-resolution slicing: support shots at ``factor × image_size``, cut into factor² tiles.
-        train_query_former: train the Query Former with the paper's objective; default from ``variant`` (the
-            authors' code never trains it).
-        image_reweighting: Eq. 6 image-level re-weighting of the token-wise map by the image-level ALP map; default
-            from ``variant`` (paper on; not in the code). The README states the reading of the formula.
+        train_query_former: train the Query Former with its objective (:func:`query_former_loss`); default from
+            ``variant`` (the authors' code never trains it).
+        image_reweighting: Eq. 6 image-level re-weighting of the token-wise map by the image-level ALP map, in our
+            reading of its form (README); off by default in both variants: the paper's text does not give the form
+            and the authors' code has no Eq. 6.
+        token_wise_inference, image_level_only, region_aggregation, attr_moe, placeholders: Tab. 5's components,
+            each on by default (``image_level_only`` off); switching one off is its ablation
+            (``configs/finegrainedad/ablations/``): the mean of every level's score per token instead of Eq. 4's
+            choice; the image-level prompts alone; every token at weight 1 at every level (no clustering); placeholders
+            without Attr-MoE weights (paper) or no attribute mixing (code); ALPs and NHPs without placeholders
+            (paper only: the code has none), which also removes the Attr-MoE weights that scale them.
         prompt_seed: seed of the random choices in the prompt texts (swapped locations, absent attribute values, and
             in ``variant: code`` each component AHP's defect state and location); default from ``variant``: 0, or
             the authors' ``setup_seed`` 111, which with a record imported from their file gives their strings.
@@ -81,21 +121,26 @@ class FineGrainedAD(PromptTuningModule):
             and Attr-MoE scalars in that precision and let SGD update them there, as the authors' bf16 segmentation
             script does (their classification script runs fp32, so the classification prompts stay fp32); default
             from ``variant``. No effect at fp32.
-        lr, momentum, weight_decay, eta_min, variant, protocol, temperature_quirk, bgr_test_quirk,
-            best_epoch_on_test, max_fusion_quirk: as :class:`PromptAD`.
+        temperature_quirk: the softmax temperature t of Eq. 4 and the losses is ``logit_scale`` (≈ 4.6, the authors'
+            code) when true, ``exp(logit_scale)`` (≈ 100, CLIP's) when false; default true in both variants, since
+            the paper's text does not fix t (README, "Readings").
+        lr, momentum, weight_decay, eta_min, variant, protocol, bgr_test_quirk, best_epoch_on_test,
+            max_fusion_quirk: as :class:`PromptAD`.
     """
 
     method_name = "finegrainedad"
     protocol_stage = "fewshot_fit"
     #: what the learned prompts and the Query Former mean: backbone, variant, the caption record and the prompt
     #: construction, prompt shapes, the region aggregation and objective they were trained with, the optimiser.
-    #: Evaluation: eval_size, gaussian_sigma, image_reweighting (Eq. 6, a scoring step), protocol,
-    #: bgr_test_quirk, best_epoch_on_test, max_fusion_quirk.
+    #: Evaluation: eval_size, gaussian_sigma, image_reweighting (Eq. 6, a scoring step), token_wise_inference
+    #: (Eq. 4 or the mean over levels, a scoring step), protocol, bgr_test_quirk, best_epoch_on_test,
+    #: max_fusion_quirk.
     trained_structure = frozenset({
         "backbone", "image_size", "variant", "captions", "prompt_seed", "n_ctx", "n_ctx_ab", "n_pro_ab",
         "n_pro_cls", "cls_epochs", "eam_margin", "mean_loss_weight", "reg_weight", "reg_lambda", "region_boost",
         "semantic_seeds", "reference_mode", "background_rule", "assignment", "slice_factor", "train_query_former",
         "lr", "momentum", "weight_decay", "eta_min", "temperature_quirk", "low_precision_prompts_quirk",
+        "image_level_only", "region_aggregation", "attr_moe", "placeholders",
     })  # fmt: skip
 
     def __init__(
@@ -134,6 +179,11 @@ class FineGrainedAD(PromptTuningModule):
         best_epoch_on_test: bool | None = None,
         max_fusion_quirk: bool | None = None,
         low_precision_prompts_quirk: bool | None = None,
+        token_wise_inference: bool = True,
+        image_level_only: bool = False,
+        region_aggregation: bool = True,
+        attr_moe: bool = True,
+        placeholders: bool = True,
     ) -> None:
         if variant == "code":  # the released clustering has none of the paper clustering's choices
             chosen = {
@@ -143,6 +193,8 @@ class FineGrainedAD(PromptTuningModule):
                 "assignment": (assignment, "one_to_one"),
             }
             changed = [field for field, (value, default) in chosen.items() if value != default]
+            if not placeholders:
+                changed.append("placeholders")
             if changed:
                 raise ValueError(
                     f"model.{changed[0]}: configures variant: paper's clustering; variant: code runs the released "
@@ -155,11 +207,12 @@ class FineGrainedAD(PromptTuningModule):
         code = variant == "code"
         self.model = FineGrainedADModel(
             self.backbone.text_width, self.backbone.embed_dim, n_ctx, n_ctx_ab, n_pro_ab, eam_margin,
-            mean_loss_weight, reg_weight, temperature_quirk=code if temperature_quirk is None else temperature_quirk,
-            image_reweighting=not code if image_reweighting is None else image_reweighting,
+            mean_loss_weight, reg_weight, temperature_quirk=True if temperature_quirk is None else temperature_quirk,
+            image_reweighting=bool(image_reweighting),
             train_query_former=not code if train_query_former is None else train_query_former,
             variant=variant, reg_lambda=reg_lambda, image_max_size=eval_size if code else None,
-            n_pro_cls=n_pro_cls if code else None,
+            n_pro_cls=n_pro_cls if code else None, token_wise=token_wise_inference, image_level_only=image_level_only,
+            attr_moe=attr_moe,
         )  # fmt: skip
         self.record: CaptionRecord | None = None
         self.record_origin: str | None = None
@@ -188,7 +241,7 @@ class FineGrainedAD(PromptTuningModule):
             logger.log_hyperparams({"caption_provenance": caption_provenance_summary(self.record)})
         seed = default_prompt_seed(self.variant) if self.hparams.prompt_seed is None else self.hparams.prompt_seed
         texts = mllp_texts(self.record, seed=seed, placeholders=self.variant == "paper")
-        self.model.build(self.backbone, texts)
+        self.model.build(self.backbone, ablated_texts(texts, self.hparams.placeholders, self.hparams.attr_moe))
 
     # ------------------------------------------------------------------ the caption record in checkpoints
     def requested_record(self, data: Any) -> CaptionRecord | None:
@@ -273,10 +326,12 @@ class FineGrainedAD(PromptTuningModule):
         run: path → [N_c+2, rows, cols] weights (components…, foreground, background).
 
         ``variant: code`` runs the released clustering and pooling (:func:`aggregate_regions_released`, shot 0 =
-        the first path). A generic record has no components to aggregate: its background level weighs every token 1.
+        the first path). A generic record has no components to aggregate, and ``region_aggregation: false`` skips the
+        clustering: then every level weighs every token 1.
         """
-        if not self.model.components:
-            return {path: torch.ones(2, *self.backbone.grid) for path in paths}
+        if not self.model.components or not self.hparams.region_aggregation:
+            channels = len(self.model.components) + 2  # components…, foreground, background
+            return {path: torch.ones(channels, *self.backbone.grid) for path in paths}
         with torch.no_grad():
             groups = self.model.prompts.encode(self.backbone)
             tokens = self.support_tokens_high_res(images)
@@ -332,6 +387,18 @@ class FineGrainedAD(PromptTuningModule):
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(batch))
         self.log("train_loss", losses["total"], batch_size=len(batch), prog_bar=True)
         return losses["total"]
+
+    def on_train_epoch_end(self) -> None:
+        """Log how distinct the Query Former's intrinsic representations are (``train/query_max_cos``; 1.0 means
+        two coincide and Eq. 4 cannot route between their levels)."""
+        if self.model.train_query_former and len(self.model.level_names) > 1:
+            self.log("train/query_max_cos", self.model.query_separation(self.backbone))
+
+    def on_fit_end(self) -> None:
+        """Print the same diagnostic once after fit, where the run's output shows it."""
+        if self.model.train_query_former and len(self.model.level_names) > 1 and self.trainer.is_global_zero:
+            separation = self.model.query_separation(self.backbone)
+            print(f"FineGrainedAD Query Former: max pairwise query cos {separation:.3f} after fit (1.0 = collapsed)")
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Every parameter the optimiser updates (:meth:`parameter_groups`); the backbone stays frozen."""

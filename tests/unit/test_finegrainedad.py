@@ -218,36 +218,32 @@ def test_token_wise_scores_equal_a_direct_per_token_loop() -> None:
             assert abs(float(ours[b, j]) - float(a / (a + n))) < 1e-6
 
 
-def cross_attention_by_hand(attention: torch.nn.MultiheadAttention, queries, keys) -> torch.Tensor:
-    """softmax((qW_q+b_q)(kW_k+b_k)ᵀ/√d)(kW_v+b_v), then the output projection; one head."""
-    w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
-    b_q, b_k, b_v = attention.in_proj_bias.chunk(3)
-    q, k, v = queries @ w_q.T + b_q, keys @ w_k.T + b_k, keys @ w_v.T + b_v
-    weights = torch.softmax(q @ k.T / q.shape[-1] ** 0.5, dim=-1)
-    return (weights @ v) @ attention.out_proj.weight.T + attention.out_proj.bias
-
-
 def test_paper_query_former_is_two_cross_attentions_and_one_projection() -> None:
-    """Queries attend over every level's prompt features (not one prototype per level); checked by hand."""
+    """Queries attend over every level's prompt features (not one prototype per level) with scores 50·cos(q, k) and
+    the features as values; the projection fuses both outputs and starts as their mean. Checked by hand."""
     torch.manual_seed(0)
     former = CrossAttentionQueryFormer(8)
     former.resize(3)
+    with torch.no_grad():  # a trained projection, not the mean it starts as
+        former.project.weight.normal_()
+        former.project.bias.normal_()
     normal_features = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
     abnormal_features = torch.nn.functional.normalize(torch.randn(7, 8), dim=-1)
     prototypes = torch.zeros(3, 8)
     ours = former(prototypes, prototypes, normal_features=normal_features, abnormal_features=abnormal_features)
+    unit_queries = former.queries / former.queries.norm(dim=-1, keepdim=True)
     fused = torch.cat(
         [
-            cross_attention_by_hand(former.normal_attention, former.queries, normal_features),
-            cross_attention_by_hand(former.abnormal_attention, former.queries, abnormal_features),
+            torch.softmax(50 * unit_queries @ normal_features.T, dim=-1) @ normal_features,
+            torch.softmax(50 * unit_queries @ abnormal_features.T, dim=-1) @ abnormal_features,
         ],
         -1,
     )
     expected = torch.nn.functional.normalize(fused @ former.project.weight.T + former.project.bias, dim=-1)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
-    # each query's attention really spreads over several prompts: weights are not one-hot
-    weights = former.normal_attention(former.queries[None], normal_features[None], normal_features[None])[1][0]
-    assert float(weights.max()) < 0.99
+    fresh = CrossAttentionQueryFormer(8)
+    attended = torch.randn(2, 8), torch.randn(2, 8)
+    torch.testing.assert_close(fresh.project(torch.cat(attended, -1)), (attended[0] + attended[1]) / 2)
 
 
 def test_code_query_former_is_the_per_level_linear_map() -> None:
@@ -257,23 +253,24 @@ def test_code_query_former_is_the_per_level_linear_map() -> None:
     torch.testing.assert_close(former(normal, abnormal), torch.nn.functional.normalize(expected, dim=-1))
 
 
-def test_query_former_objective_trains_the_queries() -> None:
-    """The paper's objective raises cos(q_l, p̄ⁿ_l) + cos(q_l, p̄ᵃ_l) of the intrinsic representations."""
+def test_query_former_objective_is_a_contrast_over_levels() -> None:
+    """½(CE(τ·q p̄ⁿᵀ, l) + CE(τ·q p̄ᵃᵀ, l)) written out with τ = 20: the loss of query l falls as it nears its own
+    level's prototypes and rises as it nears another level's."""
     torch.manual_seed(0)
-    normal = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
-    abnormal = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
-    former = CrossAttentionQueryFormer(16)
-    former.resize(4)
-    optimiser = torch.optim.Adam(former.parameters(), lr=0.05)
-    losses = []
-    for _ in range(60):
-        loss = query_former_loss(former(normal, abnormal, normal_features=normal, abnormal_features=abnormal),
-                                 normal, abnormal)  # fmt: skip
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(float(loss))
-    assert losses[-1] < 0.5 * losses[0]
+    queries, normal, abnormal = (torch.nn.functional.normalize(torch.randn(3, 6), dim=-1) for _ in range(3))
+
+    def by_hand(q: torch.Tensor) -> torch.Tensor:
+        total = torch.tensor(0.0)
+        for prototypes in (normal, abnormal):
+            logits = 20 * q @ prototypes.T
+            total = total + sum(torch.logsumexp(logits[l], 0) - logits[l, l] for l in range(3)) / 3
+        return total / 2
+
+    torch.testing.assert_close(query_former_loss(queries, normal, abnormal), by_hand(queries))
+    own = torch.nn.functional.normalize(queries + normal, dim=-1)
+    other = torch.nn.functional.normalize(queries + normal.roll(1, dims=0), dim=-1)
+    assert query_former_loss(own, normal, abnormal) < query_former_loss(queries, normal, abnormal)
+    assert query_former_loss(other, normal, abnormal) > query_former_loss(queries, normal, abnormal)
 
 
 def test_components_get_regions_one_to_one_where_argmax_would_share() -> None:
