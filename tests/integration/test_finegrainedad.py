@@ -50,3 +50,30 @@ def test_both_variants_fit_and_test_on_the_real_bottle(tmp_path: Path, mvtec_roo
     assert abs(logged["image_AUROC"] - roc_auc_score(labels, torch.cat(outputs.scores).numpy())) < 1e-6
     masks = torch.cat(outputs.masks).flatten().numpy() > 0
     assert abs(logged["pixel_AUROC"] - roc_auc_score(masks, torch.cat(outputs.maps).flatten().numpy())) < 1e-6
+
+
+ABLATIONS = ["no_token_wise", "image_level_only", "no_region_aggregation", "no_attr_moe", "no_placeholders",
+             "no_image_reweighting"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_every_ablation_config_fits_and_tests_on_the_real_bottle(tmp_path: Path, mvtec_root: Path) -> None:
+    """Each Tab. 5 overlay on the shipped MVTec config (tiny backbone, small sizes): `fsad fit` then `fsad test`
+    write their results table; the image-level-only checkpoint holds one query, the others one per level."""
+    for name in ABLATIONS:
+        common = [
+            "-c", str(REPO / "configs/finegrainedad/mvtec.yaml"),
+            "-c", str(REPO / f"configs/finegrainedad/ablations/{name}.yaml"),
+            "--run_root", str(tmp_path / name), "--data.init_args.root", str(mvtec_root),
+            "--model.init_args.backbone", '{"arch": "fsad-tiny", "pretrained": null, "taps": [2, 4]}',
+            "--data.init_args.k_shot", "1", "--data.init_args.image_size", "96", "--data.init_args.eval_size", "64",
+            "--model.init_args.slice_factor", "2", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
+            "false", "--trainer.limit_test_batches", "2",
+        ]  # fmt: skip
+        assert main(["fit", *common, "--trainer.max_epochs", "1"]) == 0, name
+        run_dir = tmp_path / name / "finegrainedad/mvtec/bottle/k1_s0"
+        state = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+        assert state["model.query_former.queries"].shape[0] == (1 if name == "image_level_only" else 5), name
+        assert main(["test", *common, "--ckpt_path", str(run_dir / "checkpoints/last.ckpt")]) == 0, name
+        results = (run_dir / "results.csv").read_text()
+        assert "image_AUROC" in results and "pixel_AUROC" in results, name

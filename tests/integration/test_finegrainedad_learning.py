@@ -1,25 +1,27 @@
-"""Does FineGrainedAD's prompt training localise anomalies better than its untrained prompts? (issue 16)
+"""Does FineGrainedAD's design localise anomalies: trained multi-level prompts with token-wise routing, against
+untrained prompts and two Tab. 5 ablations? (issue 24)
 
-A random text tower knows nothing of defects, and there training cannot help (README, "Does prompt training localise
-better?"). So the tiny backbone is first given a little CLIP-style knowledge: 60 AdamW steps (a few seconds) that
-align its V-V tokens with "black background.", "a grey disc with stripes." and "a defect." on procedural disc images
-drawn from *other* seeds than the test data. FineGrainedAD (``variant: paper``) is then fit on the demo data's two
-shots three times from the same initialisation: with lr 0 (untrained prompts), trained, and trained with every prompt
-parameter frozen so that only the Query Former learns (the control). The prompt-guided map alone (``textual_map``) is
-scored with sklearn's pixel AUROC.
+A random text tower knows nothing of images, so the tiny backbone is first given a little CLIP-style knowledge: 60
+AdamW steps that align its V-V tokens with component and background words ("black background.", "a grey disc.") on
+procedural *normal* disc images from other seeds than the test data. No defect, and no defect word, is ever seen by
+the alignment: the test defects (painted ellipses and scratches of the demo data) are concepts the backbone was
+never aligned on. FineGrainedAD (``variant: paper``) is then fit on the demo data's two shots, from one
+initialisation, in four arms: untrained prompts (lr 0), the full method, the image-level-only ablation and the
+average-all-levels ablation (no token-wise inference). The prompt-guided map alone (``textual_map``) is scored with
+sklearn's pixel AUROC; Eq. 4's level choice is scored on the test tokens against the planted component masks (a
+disc token must go to a component level, a background token to the background level; defect tokens excluded).
 
-Measured (pixel AUROC of the prompt-guided map; margin = trained − untrained, control margin = control − untrained):
+Pass conditions (margins stated): the full method beats untrained prompts by ≥ MARGIN = 0.05 pixel AUROC, and
+Eq. 4 routes ≥ ROUTING = 90 % of the normal test tokens to their planted level. The two ablations are measured and
+printed, not asserted; the method README reports the table. Measured (seed 0 runs here; seed 1 by hand):
 
-| seed | untrained | trained | prompts frozen (control) | margin | control margin |
+| seed | untrained | full | image level only | average all levels | routing: full (untrained) |
 |---|---|---|---|---|---|
-| 0 | 0.770 | 0.954 | 0.779 | 0.183 | 0.009 |
-| 1 | 0.344 | 0.958 | 0.204 | 0.614 | −0.140 |
-| 2 | 0.299 | 0.939 | 0.236 | 0.640 | −0.064 |
-| 3 | 0.890 | 0.933 | 0.857 | 0.043 | −0.034 |
-| 4 | 0.736 | 0.956 | 0.742 | 0.219 | 0.006 |
+| 0 | 0.324 | 0.420 | 0.297 | 0.095 | 0.979 (0.620) |
+| 1 | 0.307 | 0.433 | 0.295 | 0.513 | 0.952 (0.001) |
 
-The test runs seeds 0 and 1 and asserts on the mean: the trained prompts must beat the untrained ones by at least
-0.15 (measured 0.399), and the control must not (measured −0.065).
+Every pixel AUROC is low: the backbone never learnt what a defect is, so an abnormal prompt is not nearer a defect
+token than a normal prompt is; the comparison between arms is what this test is for.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback
 from sklearn.metrics import roc_auc_score
 
 from fsad.cli import FsadCLI
@@ -38,36 +39,42 @@ from fsad.datamodules.synthetic import IMAGE_SIDE, _normal_image, _paint_defect
 from fsad.lightning_modules.components.clip import BackboneSpec, ClipBackbone
 
 REPO = Path(__file__).resolve().parents[2]
-MARGIN = 0.15
-CONCEPTS = ("black background.", "a grey disc with stripes.", "a defect.")
+MARGIN = 0.05  # measured 0.096 (seed 0) and 0.126 (seed 1)
+ROUTING = 0.9  # measured 0.979 and 0.952; untrained prompts 0.620 and 0.001
+CONCEPTS = (  # component and background words only, a few phrasings each: no defect concept
+    ("black background.", "a dark background.", "the black background around the object."),
+    ("a grey disc.", "a round grey disc with stripes.", "grey radial stripes on a disc."),
+)
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:backbone.pretrained is null")]
 
 
 def procedural_batch(rng: np.random.Generator, backbone: ClipBackbone, count: int = 16):
-    """Disc images (70 % with a painted defect) and each token's concept: background, disc or defect."""
+    """Normal disc images (no defects) and each token's concept: background (0) or disc (1)."""
     mean = torch.tensor(backbone.image_mean).view(3, 1, 1)
     std = torch.tensor(backbone.image_std).view(3, 1, 1)
     grid = backbone.grid[0]
     images, labels = [], []
-    yy, xx = np.mgrid[0:IMAGE_SIDE, 0:IMAGE_SIDE]
     for _ in range(count):
-        image, region = _normal_image("disc", rng)
-        concept = (np.hypot(yy - IMAGE_SIDE / 2, xx - IMAGE_SIDE / 2) < IMAGE_SIDE * 0.36).astype(np.int64)
-        if rng.random() < 0.7:
-            concept[_paint_defect(image, region, "paint" if rng.random() < 0.5 else "scratch", rng) > 0] = 2
+        image, _ = _normal_image("disc", rng)
+        concept = torch.from_numpy(disc_mask(image)).long()
         pixels = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255
         pixels = F.interpolate(pixels, size=backbone.image_size, mode="bicubic", antialias=True, align_corners=False)
         images.append((pixels[0] - mean) / std)
-        shares = F.adaptive_avg_pool2d(F.one_hot(torch.from_numpy(concept), 3).permute(2, 0, 1).float()[None], grid)[0]
-        token = shares.argmax(0)
-        token[shares[2] > 0.25] = 2  # a token a quarter covered by a defect is a defect token
-        labels.append(token.flatten())
+        shares = F.adaptive_avg_pool2d(concept[None, None].float(), grid)[0, 0]
+        labels.append((shares > 0.5).long().flatten())
     return torch.stack(images), torch.stack(labels)
+
+
+def disc_mask(image: np.ndarray) -> np.ndarray:
+    """The planted disc of a demo image: the generator paints the background at grey level 30 (noise σ 4) and the
+    disc at 120–180, so a channel mean above 75 is disc."""
+    return image.mean(axis=-1) > 75
 
 
 @pytest.fixture(scope="module")
 def procedural_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """fsad-tiny after 60 steps of dense token–text alignment on procedural images (seed 1000, not the test data)."""
+    """fsad-tiny after 60 steps of dense token–text alignment on procedural normal images (seed 1000, not the test
+    data), on component and background words alone."""
     torch.manual_seed(0)
     backbone = ClipBackbone(BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[2, 4]), image_size=96)
     clip = backbone.clip
@@ -75,15 +82,16 @@ def procedural_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for parameter in trained:
         parameter.requires_grad_(True)
     optimiser = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.0)
-    rng, concepts = np.random.default_rng(1000), backbone.tokenize(list(CONCEPTS))
+    rng = np.random.default_rng(1000)
     forward = ClipBackbone.forward.__wrapped__  # the same one-pass forward, with gradients
     for _ in range(60):
         images, labels = procedural_batch(rng, backbone)
         with torch.enable_grad():
             tokens = F.normalize(forward(backbone, images).vv_tokens, dim=-1)
-            texts = F.normalize(clip.encode_text(concepts), dim=-1)
+            phrasing = [concept[int(rng.integers(len(concept)))] for concept in CONCEPTS]
+            texts = F.normalize(clip.encode_text(backbone.tokenize(phrasing)), dim=-1)
             logits = 20 * tokens @ texts.T
-            loss = F.cross_entropy(logits.reshape(-1, 3), labels.flatten(), weight=torch.tensor([1.0, 1.0, 4.0]))
+            loss = F.cross_entropy(logits.reshape(-1, len(CONCEPTS)), labels.flatten())
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -92,49 +100,60 @@ def procedural_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-class FreezePrompts(Callback):
-    """The control: every prompt parameter (contexts, placeholders, Attr-MoE weights) frozen once built."""
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        for parameter in pl_module.model.prompts.parameters():
-            parameter.requires_grad_(False)
-
-
-def textual_pixel_auroc(tmp_path: Path, checkpoint: Path, lr: float, freeze_prompts: bool, seed: int) -> float:
-    """Fit FineGrainedAD on the demo data's shots, then sklearn's pixel AUROC of the prompt-guided map alone."""
+def fit_and_score(tmp_path: Path, checkpoint: Path, lr: float, seed: int, *switches: str) -> dict[str, float]:
+    """Fit FineGrainedAD on the demo data's shots; sklearn's pixel AUROC of the prompt-guided map alone, and the
+    share of normal test tokens Eq. 4 routes to their planted level (disc → a component level, background →
+    the background level)."""
     cli = FsadCLI(args=[
         "-c", str(REPO / "configs/finegrainedad/synthetic_tiny.yaml"), "--run_root", str(tmp_path / "runs"),
         "--model.init_args.backbone.checkpoint", str(checkpoint), "--trainer.max_epochs", "15",
         "--model.init_args.lr", str(lr), "--model.init_args.eta_min", "0",
-        "--data.init_args.root", str(tmp_path / "synthetic"), "--seed_everything", str(seed),
+        "--data.init_args.root", str(tmp_path / "synthetic"), "--seed_everything", str(seed), *switches,
     ], run=False)  # fmt: skip
     cli.trainer.callbacks = [c for c in cli.trainer.callbacks if type(c).__name__ != "ResultsWriter"]
-    if freeze_prompts:
-        cli.trainer.callbacks.append(FreezePrompts())
     module, data = cli.model, cli.datamodule
     cli.trainer.fit(module, datamodule=data)
-    module.model.cache_text(module.backbone)
-    maps, masks = [], []
+    model = module.model
+    model.cache_text(module.backbone)
+    names = model.level_names
+    components = [names.index(n) for n in names if n.startswith("component:")]
+    maps, masks, routed = [], [], []
     with torch.no_grad():
         for batch in data.test_dataloader():
             features = module.backbone(batch.image)
-            grid = module.model.textual_map(features, module.backbone).reshape(-1, 1, *features.grid)
+            grid = model.textual_map(features, module.backbone).reshape(-1, 1, *features.grid)
             maps.append(F.interpolate(grid, size=batch.gt_mask.shape[-2:], mode="bilinear", align_corners=False))
             masks.append(batch.gt_mask)
-    return roc_auc_score(torch.cat(masks).flatten().numpy() > 0, torch.cat(maps).flatten().numpy())
+            if components:
+                tokens = F.normalize(features.vv_tokens, dim=-1)
+                chosen = (tokens @ model.levels["queries"].T).argmax(-1)  # Eq. 4's level choice
+                pixels = (batch.image * torch.tensor(module.backbone.image_std).view(3, 1, 1)
+                          + torch.tensor(module.backbone.image_mean).view(3, 1, 1)) * 255  # fmt: skip
+                disc = F.adaptive_avg_pool2d(torch.from_numpy(disc_mask(pixels.permute(0, 2, 3, 1).numpy())).float()[:, None],
+                                             features.grid).flatten(1) > 0.5  # fmt: skip
+                defect = F.adaptive_avg_pool2d(batch.gt_mask.float(), features.grid).flatten(1) > 0
+                correct = torch.where(disc, torch.isin(chosen, torch.tensor(components)), chosen == names.index("background"))
+                routed.append(correct[~defect].float())
+    auroc = roc_auc_score(torch.cat(masks).flatten().numpy() > 0, torch.cat(maps).flatten().numpy())
+    return {"pixel_auroc": auroc, "routing": float(torch.cat(routed).mean()) if routed else float("nan")}
 
 
-def test_trained_prompts_localise_better_and_the_frozen_prompt_control_does_not(
+ARMS = {
+    "untrained": (0.0,),
+    "full": (0.05,),
+    "image level only": (0.05, "--model.init_args.image_level_only", "true"),
+    "average all levels": (0.05, "--model.init_args.token_wise_inference", "false"),
+}
+
+
+def test_the_full_method_beats_untrained_prompts_and_routes_tokens_to_their_components(
     tmp_path: Path, procedural_checkpoint: Path
 ) -> None:
-    margins, control_margins = [], []
-    for seed in (0, 1):
-        runs = {
-            name: textual_pixel_auroc(tmp_path / f"{name}{seed}", procedural_checkpoint, lr, frozen, seed)
-            for name, lr, frozen in (("untrained", 0.0, False), ("trained", 0.05, False), ("control", 0.05, True))
-        }
-        print(f"seed {seed} textual pixel AUROC:", {name: round(value, 3) for name, value in runs.items()})
-        margins.append(runs["trained"] - runs["untrained"])
-        control_margins.append(runs["control"] - runs["untrained"])
-    assert np.mean(margins) >= MARGIN, margins
-    assert np.mean(control_margins) < MARGIN, control_margins
+    seed = 0
+    runs = {
+        name: fit_and_score(tmp_path / name.replace(" ", "_"), procedural_checkpoint, lr, seed, *switches)
+        for name, (lr, *switches) in ARMS.items()
+    }
+    print("\n".join(f"{name}: pixel AUROC {r['pixel_auroc']:.3f}, routing {r['routing']:.3f}" for name, r in runs.items()))
+    assert runs["full"]["pixel_auroc"] - runs["untrained"]["pixel_auroc"] >= MARGIN, runs
+    assert runs["full"]["routing"] >= ROUTING, runs
