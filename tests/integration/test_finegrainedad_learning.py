@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from fsad.cli import FsadCLI
-from fsad.datamodules.synthetic import IMAGE_SIDE, _normal_image, _paint_defect
+from fsad.datamodules.synthetic import _normal_image
 from fsad.lightning_modules.components.clip import BackboneSpec, ClipBackbone
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,6 +69,14 @@ def disc_mask(image: np.ndarray) -> np.ndarray:
     """The planted disc of a demo image: the generator paints the background at grey level 30 (noise σ 4) and the
     disc at 120–180, so a channel mean above 75 is disc."""
     return image.mean(axis=-1) > 75
+
+
+def planted_disc_tokens(images: torch.Tensor, backbone: ClipBackbone) -> torch.Tensor:
+    """[B,N] tokens more than half covered by the planted disc of normalised test images [B,3,H,W]."""
+    std, mean = torch.tensor(backbone.image_std).view(3, 1, 1), torch.tensor(backbone.image_mean).view(3, 1, 1)
+    pixels = ((images * std + mean) * 255).permute(0, 2, 3, 1).numpy()
+    disc = torch.from_numpy(disc_mask(pixels)).float()[:, None]
+    return F.adaptive_avg_pool2d(disc, backbone.grid).flatten(1) > 0.5
 
 
 @pytest.fixture(scope="module")
@@ -127,12 +135,11 @@ def fit_and_score(tmp_path: Path, checkpoint: Path, lr: float, seed: int, *switc
             if components:
                 tokens = F.normalize(features.vv_tokens, dim=-1)
                 chosen = (tokens @ model.levels["queries"].T).argmax(-1)  # Eq. 4's level choice
-                pixels = (batch.image * torch.tensor(module.backbone.image_std).view(3, 1, 1)
-                          + torch.tensor(module.backbone.image_mean).view(3, 1, 1)) * 255  # fmt: skip
-                disc = F.adaptive_avg_pool2d(torch.from_numpy(disc_mask(pixels.permute(0, 2, 3, 1).numpy())).float()[:, None],
-                                             features.grid).flatten(1) > 0.5  # fmt: skip
+                disc = planted_disc_tokens(batch.image, module.backbone)
                 defect = F.adaptive_avg_pool2d(batch.gt_mask.float(), features.grid).flatten(1) > 0
-                correct = torch.where(disc, torch.isin(chosen, torch.tensor(components)), chosen == names.index("background"))
+                correct = torch.where(
+                    disc, torch.isin(chosen, torch.tensor(components)), chosen == names.index("background")
+                )
                 routed.append(correct[~defect].float())
     auroc = roc_auc_score(torch.cat(masks).flatten().numpy() > 0, torch.cat(maps).flatten().numpy())
     return {"pixel_auroc": auroc, "routing": float(torch.cat(routed).mean()) if routed else float("nan")}
@@ -154,6 +161,8 @@ def test_the_full_method_beats_untrained_prompts_and_routes_tokens_to_their_comp
         name: fit_and_score(tmp_path / name.replace(" ", "_"), procedural_checkpoint, lr, seed, *switches)
         for name, (lr, *switches) in ARMS.items()
     }
-    print("\n".join(f"{name}: pixel AUROC {r['pixel_auroc']:.3f}, routing {r['routing']:.3f}" for name, r in runs.items()))
+    print(
+        "\n".join(f"{name}: pixel AUROC {r['pixel_auroc']:.3f}, routing {r['routing']:.3f}" for name, r in runs.items())
+    )
     assert runs["full"]["pixel_auroc"] - runs["untrained"]["pixel_auroc"] >= MARGIN, runs
     assert runs["full"]["routing"] >= ROUTING, runs

@@ -263,7 +263,7 @@ def test_query_former_objective_is_a_contrast_over_levels() -> None:
         total = torch.tensor(0.0)
         for prototypes in (normal, abnormal):
             logits = 20 * q @ prototypes.T
-            total = total + sum(torch.logsumexp(logits[l], 0) - logits[l, l] for l in range(3)) / 3
+            total = total + sum(torch.logsumexp(logits[level], 0) - logits[level, level] for level in range(3)) / 3
         return total / 2
 
     torch.testing.assert_close(query_former_loss(queries, normal, abnormal), by_hand(queries))
