@@ -142,17 +142,16 @@ def test_placeholder_shapes_come_from_a_checkpoint_before_build(backbone: ClipBa
         torch.testing.assert_close(fresh.state_dict()[name], value)
 
 
-@pytest.mark.parametrize("variant", ["paper", "code"])
-def test_truncated_text_tower_runs_to_the_longest_prompt_not_to_77(backbone: ClipBackbone, variant: str) -> None:
-    """P2: the longest sequence the text tower sees while encoding FineGrainedAD's bottle prompts (placeholders and
-    Attr-MoE mixes included) is the longest prompt's token count — SOS, contexts, body tokens (a placeholder is one),
-    EOT — counted here from the tokenizer alone, and far below CLIP's 77."""
+def test_truncated_text_tower_runs_to_the_longest_prompt_not_to_77(backbone: ClipBackbone) -> None:
+    """P2: the longest sequence the text tower sees while encoding FineGrainedAD's bottle prompts (paper variant:
+    placeholders and Attr-MoE weights included) is the longest prompt's token count — SOS, contexts, body tokens (a
+    placeholder is one), EOT — counted here from the tokenizer alone, and below CLIP's 77."""
     from fsad.lightning_modules.components.prompts import SLOT_PATTERN
     from fsad.lightning_modules.finegrainedad.mfsc import mllp_texts, packaged_record
     from fsad.lightning_modules.finegrainedad.model import FineGrainedADModel
 
-    model = FineGrainedADModel(backbone.text_width, backbone.embed_dim, variant=variant)
-    texts = mllp_texts(packaged_record("mvtec", "bottle"), placeholders=variant == "paper")
+    model = FineGrainedADModel(backbone.text_width, backbone.embed_dim, variant="paper")
+    texts = mllp_texts(packaged_record("mvtec", "bottle"), placeholders=True)
     model.build(backbone, texts)
     lengths: list[int] = []
     hook = backbone.clip.transformer.register_forward_pre_hook(lambda _, args: lengths.append(args[0].shape[1]))
