@@ -166,7 +166,7 @@ class FineGrainedAD(PromptTuningModule):
         assignment: Literal["one_to_one", "argmax"] = "one_to_one",
         slice_factor: int = 4,
         train_query_former: bool | None = None,
-        image_reweighting: bool | None = None,
+        image_reweighting: bool = False,
         prompt_seed: int | None = None,
         lr: float = 2e-3,
         momentum: float = 0.9,
@@ -194,7 +194,10 @@ class FineGrainedAD(PromptTuningModule):
             }
             changed = [field for field, (value, default) in chosen.items() if value != default]
             if not placeholders:
-                changed.append("placeholders")
+                raise ValueError(
+                    "model.placeholders: variant: code has no learnable placeholders to switch off (remove the field "
+                    "or use variant: paper)"
+                )
             if changed:
                 raise ValueError(
                     f"model.{changed[0]}: configures variant: paper's clustering; variant: code runs the released "
@@ -208,7 +211,7 @@ class FineGrainedAD(PromptTuningModule):
         self.model = FineGrainedADModel(
             self.backbone.text_width, self.backbone.embed_dim, n_ctx, n_ctx_ab, n_pro_ab, eam_margin,
             mean_loss_weight, reg_weight, temperature_quirk=True if temperature_quirk is None else temperature_quirk,
-            image_reweighting=bool(image_reweighting),
+            image_reweighting=image_reweighting,
             train_query_former=not code if train_query_former is None else train_query_former,
             variant=variant, reg_lambda=reg_lambda, image_max_size=eval_size if code else None,
             n_pro_cls=n_pro_cls if code else None, token_wise=token_wise_inference, image_level_only=image_level_only,
