@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["paper", "code"])
-def test_both_variants_fit_and_test_on_the_real_bottle(tmp_path: Path, mvtec_root: Path, variant: str) -> None:
+def test_both_variants_fit_and_test_on_the_real_bottle(
+    tmp_path: Path, mvtec_root: Path, variant: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`fsad fit` then `fsad test` on real bottle shots and test images; the paper variant's checkpoint carries its
     placeholders, Attr-MoE weights and one query per level (foreground included), the code variant's none of them;
     the logged AUROCs are sklearn's on the written maps and scores."""
@@ -30,6 +33,10 @@ def test_both_variants_fit_and_test_on_the_real_bottle(tmp_path: Path, mvtec_roo
     if variant == "code":  # the authors' tap hook needs a block after each tap; their resize chain
         common += ["--model.init_args.backbone.taps", "[1, 3]", "--data.init_args.resize", "authors"]
     assert main(["fit", *common, "--trainer.max_epochs", "1"]) == 0
+    diagnostic = re.search(r"Query Former: max pairwise query cos (-?[0-9.]+) after fit", capsys.readouterr().out)
+    assert (diagnostic is not None) == (variant == "paper")  # the code's Query Former is never trained
+    if diagnostic is not None:
+        assert -1.0 <= float(diagnostic.group(1)) <= 1.0
     run_dir = tmp_path / "runs/finegrainedad/mvtec/bottle/k2_s0"
     state = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
     paper_parts = {"model.prompts.normal_placeholders", "model.prompts.abnormal_placeholders",
