@@ -138,7 +138,9 @@ class FewShotDataModule(LightningDataModule, ABC):
         super().__init__()
         self.save_hyperparameters()
         if root is None and self.default_root() is None:
-            raise ValueError(f"data.root is required for {type(self).__name__}")
+            raise DataError(f"data.root is required for {type(self).__name__}: set --data.init_args.root")
+        if batch_size < 1:
+            raise DataError(f"data.batch_size must be a positive number of images per batch, got {batch_size}")
         self.root = Path(root).expanduser() if root is not None else self.default_root()
         self.category = category
         self.k_shot = k_shot
@@ -150,7 +152,7 @@ class FewShotDataModule(LightningDataModule, ABC):
         self.augment = augment
         self.support_files = support_files
         if support_files and support_preset:
-            raise ValueError("data.support_files and data.support_preset both choose the support set; give one")
+            raise DataError("data.support_files and data.support_preset both choose the support set; give one")
         self.support_preset = support_preset
         self.support_preset_root = support_preset_root
         self.skip_bad_files = skip_bad_files

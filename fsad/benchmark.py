@@ -16,7 +16,6 @@ task); ``--collect`` rebuilds the table. The backbone outputs of test images are
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import itertools
@@ -38,9 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fsad.callbacks.metrics import AnomalyMetrics
 from fsad.callbacks.results import markdown_table, write_text_atomically
+from fsad.checkpoints import read_checkpoint
 from fsad.cli import FsadCLI, _import_class
-from fsad.errors import FsadError
-from fsad.inference import load_checkpoint
+from fsad.errors import FsadError, OneLineArgumentParser
 from fsad.lightning_modules.components.feature_cache import FeatureCache
 from fsad.lightning_modules.components.run_settings import evaluation_change_line
 from fsad.progress import progress_reporter
@@ -276,9 +275,8 @@ class Sweep:
                     f"cell): give exactly one of `pretrained_checkpoint:` or a `pretrain:` block in the benchmark "
                     f"config (got {given or 'neither'}); it is never fitted on the support shots"
                 )
-            checkpoint = self.config.pretrained_checkpoint
-            if checkpoint is not None and not Path(checkpoint).is_file():
-                raise BenchmarkError(f"pretrained_checkpoint: {checkpoint} does not exist")
+            if self.config.pretrained_checkpoint is not None:  # a bad file is one line here, not one per cell
+                read_checkpoint(self.config.pretrained_checkpoint, field="pretrained_checkpoint", mmap=True)
         elif given:
             raise BenchmarkError(
                 f"{', '.join(given)}: only for pretrained-protocol methods; {self.method} is {self.stage}"
@@ -393,7 +391,9 @@ class Sweep:
             fit_seconds = round(time.perf_counter() - start, 3)
         if checkpoint is not None:  # the cell's config must be the one the checkpoint was trained with
             source = f"pretrained checkpoint {checkpoint}"
-            changes = cli.model.check_checkpoint_settings(load_checkpoint(checkpoint), cli.datamodule, source)
+            changes = cli.model.check_checkpoint_settings(
+                read_checkpoint(checkpoint, field="pretrained_checkpoint"), cli.datamodule, source
+            )
             if changes:
                 print(evaluation_change_line(changes, source), file=sys.stderr)
         start = time.perf_counter()
@@ -626,7 +626,7 @@ def collect(
 def main(argv: list[str]) -> int:
     """``fsad benchmark``; returns the exit code (1 when any cell failed). The ``fsad`` entry point's guard prints
     user mistakes (an FsadError anywhere on the cause chain) as one line and turns signals into 143/130."""
-    parser = argparse.ArgumentParser(prog="fsad benchmark", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="fsad benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", required=True, help="benchmark config YAML (configs/benchmark/*.yaml)")
     parser.add_argument("--cell-index", type=int, help="run only this cell (e.g. $SLURM_ARRAY_TASK_ID)")
     parser.add_argument("--list-cells", action="store_true", help="print the cells and exit")

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from fsad.datamodules.mvtec import list_images
+from fsad.errors import OneLineArgumentParser
 from fsad.lightning_modules.components.prompts import render_slots
 from fsad.lightning_modules.finegrainedad.caption_lint import lint_record
 from fsad.lightning_modules.finegrainedad.mfsc import (
@@ -69,7 +70,7 @@ def show(dataset: str | None, category: str | None, file: str | None, seed: int 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fsad captions", description="MFSC caption records for FineGrainedAD.")
+    parser = OneLineArgumentParser(prog="fsad captions", description="MFSC caption records for FineGrainedAD.")
     sub = parser.add_subparsers(dest="action", required=True)
     check = sub.add_parser("validate", help="check records against the schema")
     check.add_argument("targets", nargs="+", help="record files or folders")

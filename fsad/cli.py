@@ -20,19 +20,20 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-import pickle
+import re
 import sys
 import typing
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 # The methods, datamodules and callbacks are imported so that their classes are loaded subclasses of
@@ -42,8 +43,9 @@ from fsad.callbacks import heatmaps, metrics, paper_protocol, predictions, resul
 from fsad.callbacks.metrics import AnomalyMetrics
 from fsad.callbacks.paper_protocol import paper_protocol_callbacks
 from fsad.callbacks.progress import LogProgress
+from fsad.checkpoints import read_checkpoint
 from fsad.datamodules import auxiliary, folder, mvtec, predict, realiad, synthetic, visa  # noqa: F401
-from fsad.errors import CheckpointError, FsadError, RunFolderError
+from fsad.errors import FsadError, RunFolderError, UsageError
 from fsad.lightning_modules.aprilgan import module as aprilgan_module  # noqa: F401
 from fsad.lightning_modules.components.run_settings import evaluation_change_line, run_config_hash
 from fsad.lightning_modules.finegrainedad import module as finegrainedad_module  # noqa: F401
@@ -115,6 +117,86 @@ class RunConfigSaver(SaveConfigCallback):
         self.already_saved = trainer.strategy.broadcast(True)
 
 
+class FsadArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose usage errors end as one :class:`UsageError` line instead of the whole usage text.
+
+    jsonargparse also parses with ``exit_on_error=False`` internally (trying each type of a union); those errors
+    stay its own, so only the final verdict is turned into a :class:`UsageError`.
+    """
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        raise UsageError(one_line_usage_error(message)) from None
+
+
+PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
+NOT_A_REASON = (
+    "Parser key",
+    "Does not validate",
+    "Subtypes:",
+    "Errors:",
+    "Given value",
+    "- Expected a <class 'NoneType'>",
+)
+
+
+def one_line_usage_error(message: str) -> str:
+    """jsonargparse's verdict in one line: the dotted field and the innermost reason.
+
+    A union's verdict nests one block per tried type (``Parser key "data": Does not validate against any of the Union
+    subtypes ... Problem with given class_path ...: Parser key "k_shot": Expected a <class 'int'>. Got value: four``);
+    this keeps the first type's path (``data.init_args.k_shot``) and its reason.
+    """
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if len(lines) == 1:
+        return lines[0]
+    path: list[str] = []
+    reason = lines[-1]
+    for line in lines:
+        key = PARSER_KEY.match(line)
+        if key:
+            path.append(key.group(1))
+            rest = line[key.end() :].lstrip(": ")
+            if rest:
+                reason = rest
+                break
+            continue
+        if "Problem with given class_path" in line:
+            path.append("init_args")
+            continue
+        if not line.startswith(NOT_A_REASON):
+            reason = line.removeprefix("- ")
+            break
+    return f"{'.'.join(path)}: {reason}" if path else reason
+
+
+def check_config_files(args: list[str]) -> None:
+    """Every ``-c`` file exists and is valid YAML, else one :class:`UsageError` naming it (jsonargparse's own
+    message names neither the file nor, for broken YAML, anything a user can find)."""
+    pairs = [
+        arg.partition("=")[::2] if arg.startswith("--config=") else (arg, nxt)
+        for arg, nxt in zip(args, [*args[1:], ""], strict=True)
+    ]
+    for flag, value in pairs:
+        if flag not in ("-c", "--config"):
+            continue
+        file = Path(value).expanduser()
+        if not file.is_file():
+            if value.lstrip().startswith("{"):  # an inline config, which jsonargparse parses itself
+                continue
+            raise UsageError(f"{flag} {value}: no such config file")
+        try:
+            yaml.safe_load(file.read_text())
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"{flag} {value}: cannot read the config file ({err})") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise UsageError(f"{flag} {value}: not valid YAML{where}: {problem}") from None
+
+
 class FsadCLI(LightningCLI):
     """LightningCLI over any :class:`FewShotAnomalyModule` and :class:`FewShotDataModule` subclass."""
 
@@ -134,6 +216,7 @@ class FsadCLI(LightningCLI):
 
     def _construct(self, args: list[str] | None, run: bool, **kwargs: Any) -> None:
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
+        kwargs.setdefault("parser_class", FsadArgumentParser)
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(
@@ -222,7 +305,7 @@ class FsadCLI(LightningCLI):
         file = checkpoint_keyword_file(path, self.resolve_run_dir())
         if file is not None:
             self.checkpoint_file, self.checkpoint_source = file, f"--ckpt_path {file}"
-            self.checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            self.checkpoint = read_checkpoint(file, field="--ckpt_path", mmap=True)
 
     def before_instantiate_classes(self) -> None:
         config = self._active_config()
@@ -310,6 +393,8 @@ class FsadCLI(LightningCLI):
         if progress_shown and not is_terminal() and not any(isinstance(c, ProgressBar) for c in configured):
             kwargs.setdefault("callbacks", [*configured, LogProgress()])  # timed lines instead of a \r bar in logs
         trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO stays
+            trainer.strategy.checkpoint_io = SafeCheckpointIO()
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
@@ -354,28 +439,19 @@ CHECKPOINT_KEYWORDS = ("last", "best", "hpc", "registry")
 def check_checkpoint(path: str) -> None:
     """``--ckpt_path`` must be a readable checkpoint (or one of Lightning's keywords); one line if not.
 
-    The file is opened the way the trainer will open it (``weights_only=True``, memory-mapped so it costs no copy),
-    and PyTorch's own message, which suggests ``weights_only=False``, is never shown: that would run arbitrary code
-    from an untrusted file.
+    The file is opened the way the trainer will open it (``weights_only=True``, memory-mapped so it costs no copy).
     """
     if path in CHECKPOINT_KEYWORDS or path.startswith("registry:"):
         return
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise CheckpointError(f"--ckpt_path: no such file: {file}")
-    try:
-        torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" not in str(err):
-            raise CheckpointError(f"--ckpt_path: cannot read {file}: truncated or not a PyTorch checkpoint") from None
-        raise CheckpointError(
-            f"--ckpt_path: {file} holds objects outside PyTorch's safe-loading list; fsad loads checkpoints with "
-            "weights_only=True only. Use a checkpoint written by `fsad fit` from a source you trust"
-        ) from None
-    except Exception as err:
-        raise CheckpointError(
-            f"--ckpt_path: cannot read {file}: truncated or not a PyTorch checkpoint ({type(err).__name__})"
-        ) from None
+    read_checkpoint(path, field="--ckpt_path", mmap=True)
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint reader, through :func:`read_checkpoint`: a file Lightning finds by itself
+    (``--ckpt_path last``, a requeued job's ``hpc_ckpt``) fails in one line too, never with torch's advice."""
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return read_checkpoint(path, field="--ckpt_path")
 
 
 def checkpoint_keyword_file(path: str, run_dir: Path) -> Path | None:
@@ -404,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_guarded(lambda: command(args[1:]), guard)
 
     def lightning_command() -> int:
+        check_config_files(args)
         FsadCLI(args=argv, signal_guard=guard)
         return 0
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 from PIL import Image
 
@@ -13,6 +11,7 @@ from fsad.datamodules.mvtec import MVTecDataModule
 from fsad.datamodules.realiad import RealIADDataModule
 from fsad.datamodules.transforms import DataError, load_mask, load_rgb
 from fsad.datamodules.visa import VisADataModule
+from fsad.errors import OneLineArgumentParser
 
 DATASETS: dict[str, type[FewShotDataModule]] = {
     "mvtec": MVTecDataModule,
@@ -92,7 +91,7 @@ def check_category(module: FewShotDataModule, full_decode: bool) -> tuple[dict[s
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fsad data", description="Inspect a dataset and list every problem.")
+    parser = OneLineArgumentParser(prog="fsad data", description="Inspect a dataset and list every problem.")
     sub = parser.add_subparsers(dest="action", required=True)
     check = sub.add_parser("check", help="counts per category and every problem found")
     check.add_argument("--dataset", choices=sorted(DATASETS), required=True)

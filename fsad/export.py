@@ -16,7 +16,6 @@ TorchScript file is a trace of the same wrapper.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from fsad.datamodules.transforms import PairedTransform, antialiased_resize
-from fsad.errors import FsadError
+from fsad.errors import FsadError, OneLineArgumentParser
 from fsad.lightning_modules.base import FewShotAnomalyModule
 from fsad.lightning_modules.components.clip import BackboneSpec
 from fsad.lightning_modules.components.run_settings import evaluation_change_line
@@ -219,15 +218,16 @@ def prepare_from_config(
     """Instantiate model and data exactly as ``fsad test`` would (same seed), load ``ckpt_path`` and fit the support
     set (``support``, else the datamodule's k-shot draw)."""
     from fsad.calibration import images_from
+    from fsad.checkpoints import read_checkpoint
     from fsad.cli import FsadCLI
-    from fsad.inference import fit_support_images, load_checkpoint
+    from fsad.inference import fit_support_images
 
     args = [part for config in configs for part in ("-c", config)] + list(overrides)
     cli = FsadCLI(args=args, run=False)
     module, data = cli.model, cli.datamodule
     if getattr(data, "resize", "antialias") != "antialias":
         raise ExportError(f"data.resize: {data.resize!r} cannot be exported exactly; export models run with antialias")
-    checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
+    checkpoint = read_checkpoint(ckpt_path, field="--ckpt_path") if ckpt_path else None
     if checkpoint is not None:  # refused on another class or trained structure; evaluation changes reported
         changes = module.check_checkpoint_settings(checkpoint, data, f"--ckpt_path {ckpt_path}")
         if changes:
@@ -249,7 +249,7 @@ def prepare_from_config(
 
 def main(argv: list[str]) -> int:
     """``fsad export``: see the module docstring."""
-    parser = argparse.ArgumentParser(prog="fsad export", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="fsad export", description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--config", action="append", required=True, help="fsad config(s), as for fsad test")
     parser.add_argument("--ckpt_path", default=None, help="checkpoint of the trained method (none: training-free)")
     parser.add_argument("--support", default=None, help="folder (or files) of normal reference images")

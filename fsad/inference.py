@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fsad.batch import collate_batch
+from fsad.checkpoints import read_checkpoint
 from fsad.datamodules.transforms import PairedTransform, load_rgb
 from fsad.errors import FsadError
 from fsad.export import (
@@ -86,16 +87,6 @@ def fit_support_images(module: FewShotAnomalyModule, paths: Sequence[str | Path]
     batches = [collate_batch(items[i : i + 8]) for i in range(0, len(items), 8)]
     with torch.no_grad():
         module.fit_support(module.encode_support(batches))
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated or foreign files end in the same one-line message
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
 
 
 def import_class(class_path: str) -> type:
@@ -178,7 +169,7 @@ class Inferencer:
         """
         from fsad.calibration import images_from
 
-        state = load_checkpoint(checkpoint)
+        state = read_checkpoint(checkpoint)
         data = dict(state.get("datamodule_hyper_parameters") or {})
         if data.get("resize", "antialias") != "antialias":
             raise CheckpointError(f"data.resize: {data['resize']!r} is not supported by the inferencer; use antialias")

@@ -90,7 +90,7 @@ def run_guarded(command: Callable[[], int | None], guard: SignalGuard | None = N
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)
-        return 1
+        return cause.exit_code
     if guard.received is None:
         return int(code or 0)
     print(guard.message(), file=sys.stderr)  # also when the signal came at the very end and the run finished

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsad.checkpoints import read_checkpoint
 from fsad.errors import FsadError
 from fsad.network import hub_reachable
 
@@ -168,7 +169,14 @@ def _create_clip(spec: BackboneSpec, image_size: int | None) -> nn.Module:
         model = open_clip.create_model(
             spec.arch, pretrained=None, force_image_size=force_size, precision=spec.precision
         )
-        open_clip.load_checkpoint(model, str(path), weights_only=True)
+        read_checkpoint(path, field="backbone.checkpoint", mmap=True)  # a bad file is one line, never torch's advice
+        try:
+            open_clip.load_checkpoint(model, str(path), weights_only=True)
+        except (RuntimeError, KeyError, ValueError) as err:  # readable, but another architecture's weights
+            reason = str(err).strip().splitlines()[0]
+            raise BackboneWeightsError(
+                f"backbone.checkpoint: {path} does not hold weights of {spec.arch!r} ({reason})"
+            ) from None
         return model
     if spec.pretrained is not None:
         known = open_clip.list_pretrained_tags_by_model(spec.arch)

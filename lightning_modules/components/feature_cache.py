@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from fsad.checkpoints import read_checkpoint
+from fsad.errors import CheckpointError
 from fsad.lightning_modules.components.clip import BackboneOutput, ClipBackbone
 
 CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -92,11 +94,11 @@ class FeatureCache:
     def load(self, key: str) -> dict[str, torch.Tensor] | None:
         """One cached image (``cls``, ``vv_tokens``, ``tap<n>``, ``grid``), or ``None``; a hit refreshes its age."""
         path = self.path(key)
-        try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
+        if not path.is_file():
             return None
-        except Exception:  # a truncated or foreign file is a miss, and is replaced
+        try:
+            entry = read_checkpoint(path, field="feature cache entry")
+        except CheckpointError:  # a truncated or foreign file is a miss, and is replaced
             path.unlink(missing_ok=True)
             return None
         os.utime(path)

@@ -11,6 +11,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from fsad.cli import FsadCLI, main
 from fsad.datamodules.synthetic import SyntheticDataModule
+from fsad.errors import UsageError
 from fsad.lightning_modules.components.clip import BackboneSpec
 from fsad.lightning_modules.membank.module import MemoryBankAD
 
@@ -119,7 +120,7 @@ def test_cli_writes_the_run_directory(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_linked_image_size_cannot_disagree(tmp_path: Path) -> None:
     """data.image_size drives the model; setting the model's copy by hand is refused by the parser."""
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError):
         FsadCLI(args=["test", "-c", DEMO, "--model.init_args.image_size", "64"], run=False)
 
 

@@ -98,7 +98,7 @@ def test_inferencer_from_checkpoint_matches_fsad_test_on_any_input_type(tmp_path
     torch.save(anonymous, tmp_path / "anonymous.ckpt")
     with pytest.raises(Exception, match="model_class"):
         Inferencer.from_checkpoint(tmp_path / "anonymous.ckpt", support=data.support_paths)
-    with pytest.raises(Exception, match="checkpoint not found: .*missing.ckpt"):
+    with pytest.raises(Exception, match="checkpoint: no such file: .*missing.ckpt"):
         Inferencer.from_checkpoint(tmp_path / "missing.ckpt", support=data.support_paths)
 
 
