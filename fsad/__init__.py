@@ -5,7 +5,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# Offline means offline: albumentations asks the package registry for a newer version when it is imported, unless
+# this is set. Every fsad import of it (fsad.datamodules, the CLI, the Inferencer) passes through this package first.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 def __getattr__(name: str) -> Any:
