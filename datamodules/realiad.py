@@ -29,6 +29,8 @@ REALIAD_CATEGORIES = (
     "sim_card_set", "switch", "tape", "terminalblock", "toothbrush", "toy", "toy_brick", "transistor1", "u_block",
     "usb", "usb_adaptor", "vcpill", "wooden_beads", "woodstick", "zipper",
 )  # fmt: skip
+#: What every ``train``/``test`` entry of a split file must carry (``mask_path`` may be null: a normal view).
+ENTRY_KEYS = ("image_path", "anomaly_class")
 VIEW_PATTERN = re.compile(r"(?:^|_)(C[1-5])(?:_|\.|$)")
 
 
@@ -114,12 +116,17 @@ class RealIADDataModule(FewShotDataModule):
         samples = []
         if split == "test":
             self.notes["ng_without_mask"] = 0
-        for entry in content[split]:
+        split_file = self.json_dir / f"{self.category}.json"
+        for position, entry in enumerate(content[split]):
+            missing = [key for key in ENTRY_KEYS if not isinstance(entry, dict) or not isinstance(entry.get(key), str)]
+            if missing:
+                self.problem(f"{split_file}: {split}[{position}] has no {' or '.join(missing)} (a text field)")
+                continue
             if self.views is not None and camera_view(entry["image_path"]) not in self.views:
                 continue
             image = base / entry["image_path"]
             if not image.is_file():
-                self.problem(f"image {image} listed in {self.json_dir / (self.category + '.json')} does not exist")
+                self.problem(f"image {image} listed in {split_file} does not exist")
                 continue
             if entry["anomaly_class"] == normal_class or not entry.get("mask_path"):
                 self.notes["ng_without_mask"] += entry["anomaly_class"] != normal_class

@@ -257,6 +257,9 @@ class Sweep:
             datamodule = data_cls(**{k: v for k, v in vars(probe.config.data.init_args).items()})
             if hasattr(datamodule, "prepare_data"):
                 datamodule.prepare_data()
+            root = getattr(datamodule, "root", None)
+            if root is not None and not Path(root).is_dir():
+                raise BenchmarkError(f"root: dataset root {root} does not exist (categories: all lists the ones there)")
             categories = datamodule.available_categories()
         else:
             categories = list(config.categories)

@@ -55,6 +55,8 @@ GUESSED_LOCATIONS = {
 }  # fmt: skip
 NO_BACKGROUND = {"none", "uniform", ""}
 NO_VALUE = {"none", "null", ""}
+#: Fields of ``Level_2``/``Level_3`` that hold one value per entity, so must be lists.
+LIST_FIELDS = {"entity", "number", "location", "direction", "color", "texture", "shape", "entity_caption"}
 COUNT_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight")
 
 
@@ -77,7 +79,13 @@ def top_level_assignments(path: Path, what: str) -> Iterator[tuple[str, ast.expr
     except FileNotFoundError:
         raise CaptionImportError(f"{path}: {what} not found") from None
     except SyntaxError as err:
-        raise CaptionImportError(f"{path}: not Python source (line {err.lineno}: {err.msg})") from None
+        if err.lineno is not None:
+            raise CaptionImportError(f"{path}: not Python source (line {err.lineno}: {err.msg})") from None
+        raise CaptionImportError(f"{path}: not Python source (a binary file: {err.msg})") from None
+    except (UnicodeDecodeError, ValueError):  # undecodable bytes, or NUL bytes that older Pythons' ast refuses
+        raise CaptionImportError(f"{path}: not Python source (a binary file, or text that is not UTF-8)") from None
+    except OSError as err:
+        raise CaptionImportError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             yield node.targets[0].id, node.value
@@ -103,11 +111,19 @@ def newest_records_variable(literals: dict[str, Any]) -> str | None:
     return max(versions, key=versions.__getitem__) if versions else None
 
 
-def _first(level: Any) -> dict[str, Any]:
-    """``Level_N`` is a one-element list of dicts in the authors' format; tolerate a bare dict."""
-    if isinstance(level, list) and level and isinstance(level[0], dict):
-        return level[0]
-    return level if isinstance(level, dict) else {}
+def _first(level: Any, name: str) -> dict[str, Any]:
+    """``Level_N`` (``name``) is a one-element list of dicts in the authors' format; tolerate a bare dict or its
+    absence. Any other type, or a field of it that should be a list, is a :class:`CaptionImportError`."""
+    if level is None or level == []:
+        return {}
+    if isinstance(level, list) and isinstance(level[0], dict):
+        level = level[0]
+    if not isinstance(level, dict):
+        raise CaptionImportError(f"{name}: expected a list holding one dict, got {type(level).__name__} {level!r:.40}")
+    for key, value in level.items():
+        if key in LIST_FIELDS and not isinstance(value, list | None):
+            raise CaptionImportError(f"{name}.{key}: expected a list, got {type(value).__name__} {value!r:.40}")
+    return level
 
 
 def _attribute(value: Any, vocabulary: tuple[str, ...], where: str, report: list[str]) -> dict[str, Any]:
@@ -153,7 +169,7 @@ def _location(value: Any, where: str, report: list[str]) -> str:
 
 def _components(entry: dict[str, Any], category: str, report: list[str]) -> list[dict[str, Any]]:
     """One component per distinct entity; repeated entities (four macaroni at four places) merge into one."""
-    level2, level3 = _first(entry.get("Level_2")), _first(entry.get("Level_3"))
+    level2, level3 = _first(entry.get("Level_2"), "Level_2"), _first(entry.get("Level_3"), "Level_3")
     entities = list(level2.get("entity") or [])
     captions = level3.get("entity_caption") or level2.get("entity_caption") or []
     merged: dict[str, dict[str, Any]] = {}
@@ -225,7 +241,7 @@ def released_fields(
         report.append(f"{category}: released: not kept (no defect states in {STATES_VARIABLE}); variant: code "
                       "builds fsad's approximation of their prompt strings for it")  # fmt: skip
         return None
-    level1, level2, level3 = (_first(entry.get(f"Level_{n}")) for n in (1, 2, 3))
+    level1, level2, level3 = (_first(entry.get(f"Level_{n}"), f"Level_{n}") for n in (1, 2, 3))
     fields = {
         "cluster_map": cluster_map,
         "caption": entry.get("caption"), "foreground": level1.get("foreground"), "background": level1.get("background"),
@@ -251,7 +267,7 @@ def convert_entry(
 ) -> CaptionRecord:  # fmt: skip
     """One authors' record → one validated :class:`CaptionRecord`; guesses and drops go to ``report``. With their
     vocabularies the record also keeps the source verbatim (``released``), for ``variant: code``'s exact strings."""
-    level1, level2 = _first(entry.get("Level_1")), _first(entry.get("Level_2"))
+    level1, level2 = _first(entry.get("Level_1"), "Level_1"), _first(entry.get("Level_2"), "Level_2")
     background = str(level1.get("background", "")).strip()
     if background.lower() in NO_BACKGROUND:
         report.append(f"{category}: image_level.background: {background!r} dropped (no distinct background)")
@@ -333,17 +349,20 @@ def import_authors_records(
             owner = "custom"
             result.report.append(f"{category}: dataset guessed as 'custom' (pass --dataset to name it)")
         origin = f"{source}: {variable}[{position}] ({category})"
-        result.records[category] = convert_entry(
-            entries[position],
-            category,
-            all_states.get(category),
-            provenance,
-            owner,
-            result.report,
-            origin,
-            vocabularies,
-            maps.get(category),
-        )
+        try:
+            result.records[category] = convert_entry(
+                entries[position],
+                category,
+                all_states.get(category),
+                provenance,
+                owner,
+                result.report,
+                origin,
+                vocabularies,
+                maps.get(category),
+            )
+        except CaptionImportError as err:  # a level or field of another type than the authors' format
+            raise CaptionImportError(f"{origin}: {err}") from None
     for category, record in result.records.items():
         path = out / record.dataset / f"{category}.json"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -179,3 +179,67 @@ def test_a_backbone_checkpoint_that_is_an_html_page_says_the_download_failed(
     line = the_error_line(output.err)
     assert line.startswith(f"error: backbone.checkpoint: {page} is not a PyTorch checkpoint (did a download fail?)")
     assert_no_unsafe_advice(output.out + output.err)
+
+
+# ----------------------------------------------------------------------------------------------- #29 point 5
+RECORD_WITH_LEVEL = """fine_grained_normal_prompts_v3 = [
+    {{"Level_1": {level_1}, "Level_2": {level_2}, "caption": "A disc."}},
+]
+total_classes2id = {{"disc": 0}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (bytes(range(256)) * 4, "not Python source (a binary file"),
+        (b"records = 1\x00\n", "not Python source (a binary file"),
+        (RECORD_WITH_LEVEL.format(level_1='"a grey disc"', level_2="[]").encode(),
+         "fine_grained_normal_prompts_v3[0] (disc): Level_1: expected a list holding one dict, got str"),
+        (RECORD_WITH_LEVEL.format(level_1='[{"foreground": "disc"}]', level_2='[{"entity": "disc"}]').encode(),
+         "fine_grained_normal_prompts_v3[0] (disc): Level_2.entity: expected a list, got str"),
+    ],
+)  # fmt: skip
+def test_captions_import_of_a_bad_file_is_one_line_naming_it(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], content: bytes, expected: str
+) -> None:
+    source = tmp_path / "fine_grained_prompts.py"
+    source.write_bytes(content)
+    assert main(["captions", "import", "--from", str(source), "--out", str(tmp_path / "out")]) == 1
+    output = capfd.readouterr()
+    printed = [line for line in (output.out + output.err).splitlines() if line.strip()]
+    assert printed == [printed[0]] and printed[0].startswith(f"error: {source}: ") and expected in printed[0], printed
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_benchmark_over_all_categories_of_a_missing_root_is_one_line(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "sweep.yaml"
+    mvtec = REPO / "configs/membank/mvtec.yaml"
+    config.write_text(f"method_config: [{mvtec}]\nroot: {tmp_path / 'missing'}\ncategories: all\nshots: [1]\n"
+                      f"seeds: [0]\noutput: {tmp_path / 'out'}\n")  # fmt: skip
+    assert main(["benchmark", "-c", str(config)]) == 1
+    line = the_error_line(capfd.readouterr().err)
+    assert (
+        line
+        == f"error: root: dataset root {tmp_path / 'missing'} does not exist (categories: all lists the ones there)"
+    )
+
+
+def test_a_realiad_entry_without_image_path_names_the_file_and_entry(tmp_path: Path) -> None:
+    import json
+
+    from fsad.datamodules.realiad import RealIADDataModule
+    from fsad.datamodules.transforms import DataError
+    from tests.fixtures.trees import make_realiad
+
+    root = make_realiad(tmp_path / "realiad")
+    split_file = next(root.rglob("realiad_jsons/audiojack.json"))
+    content = json.loads(split_file.read_text())
+    del content["test"][3]["image_path"]
+    split_file.write_text(json.dumps(content))
+    data = RealIADDataModule(root=str(root), category="audiojack", k_shot=2, resolution=256, image_size=32)
+    with pytest.raises(DataError) as raised:
+        data.setup()
+    assert str(raised.value) == f"{split_file}: test[3] has no image_path (a text field)"
