@@ -30,7 +30,6 @@ from lightning.pytorch.loggers import WandbLogger
 
 from fsad.batch import Batch
 from fsad.callbacks.metrics import AnomalyMetrics, gather_to_rank_zero
-from fsad.callbacks.results import fresh_directory, replace_directory, write_text_atomically
 from fsad.callbacks.visualiser import (
     ColourScale,
     ReviewCaption,
@@ -43,6 +42,7 @@ from fsad.callbacks.visualiser import (
     write_png,
 )
 from fsad.datamodules.transforms import DataError, load_rgb
+from fsad.run_folder import fresh_directory, output_path, replace_directory, write_text_atomically
 
 TableChoice = Literal["watchlist", "all", "none"]
 
@@ -180,7 +180,7 @@ class HeatmapLogger(Callback):
         table_rows = self._write_pictures(trainer, items, chosen, scale, decisions, run_dir)
         curves = metrics.curves if metrics is not None else {}
         if curves:
-            write_text_atomically(run_dir / "curves.json", json.dumps({"image": curves}))
+            write_text_atomically(output_path(run_dir, "curves.json"), json.dumps({"image": curves}))
         self._log_to_wandb(trainer, table_rows, scale, curves)
 
     def _decisions(
@@ -210,7 +210,7 @@ class HeatmapLogger(Callback):
     ) -> list[dict[str, Any]]:  # fmt: skip
         """PNGs and ``heatmaps.json`` of the chosen images, the same pictures to every logger; returns the W&B
         table rows (the chosen images, or every image for ``table: all``)."""
-        target_dir = run_dir / "heatmaps"
+        target_dir = output_path(run_dir, "heatmaps")  # staged while the fsad command runs
         out_dir = fresh_directory(target_dir.with_name("heatmaps.partial"))  # this run's pictures only
         samples = getattr(trainer.datamodule, "test_samples", None) or []
         names, pictures, captions, records, table_rows = [], [], [], [], []
@@ -235,7 +235,7 @@ class HeatmapLogger(Callback):
             if any(r["file"] == f"{name}.png" for r in records):  # two images of one defect type share a stem
                 name = f"{name}_{index}"
             write_png(out_dir / f"{name}.png", picture)
-            self.written.append(target_dir / f"{name}.png")
+            self.written.append(run_dir / "heatmaps" / f"{name}.png")
             names.append(name)
             pictures.append(picture)
             captions.append(caption.text())

@@ -32,7 +32,6 @@ from PIL import Image
 
 from fsad.batch import Batch
 from fsad.callbacks.metrics import f1_max_threshold, gather_to_rank_zero
-from fsad.callbacks.results import fresh_directory, replace_directory, write_text_atomically
 from fsad.callbacks.visualiser import (
     ColourScale,
     ReviewCaption,
@@ -44,6 +43,14 @@ from fsad.callbacks.visualiser import (
 )
 from fsad.datamodules.transforms import load_rgb
 from fsad.lightning_modules.components.thresholds import DecisionThresholds
+from fsad.run_folder import (
+    fresh_directory,
+    output_path,
+    replace_directory,
+    write_bytes_atomically,
+    write_image,
+    write_text_atomically,
+)
 
 
 def overlay_scale(thresholds: DecisionThresholds, maps: torch.Tensor) -> ColourScale:
@@ -92,7 +99,7 @@ class PredictionWriter(Callback):
         return Path(path).relative_to(root) if root.is_dir() else Path(Path(path).name)
 
     def _staging(self, trainer: Trainer) -> Path:
-        return Path(trainer.default_root_dir) / "predictions.partial"
+        return output_path(trainer.default_root_dir, "predictions.partial")
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.rows = {}
@@ -152,18 +159,17 @@ class PredictionWriter(Callback):
             score = float(result.pred_score[row])
             relative = self._relative(trainer, path)
             out_dir = self._staging(trainer) / relative.parent
-            out_dir.mkdir(parents=True, exist_ok=True)
             name = relative.stem
             if self.map_format == "npy":
                 buffer = io.BytesIO()
                 np.save(buffer, anomaly_map.astype(np.float32))
-                (out_dir / f"{name}_map.npy").write_bytes(buffer.getvalue())
+                write_bytes_atomically(out_dir / f"{name}_map.npy", buffer.getvalue())
             else:
-                cv2.imwrite(str(out_dir / f"{name}_map.png"), (np.clip(anomaly_map, 0, 1) * 65535).astype(np.uint16))
+                write_image(out_dir / f"{name}_map.png", (np.clip(anomaly_map, 0, 1) * 65535).astype(np.uint16))
             predicted_mask = None
             if pl_module.thresholds.has_pixel:  # the predicted defect mask, 0/255, at the map's size
                 predicted_mask = pl_module.thresholds.pixel_mask(result.anomaly_map[row]).cpu().numpy()
-                cv2.imwrite(str(out_dir / f"{name}_mask.png"), predicted_mask * 255)
+                write_image(out_dir / f"{name}_mask.png", predicted_mask * 255)
             label = "" if math.isnan(threshold) else int(score >= threshold)
             if self.overlays:
                 caption = ReviewCaption(score, predicted=None if label == "" else label, decided_by=decided_by)
@@ -186,8 +192,8 @@ class PredictionWriter(Callback):
         writer.writerows(sorted([*rows.values(), *bad], key=lambda r: r["path"]))
         staging = self._staging(trainer)
         write_text_atomically(staging / "scores.csv", buffer.getvalue())
-        target = Path(trainer.default_root_dir) / "predictions"
-        replace_directory(staging, target)
+        replace_directory(staging, output_path(trainer.default_root_dir, "predictions"))
+        target = Path(trainer.default_root_dir) / "predictions"  # where the fsad command publishes it
         threshold = self.active_threshold(pl_module)
         count = len(rows) + len(bad)
         print(

@@ -9,7 +9,6 @@ import csv
 import io
 import math
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from lightning.pytorch.loggers import WandbLogger
 from fsad.batch import Batch
 from fsad.callbacks.metrics import AnomalyMetrics, gather_to_rank_zero
 from fsad.lightning_modules.components.run_settings import run_config_hash
+from fsad.run_folder import output_path, write_text_atomically
 
 METRIC_PREFIXES = ("image_", "pixel_")
 
@@ -34,30 +34,6 @@ def run_identity(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]
         "k": getattr(data, "k_shot", ""),
         "seed": getattr(data, "seed", ""),
     }
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def replace_directory(staging: Path, target: Path) -> None:
-    """Put the finished ``staging`` folder in place of ``target`` (the previous run's copy goes only now)."""
-    retired = target.with_name(target.name + ".old")
-    shutil.rmtree(retired, ignore_errors=True)
-    if target.exists():
-        target.rename(retired)
-    staging.rename(target)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def fresh_directory(path: Path) -> Path:
-    """An empty ``path`` (leftovers of an interrupted attempt removed)."""
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path
 
 
 def csv_text(rows: list[dict[str, Any]]) -> str:
@@ -126,10 +102,10 @@ class ResultsWriter(Callback):
             or run_config_hash(pl_module, trainer.datamodule, int(seed) if seed else None),
         }
         run_dir = Path(trainer.default_root_dir)
-        write_text_atomically(run_dir / "scores.csv", csv_text([scores[i] for i in sorted(scores)]))
-        write_text_atomically(run_dir / "results.csv", csv_text([self.row]))
+        write_text_atomically(output_path(run_dir, "scores.csv"), csv_text([scores[i] for i in sorted(scores)]))
+        write_text_atomically(output_path(run_dir, "results.csv"), csv_text([self.row]))
         table = markdown_table([self.row])
-        write_text_atomically(run_dir / "results.md", table)
+        write_text_atomically(output_path(run_dir, "results.md"), table)
         if self.print_table:
             print(f"\nResults ({run_dir}):\n{table}")
         self._log_to_wandb(trainer)

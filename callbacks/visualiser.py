@@ -28,6 +28,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from fsad.lightning_modules.components.thresholds import DecisionThresholds
+from fsad.run_folder import write_image
 
 GROUND_TRUTH_RGB = (255, 255, 255)
 PREDICTED_RGB = (255, 0, 255)
@@ -177,10 +178,8 @@ def overlay_region(picture: np.ndarray, map_shape: tuple[int, int]) -> np.ndarra
 
 
 def write_png(path: Path, picture: np.ndarray) -> None:
-    """Write an RGB picture as PNG, creating its folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write {path}")
+    """Write an RGB picture as PNG, creating its folder; a failed write (a full disk) raises, naming the file."""
+    write_image(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
 
 
 def send_to_loggers(

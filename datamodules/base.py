@@ -34,6 +34,7 @@ from fsad.datamodules.transforms import (
     load_rgb,
     seed_worker_transforms,
 )
+from fsad.run_folder import output_path
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +249,7 @@ class FewShotDataModule(LightningDataModule, ABC):
         trainer = self.trainer
         if trainer is None:
             return
-        write_support_list(self.support_paths, Path(trainer.default_root_dir) / "support.txt")
+        write_support_list(self.support_paths, output_path(trainer.default_root_dir, "support.txt"))
         for logger in trainer.loggers:
             if hasattr(logger, "log_table"):
                 try:

@@ -10,6 +10,7 @@ from typing import Literal
 import numpy as np
 
 from fsad.datamodules.transforms import DataError
+from fsad.run_folder import write_text_atomically
 
 
 def sample_support(candidates: Sequence[str], k: int, seed: int) -> list[str]:
@@ -60,10 +61,7 @@ def resolve_support_files(candidates: Sequence[str], requested: Sequence[str]) -
 
 def write_support_list(paths: Sequence[str], destination: Path) -> Path:
     """Write one support path per line to ``destination`` atomically (``support.txt`` in the run directory)."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = destination.with_suffix(destination.suffix + ".tmp")
-    tmp.write_text("".join(f"{p}\n" for p in paths))
-    tmp.replace(destination)
+    write_text_atomically(destination, "".join(f"{p}\n" for p in paths))
     return destination
 
 

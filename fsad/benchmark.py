@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import itertools
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -36,14 +36,15 @@ from lightning.pytorch.loggers import WandbLogger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fsad.callbacks.metrics import AnomalyMetrics
-from fsad.callbacks.results import markdown_table, write_text_atomically
+from fsad.callbacks.results import markdown_table
 from fsad.checkpoints import read_checkpoint
 from fsad.cli import FsadCLI, _import_class
 from fsad.errors import FsadError, OneLineArgumentParser
 from fsad.lightning_modules.components.feature_cache import FeatureCache
 from fsad.lightning_modules.components.run_settings import evaluation_change_line
 from fsad.progress import progress_reporter
-from fsad.signals import user_facing_error
+from fsad.run_folder import is_storage_failure, write_text_atomically
+from fsad.signals import exception_chain, user_facing_error
 
 KEY_COLUMNS = ("method", "dataset", "category", "k", "seed")
 HASH_COLUMN = "config_hash"
@@ -439,6 +440,8 @@ class Sweep:
                 try:
                     row = self.run_cell(cell, checkpoint)
                 except Exception as err:
+                    if any(is_storage_failure(e) for e in exception_chain(err)):
+                        raise  # a full disk fails every cell the same way: stop, with one line
                     line = self.record_failure(cell, err)
                     if self.fail_fast:
                         raise BenchmarkError(f"{line} (--fail-fast)") from err
@@ -471,35 +474,22 @@ def row_key(row: dict[str, str]) -> tuple[str, ...]:
 
 
 def append_row(row: dict[str, object], path: Path) -> None:
-    """Append one finished cell to ``path`` and flush it to disk at once (a killed sweep keeps it).
-
-    A row with columns the file lacks (a new metric, paper columns, an older file) rewrites the file atomically
-    with the union of the columns first.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Add one finished cell to ``path`` at once (a killed sweep keeps it), rewriting the file atomically: a failed
+    write (a full disk) leaves it byte for byte as it was. A row with columns the file lacks (a new metric, paper
+    columns, an older file) widens the file to the union of the columns."""
+    rows: list[dict[str, str]] = []
     columns = list(row)
     if path.is_file():
         with path.open(newline="") as handle:
             reader = csv.DictReader(handle)
             existing = list(reader.fieldnames or [])
-            if set(row) - set(existing):
-                rows = list(reader)
-                columns = existing + [c for c in row if c not in existing]
-                tmp = path.with_name(path.name + ".tmp")
-                with tmp.open("w", newline="") as out:
-                    writer = csv.DictWriter(out, fieldnames=columns)
-                    writer.writeheader()
-                    writer.writerows(rows)
-                tmp.replace(path)
-            else:
-                columns = existing
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        if handle.tell() == 0:
-            writer.writeheader()
-        writer.writerow(row)
-        handle.flush()
-        os.fsync(handle.fileno())
+            rows = list(reader)
+        columns = existing + [c for c in row if c not in existing]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows([*rows, row])
+    write_text_atomically(path, buffer.getvalue())
 
 
 def format_mean_std(values: list[float]) -> str:

@@ -55,7 +55,7 @@ from fsad.lightning_modules.promptad import module as promptad_module  # noqa: F
 from fsad.network import wandb_reachable
 from fsad.progress import is_terminal
 from fsad.quiet import quiet_output
-from fsad.run_folder import RunFolder
+from fsad.run_folder import RunFolder, output_path, write_text_atomically
 from fsad.signals import CheckpointOnSignal, SignalGuard, run_guarded
 from fsad.slurm import check_allocation
 
@@ -103,17 +103,15 @@ def _import_class(class_path: str) -> type:
 
 
 class RunConfigSaver(SaveConfigCallback):
-    """Saves the resolved config as ``config.yaml`` in the run directory, overwriting an earlier run's copy."""
+    """Saves the resolved config as ``config.yaml``, staged with the run's other outputs: it replaces an earlier
+    run's copy only when this run has finished."""
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved:
             return
         if trainer.is_global_zero:
-            run_dir = Path(trainer.default_root_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self.parser.save(
-                self.config, str(run_dir / self.config_filename), skip_unset=False, overwrite=True, multifile=False
-            )
+            text = self.parser.dump(self.config, skip_unset=False)
+            write_text_atomically(output_path(trainer.default_root_dir, self.config_filename), text)
         self.already_saved = trainer.strategy.broadcast(True)
 
 
@@ -375,15 +373,14 @@ class FsadCLI(LightningCLI):
         super()._run_subcommand(subcommand)
         if self.run_folder is not None:
             self.run_folder.write_records(self.model.run_records())
+            self.run_folder.complete(subcommand)  # publishes the run's outputs
         if subcommand == "test" and self._active_config().get("report") and self.trainer.is_global_zero:
             from fsad.report import ReportError, write_run_report
 
-            try:
+            try:  # from the published files; written atomically, so a failure keeps the previous report.html
                 print(f"report: {write_run_report(Path(self.trainer.default_root_dir))}")
             except ReportError as err:  # e.g. a config without ResultsWriter: the run itself is fine
                 warnings.warn(f"no report.html: {err}", UserWarning, stacklevel=2)
-        if self.run_folder is not None and subcommand in ("fit", "test"):
-            self.run_folder.complete(subcommand)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         settings = self._get(self.config_init, "trainer", default={})

@@ -16,12 +16,20 @@ fit|test|predict`` on rank 0 before anything is written:
   decide what a run computes; trainer, logger and checkpoint options may differ, so fit-then-test, resuming with
   more epochs and re-testing share a folder). A run whose hash differs
   from a finished run's refuses to start unless ``--overwrite`` is given, which empties the folder first;
-* a failed run never writes ``run.json``, ``results.csv``, ``heatmaps/`` or ``predictions/``: those are written
-  only at its end (heatmaps and predictions through a staging folder swapped into place).
+* a run publishes all or nothing. Its writers (``config.yaml``, ``support.txt``, ``results.*``, ``scores.csv``,
+  ``heatmaps/``, ``predictions/``, ``report.html``, ``run.json``) write through :func:`output_path` into
+  ``.staging/``; when the run has finished, :meth:`RunFolder.publish` checks every staged file (not empty, images
+  decodable) and swaps them in. A failed, interrupted or out-of-space run leaves the previous finished run byte for
+  byte as it was, and its staging folder is removed. Write failures are :class:`PublishError` lines naming the path
+  and the reason (a full disk, a read-only folder), never a ``libpng error`` beside an exit code 0.
+
+Outside the fsad command (a user's own ``Trainer``) there is no staging folder, and :func:`output_path` is the path
+in the run directory itself.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -34,7 +42,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fsad.errors import RunFolderError
+import cv2
+import numpy as np
+
+from fsad.errors import FsadError, RunFolderError
 
 MARKER = "run.json"
 LOCK = ".lock"
@@ -47,6 +58,93 @@ ACTIVE_JOB_STATES = frozenset({
     "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
     "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED",
 })  # fmt: skip
+STAGING = ".staging"
+RETIRED = ".retired"
+
+
+class PublishError(FsadError):
+    """An output could not be written or published (full disk, I/O error, no permission); the message names it."""
+
+
+def describe_os_error(err: OSError) -> str:
+    """``<path>: <reason>`` of an ``OSError`` (``No space left on device``, ``Permission denied``...)."""
+    reason = err.strerror or str(err) or type(err).__name__
+    return f"{err.filename}: {reason}" if err.filename else reason
+
+
+def output_path(run_dir: str | Path, name: str) -> Path:
+    """Where a writer puts the run output ``name`` (``results.csv``, ``heatmaps``...): in the staging folder while
+    the fsad command runs, so nothing is visible before the run has finished; else in ``run_dir`` itself."""
+    staging = Path(run_dir) / STAGING
+    return staging / name if staging.is_dir() else Path(run_dir) / name
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, flushed to disk and renamed into place. A failed write
+    leaves ``path`` as it was and raises a :class:`PublishError` naming it and the reason."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise PublishError(f"cannot write {path}: {err.strerror or err}") from err
+
+
+#: ``errno`` values that say the storage, not one input, failed: a sweep stops at the first instead of failing
+#: every remaining cell the same way.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES}
+
+
+def is_storage_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a failed write of an output (full disk, I/O error, no permission)."""
+    return isinstance(err, PublishError) or isinstance(err, OSError) and err.errno in STORAGE_ERRNOS
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """:func:`write_bytes_atomically` of UTF-8 text."""
+    write_bytes_atomically(path, text.encode())
+
+
+def write_image(path: Path, image: np.ndarray) -> None:
+    """Encode ``image`` (BGR or grayscale, uint8 or uint16) as the format of ``path``'s suffix and write it; unlike
+    ``cv2.imwrite``, which only prints ``libpng error`` and returns False, a failure raises (``OSError``)."""
+    ok, encoded = cv2.imencode(path.suffix, image)
+    if not ok:
+        raise PublishError(f"{path}: cannot encode a {image.dtype} image of shape {image.shape} as {path.suffix}")
+    write_bytes_atomically(path, encoded.tobytes())
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Put the finished ``staging`` folder in place of ``target`` (the previous run's copy goes only now)."""
+    retired = target.with_name(target.name + ".old")
+    shutil.rmtree(retired, ignore_errors=True)
+    if target.exists():
+        target.rename(retired)
+    staging.rename(target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def fresh_directory(path: Path) -> Path:
+    """An empty ``path`` (leftovers of an interrupted attempt removed)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def verify_output(path: Path) -> None:
+    """A staged file is complete: not empty, and an image decodes (a write cut short by a full disk fails here)."""
+    if path.stat().st_size == 0:
+        raise PublishError(f"{path}: written empty (a full disk or a failed write); nothing was published")
+    if path.suffix.lower() in IMAGE_SUFFIXES and cv2.imread(str(path), cv2.IMREAD_UNCHANGED) is None:
+        raise PublishError(f"{path}: the written image does not decode (cut short?); nothing was published")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def _process_alive(pid: int) -> bool:
@@ -121,9 +219,14 @@ class RunFolder:
         self._heartbeat_stop = threading.Event()
 
     def claim(self, overwrite: bool) -> None:
-        """Take the lock, then refuse (or with ``overwrite`` empty) a folder holding another config's run."""
+        """Take the lock, refuse (or with ``overwrite`` empty) a folder holding another config's run, then open an
+        empty staging folder for this run's outputs."""
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock()
+        self._check_marker(overwrite)
+        fresh_directory(self.path / STAGING)
+
+    def _check_marker(self, overwrite: bool) -> None:
         marker = self.path / MARKER
         if not marker.is_file():
             return
@@ -175,21 +278,52 @@ class RunFolder:
                 return
 
     def complete(self, subcommand: str) -> None:
-        """Record that a ``subcommand`` of this config finished here."""
-        record = {"config_hash": self.config_hash, "subcommand": subcommand, "finished": datetime.now(UTC).isoformat()}
-        tmp = self.path / (MARKER + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(self.path / MARKER)
+        """Record that a ``subcommand`` of this config finished here (``run.json``, only for ``fit`` and ``test``),
+        then publish everything the run staged."""
+        if subcommand in ("fit", "test"):
+            record = {"config_hash": self.config_hash, "subcommand": subcommand,
+                      "finished": datetime.now(UTC).isoformat()}  # fmt: skip
+            write_text_atomically(self.path / STAGING / MARKER, json.dumps(record, indent=2) + "\n")
+        self.publish()
+
+    def publish(self) -> None:
+        """Check every staged output, then swap them into the run folder; on any failure put the previous ones back.
+
+        Renames within one folder need no free space, so a full disk fails while writing or checking, before
+        anything of the previous run is touched.
+        """
+        staging, retired = self.path / STAGING, self.path / RETIRED
+        staged = sorted(staging.iterdir())
+        for path in staged:
+            for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+                verify_output(file)
+        fresh_directory(retired)
+        moved: list[str] = []
+        try:
+            for path in staged:
+                target = self.path / path.name
+                if target.exists() or target.is_symlink():
+                    target.rename(retired / path.name)
+                path.rename(target)
+                moved.append(path.name)
+        except OSError:
+            for name in moved:  # undo: this run's outputs back to staging, the previous ones back in place
+                (self.path / name).rename(staging / name)
+            for previous in retired.iterdir():
+                previous.rename(self.path / previous.name)
+            raise
+        shutil.rmtree(retired, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
 
     def write_records(self, records: dict[str, Any]) -> None:
-        """Write the run's self-description files (``captions.json`` ...) beside ``config.yaml``, each atomically."""
+        """Write the run's self-description files (``captions.json`` ...) beside ``config.yaml``, staged with it."""
         for name, content in records.items():
-            tmp = self.path / (name + ".tmp")
-            tmp.write_text(json.dumps(content, indent=2) + "\n")
-            tmp.replace(self.path / name)
+            write_text_atomically(output_path(self.path, name), json.dumps(content, indent=2) + "\n")
 
     def release(self) -> None:
+        """Remove what an unfinished run staged and give the folder back."""
         if self._locked:
             self._heartbeat_stop.set()
+            shutil.rmtree(self.path / STAGING, ignore_errors=True)
             (self.path / LOCK).unlink(missing_ok=True)
             self._locked = False

@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fsad.errors import FsadError
+from fsad.run_folder import describe_os_error
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -87,10 +88,15 @@ def run_guarded(command: Callable[[], int | None], guard: SignalGuard | None = N
             raise  # a plain SystemExit: argparse's --help or usage error, which printed its own message
     except Exception as err:
         cause = user_facing_error(err)
-        if cause is None:
+        if cause is not None:
+            print(f"error: {cause}", file=sys.stderr)
+            return cause.exit_code
+        os_error = next((e for e in exception_chain(err) if isinstance(e, OSError) and e.filename), None)
+        if os_error is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
-        return cause.exit_code
+        print(f"error: cannot write or read {describe_os_error(os_error)}; nothing of this run was published",
+              file=sys.stderr)  # fmt: skip
+        return 1
     if guard.received is None:
         return int(code or 0)
     print(guard.message(), file=sys.stderr)  # also when the signal came at the very end and the run finished
@@ -103,21 +109,34 @@ def user_facing_error(err: BaseException) -> FsadError | None:
     jsonargparse wraps exceptions raised while instantiating the model or data in its own ``ValueError``; the
     original is on the ``__cause__``/``__context__`` chain.
     """
+    return next((e for e in exception_chain(err) if isinstance(e, FsadError)), None)
+
+
+def exception_chain(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and every exception on its ``__cause__``/``__context__`` chain, each once."""
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
-        if isinstance(current, FsadError):
-            return current
+        yield current
         seen.add(id(current))
         current = current.__cause__ or current.__context__
-    return None
 
 
 class CheckpointOnSignal(Callback):
-    """During ``fit``, save a resumable checkpoint when SIGTERM/SIGINT stops the run, and tell ``guard`` where."""
+    """During ``fit``, save a resumable checkpoint when SIGTERM/SIGINT stops the run, and tell ``guard`` where.
+
+    It also stops ``predict`` at the next batch boundary: Lightning's fit and test loops check for SIGTERM after
+    each batch, its predict loop does not (it ran to the end and published every prediction before exiting 143).
+    """
 
     def __init__(self, guard: SignalGuard) -> None:
         self.guard = guard
+
+    def on_predict_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: object, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if trainer.received_sigterm or self.guard.received is not None:
+            raise SIGTERMException
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException | KeyboardInterrupt | Interrupted):
