@@ -17,6 +17,7 @@ TorchScript file is a trace of the same wrapper.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -32,6 +33,7 @@ from fsad.errors import FsadError, OneLineArgumentParser
 from fsad.lightning_modules.base import FewShotAnomalyModule
 from fsad.lightning_modules.components.clip import BackboneSpec
 from fsad.lightning_modules.components.run_settings import evaluation_change_line
+from fsad.run_folder import fresh_directory, replace_directory
 
 ExportFormat = Literal["onnx", "torchscript", "both"]
 ONNX_FILE = "model.onnx"
@@ -264,6 +266,8 @@ def main(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)  # the rest are config overrides: --data.root ... --run_root ...
     from fsad.calibration import calibrate, images_from
 
+    out = Path(args.out)
+    staging = out.with_name(out.name + ".partial")  # an export that fails or is stopped publishes nothing
     try:
         prepared = prepare_from_config(args.config, overrides, args.ckpt_path, args.support)
         if args.thresholds == "auto":
@@ -274,12 +278,15 @@ def main(argv: list[str]) -> int:
             print(f"thresholds ({prepared.module.thresholds.source}): {values}")
         prepared.module.thresholds.set_sensitivity(args.sensitivity)
         written = export_model(
-            prepared.module, args.out, args.format, prepared.transform.mean, prepared.transform.std,
+            prepared.module, fresh_directory(staging), args.format, prepared.transform.mean, prepared.transform.std,
             prepared.support_files, prepared.config_hash, prepared.data_hparams,
         )  # fmt: skip
+        replace_directory(staging, out)
     except FsadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     for kind, path in written.items():
-        print(f"{kind}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+        print(f"{kind}: {out / path.name} ({(out / path.name).stat().st_size / 1e6:.2f} MB)")
     return 0

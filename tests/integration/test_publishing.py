@@ -173,3 +173,22 @@ def test_sigterm_during_a_benchmark_cell_stops_it_and_records_nothing(tmp_path: 
     assert len(batches.read_text().splitlines()) < 20  # the cell's 20 test batches did not all run
     assert stderr.strip().splitlines()[-1].startswith("interrupted by SIGTERM")
     assert not (tmp_path / "out/benchmark.csv").exists() and not (tmp_path / "out/failures.log").exists()
+
+
+def test_sigterm_during_export_leaves_no_model_folder(tmp_path: Path, data: Path) -> None:
+    out = tmp_path / "model"
+    args = ["export", "-c", DEMO, "--out", str(out), "--format", "onnx", "--thresholds", "none",
+            "--run_root", str(tmp_path / "runs"),
+            "--data.init_args.root", str(data)]  # fmt: skip
+    process = child(SLOWED, args)
+    started = tmp_path / "first_file"  # model.partial (or, before staging existed, model itself) gets its first file
+    deadline = time.monotonic() + 240
+    while not any(p.is_file() for folder in (out, out.with_name("model.partial")) for p in folder.rglob("*")):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    started.touch()
+    code, stderr = interrupt_when(process, started, signal.SIGTERM)
+    assert code == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted by SIGTERM")
+    assert not out.exists() and not out.with_name("model.partial").exists()
