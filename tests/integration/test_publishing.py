@@ -31,8 +31,8 @@ resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
 from fsad.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-#: The same command, each batch slowed down so that a signal surely arrives half-way, and counted (one line per
-#: finished batch in the file ``$BATCH_LOG``).
+#: The same command, each batch (and an export's checkpoint) slowed down so that a signal surely arrives half-way,
+#: batches counted (one line per finished batch in the file ``$BATCH_LOG``).
 SLOWED = """
 import os, sys, time
 from fsad.callbacks.predictions import PredictionWriter
@@ -45,6 +45,12 @@ for callback, hook in ((PredictionWriter, "on_predict_batch_end"), (HeatmapLogge
             log.write("batch\\n")
         time.sleep(0.4)
     setattr(callback, hook, slowed)
+import fsad.export
+save_checkpoint = fsad.export.save_checkpoint
+def slowed_save(*args, **kwargs):  # written after the model file: an export stays half-way for a while
+    time.sleep(3)
+    save_checkpoint(*args, **kwargs)
+fsad.export.save_checkpoint = slowed_save
 from fsad.cli import main
 sys.exit(main(sys.argv[1:]))
 """
