@@ -198,3 +198,23 @@ def test_sigterm_during_export_leaves_no_model_folder(tmp_path: Path, data: Path
     assert code == 143, stderr[-3000:]
     assert stderr.strip().splitlines()[-1].startswith("interrupted by SIGTERM")
     assert not out.exists() and not out.with_name("model.partial").exists()
+
+
+def test_sigint_during_captions_generate_exits_130_and_writes_no_record(tmp_path: Path, shared_data: Path) -> None:
+    from tests.integration.test_caption_generator import API_KEY, ScriptedEndpoint, answer
+
+    images = sorted((shared_data / "hazelnut_toy/train/good").glob("*.jpg"))[:3]
+    out = tmp_path / "hazelnut.json"
+    with ScriptedEndpoint([("json", answer()), ("sleep", 60)]) as server:
+        process = child(SLOWED, ["captions", "generate", "--images", *map(str, images), "--category", "hazelnut_toy",
+                                 "--out", str(out), "--base-url", server.url, "--model", "vision-model",
+                                 "--cache-dir", str(tmp_path / "cache")])  # fmt: skip
+        deadline = time.monotonic() + 240
+        while len(server.requests) < 2:  # the first image is answered, the second one's request is in flight
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted by SIGINT") and API_KEY not in stderr
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
