@@ -28,8 +28,8 @@ from typing import Any
 
 import cv2
 
-from fsad.callbacks.results import write_text_atomically
 from fsad.errors import FsadError
+from fsad.run_folder import write_text_atomically
 
 REPORT_NAME = "report.html"
 THUMBNAIL_SIDE = 160

@@ -20,8 +20,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fsad.callbacks.results import write_text_atomically
 from fsad.errors import FsadError
+from fsad.run_folder import write_text_atomically
 
 TRAINER_COMMANDS = ("fit", "test", "predict")
 #: Trainer settings ``fsad slurm`` owns: they are derived from ``--nodes`` and ``--gpus-per-node``.
