@@ -1,4 +1,4 @@
-"""``fsad export``: one self-contained model file for an inspection line, in ONNX and/or TorchScript.
+"""``fsad export``: one self-contained model file for an inspection line, in ONNX and/or as a torch ExportedProgram.
 
 The exported graph takes a uint8 RGB batch [B,3,H,W] of any size and does everything ``fsad test`` does after
 reading the file: the anti-aliased bicubic resize of the datamodule (:func:`antialiased_resize`), the backbone
@@ -8,10 +8,15 @@ normalisation, one backbone pass, the method head, upsampling and smoothing to `
 features, text features, thresholds and normalisation statistics are constants of the graph. ``metadata.json``
 beside it says what went in (config hash, support files, thresholds and their source, backbone, fsad version).
 
-ONNX goes through torch's dynamo exporter (opset 18), whose ``Resize`` carries the anti-aliasing filter; the
-TorchScript file is a trace of the same wrapper.
+ONNX goes through torch's dynamo exporter (opset 18), whose ``Resize`` carries the anti-aliasing filter. The torch
+file is the same wrapper recorded by :func:`torch.export.export` (``model.pt2``, read back with
+:func:`torch.export.load`). It holds only the parameters the graph reads: the unused ones (the CLIP text tower, whose
+features are constants by then) are taken out and the wrapper recorded again, so it is about the size of the ONNX file.
 
-    fsad export -c <config> --ckpt_path <ckpt> [--support <dir>] [--format onnx|torchscript|both] --out model/
+The support set is the one the run evaluated (:func:`resolve_support`): the run folder's ``support.txt``, else the
+memory banks a checkpoint holds, else the datamodule's k-shot draw; ``--support`` replaces it and says so.
+
+    fsad export -c <config> --ckpt_path <ckpt> [--support <dir>] [--format onnx|pt2|both] --out model/
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -27,6 +34,7 @@ from typing import Any, Literal
 import lightning
 import torch
 from torch import nn
+from torch.export.graph_signature import InputKind
 
 from fsad.datamodules.transforms import PairedTransform, antialiased_resize
 from fsad.errors import FsadError
@@ -34,10 +42,10 @@ from fsad.lightning_modules.base import FewShotAnomalyModule
 from fsad.lightning_modules.components.clip import BackboneSpec
 from fsad.lightning_modules.components.run_settings import evaluation_change_line
 
-ExportFormat = Literal["onnx", "torchscript", "both"]
+ExportFormat = Literal["onnx", "pt2", "both"]
 ONNX_FILE = "model.onnx"
 CHECKPOINT_FILE = "model.ckpt"
-TORCHSCRIPT_FILE = "model.pt"
+PROGRAM_FILE = "model.pt2"
 METADATA_FILE = "metadata.json"
 INPUT_NAME = "image"
 
@@ -94,32 +102,72 @@ def example_input(image_size: int) -> torch.Tensor:
     return torch.randint(0, 256, (2, 3, image_size + 37, image_size + 61), dtype=torch.uint8, generator=generator)
 
 
+def dynamic_dims() -> dict[int, torch.export.Dim]:
+    """Batch, height and width are free in every exported graph."""
+    return {0: torch.export.Dim("batch", min=1, max=4096), 2: torch.export.Dim("height", min=8, max=16384),
+            3: torch.export.Dim("width", min=8, max=16384)}  # fmt: skip
+
+
 def export_onnx(detector: DeployedDetector, path: Path) -> None:
     """Dynamo export, opset 18, with batch, height and width dynamic."""
-    dims = {0: torch.export.Dim("batch", min=1, max=4096), 2: torch.export.Dim("height", min=8, max=16384),
-            3: torch.export.Dim("width", min=8, max=16384)}  # fmt: skip
     program = torch.onnx.export(
         detector,
         (example_input(detector.module.image_size),),
         dynamo=True,
         input_names=[INPUT_NAME],
         output_names=detector.output_names,
-        dynamic_shapes={"images": dims},
+        dynamic_shapes={"images": dynamic_dims()},
         opset_version=18,
         verbose=False,
     )
     program.save(str(path))
 
 
-def export_torchscript(detector: DeployedDetector, path: Path) -> None:
-    """A trace of the wrapper. Lightning's flag for its own ``to_torchscript`` keeps the tracer's attribute walk
-    from touching ``trainer`` (which raises outside a Trainer)."""
-    detector.module._jit_is_scripting = True
+def record_program(detector: nn.Module) -> torch.export.ExportedProgram:
+    """``torch.export`` of the wrapper on the example batch, batch, height and width dynamic."""
+    example = (example_input(detector.module.image_size),)
+    return torch.export.export(detector, example, dynamic_shapes={"images": dynamic_dims()}, strict=False)
+
+
+def unread_tensors(program: torch.export.ExportedProgram) -> list[str]:
+    """Names of the parameters and buffers the recorded graph never reads (their placeholder has no user)."""
+    users = {node.name: len(node.users) for node in program.graph.nodes if node.op == "placeholder"}
+    return [
+        spec.target
+        for spec in program.graph_signature.input_specs
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and users[spec.arg.name] == 0
+    ]
+
+
+@contextmanager
+def tensors_detached(root: nn.Module, names: list[str]) -> Iterator[None]:
+    """Within the block, the named parameters and buffers of ``root`` are unset (``None``), so that a recording
+    does not carry them; they are put back on exit."""
+    detached = []
+    for name in names:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = root.get_submodule(owner_name)
+        store = owner._parameters if leaf in owner._parameters else owner._buffers
+        detached.append((store, leaf, store[leaf]))
+        store[leaf] = None
     try:
-        traced = torch.jit.trace(detector, (example_input(detector.module.image_size),), check_trace=False)
+        yield
     finally:
-        detector.module._jit_is_scripting = False
-    torch.jit.save(traced, str(path))
+        for store, leaf, tensor in reversed(detached):
+            store[leaf] = tensor
+
+
+def export_program(detector: DeployedDetector, path: Path) -> None:
+    """``model.pt2``: the wrapper recorded by ``torch.export``, then recorded again without the parameters the first
+    recording never read (a ViT's text tower: its features are constants of the graph), so the file holds only what
+    inference runs."""
+    program = record_program(detector)
+    unread = unread_tensors(program)
+    if unread:
+        with tensors_detached(detector, unread):
+            program = record_program(detector)
+    program.example_inputs = None  # the recording batch is not needed to run the program
+    torch.export.save(program, str(path))
 
 
 def save_checkpoint(module: FewShotAnomalyModule, path: Path, data_hparams: dict[str, Any] | None = None) -> None:
@@ -152,11 +200,11 @@ def export_model(
     """Write the model file(s) and ``metadata.json`` into ``out_dir``; return the paths written by kind.
 
     ``mean``/``std`` default to the backbone's; ``data_hparams`` (the datamodule's hyper-parameters) go into the
-    checkpoint written beside the model, so it can be read back without the config. The module must have its support set (and, for prompt methods,
-    its text features) cached.
+    checkpoint written beside the model, so it can be read back without the config. The module must have its support
+    set fitted; prompt methods' text features are cached by one call before the graph is recorded.
     """
-    if formats not in ("onnx", "torchscript", "both"):
-        raise ExportError(f"--format: {formats!r} is not one of onnx, torchscript, both")
+    if formats not in ("onnx", "pt2", "both"):
+        raise ExportError(f"--format: {formats!r} is not one of onnx, pt2, both")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     module = module.to("cpu").float().eval()
@@ -165,12 +213,13 @@ def export_model(
     detector = DeployedDetector(module, mean, std).eval()
     written: dict[str, Path] = {}
     with torch.no_grad():
+        detector(example_input(module.image_size))  # prompt methods encode their texts on the first call: cache them
         if formats in ("onnx", "both"):
             written["onnx"] = out / ONNX_FILE
             export_onnx(detector, written["onnx"])
-        if formats in ("torchscript", "both"):
-            written["torchscript"] = out / TORCHSCRIPT_FILE
-            export_torchscript(detector, written["torchscript"])
+        if formats in ("pt2", "both"):
+            written["pt2"] = out / PROGRAM_FILE
+            export_program(detector, written["pt2"])
     metadata = {
         "fsad_version": fsad_version(),
         "method": f"{type(module).__module__}.{type(module).__qualname__}",
@@ -195,10 +244,17 @@ def export_model(
 
 
 def read_metadata(model_dir: str | Path) -> dict[str, Any]:
+    """``metadata.json`` of an export folder; a missing, unreadable or malformed file is one error naming it."""
     path = Path(model_dir) / METADATA_FILE
     if not path.is_file():
         raise ExportError(f"{path} not found: point at the folder `fsad export --out` wrote")
-    return json.loads(path.read_text())
+    try:
+        metadata = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{path}: not valid JSON ({type(err).__name__}); export the model again") from None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("outputs"), list):
+        raise ExportError(f"{path}: no `outputs` list; not the metadata `fsad export` writes")
+    return metadata
 
 
 @dataclass
@@ -253,8 +309,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-c", "--config", action="append", required=True, help="fsad config(s), as for fsad test")
     parser.add_argument("--ckpt_path", default=None, help="checkpoint of the trained method (none: training-free)")
     parser.add_argument("--support", default=None, help="folder (or files) of normal reference images")
-    parser.add_argument("--format", default="both", choices=["onnx", "torchscript", "both"])
-    parser.add_argument("--out", required=True, help="output folder (model.onnx, model.pt, model.ckpt, metadata.json)")
+    parser.add_argument("--format", default="both", choices=["onnx", "pt2", "both"])
+    parser.add_argument("--out", required=True, help="output folder (model.onnx, model.pt2, model.ckpt, metadata.json)")
     parser.add_argument("--val_normal_dir", default=None, help="labelled normal images for the thresholds")
     parser.add_argument("--val_abnormal_dir", default=None, help="labelled anomalous images for the thresholds")
     parser.add_argument("--val_mask_dir", default=None, help="masks of --val_abnormal_dir (x.png or x_mask.png)")
