@@ -36,17 +36,22 @@ import torch
 from torch import nn
 from torch.export.graph_signature import InputKind
 
+from fsad.datamodules.kshot import read_support_list
 from fsad.datamodules.transforms import PairedTransform, antialiased_resize
 from fsad.errors import FsadError
 from fsad.lightning_modules.base import FewShotAnomalyModule
 from fsad.lightning_modules.components.clip import BackboneSpec
 from fsad.lightning_modules.components.run_settings import evaluation_change_line
+from fsad.lightning_modules.components.memory_bank import BANK_PREFIX
 
 ExportFormat = Literal["onnx", "pt2", "both"]
 ONNX_FILE = "model.onnx"
 CHECKPOINT_FILE = "model.ckpt"
 PROGRAM_FILE = "model.pt2"
 METADATA_FILE = "metadata.json"
+SUPPORT_LIST = "support.txt"
+SUPPORT_KEY = "support_files"
+"""The checkpoint key under which ``fsad export`` records the support images of the banks it saves."""
 INPUT_NAME = "image"
 
 
@@ -170,9 +175,15 @@ def export_program(detector: DeployedDetector, path: Path) -> None:
     torch.export.save(program, str(path))
 
 
-def save_checkpoint(module: FewShotAnomalyModule, path: Path, data_hparams: dict[str, Any] | None = None) -> None:
-    """A Lightning-style checkpoint of the fitted module (support banks, thresholds; no backbone weights), readable
-    with ``weights_only=True`` by ``fsad predict --ckpt_path`` and :meth:`fsad.Inferencer.from_checkpoint`."""
+def save_checkpoint(
+    module: FewShotAnomalyModule,
+    path: Path,
+    data_hparams: dict[str, Any] | None = None,
+    support_files: list[str] | None = None,
+) -> None:
+    """A Lightning-style checkpoint of the fitted module (support banks and the files they came from, thresholds; no
+    backbone weights), readable with ``weights_only=True`` by ``fsad predict --ckpt_path``,
+    :meth:`fsad.Inferencer.from_checkpoint` and ``fsad export`` (which keeps its banks)."""
     hparams = {
         key: asdict(value) if isinstance(value, BackboneSpec) else value for key, value in module.hparams.items()
     }
@@ -182,6 +193,7 @@ def save_checkpoint(module: FewShotAnomalyModule, path: Path, data_hparams: dict
         "pytorch-lightning_version": lightning.__version__,
         "hyper_parameters": hparams,
         "datamodule_hyper_parameters": dict(data_hparams or {}),
+        SUPPORT_KEY: list(support_files or []),
     }
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)
@@ -237,7 +249,7 @@ def export_model(
         "files": {kind: path.name for kind, path in written.items()},
     }
     written["checkpoint"] = out / CHECKPOINT_FILE
-    save_checkpoint(module, written["checkpoint"], data_hparams)
+    save_checkpoint(module, written["checkpoint"], data_hparams, support_files)
     written["metadata"] = out / METADATA_FILE
     written["metadata"].write_text(json.dumps(metadata, indent=2) + "\n")
     return written
@@ -269,11 +281,53 @@ class PreparedModel:
     data_hparams: dict[str, Any]
 
 
+@dataclass
+class SupportChoice:
+    """Which support images an export uses, and where that choice comes from (said in one printed line).
+
+    ``refit`` is False when the module keeps the memory banks its checkpoint holds (``files`` then lists what the
+    checkpoint recorded, possibly nothing)."""
+
+    files: list[str]
+    source: str
+    refit: bool = True
+
+
+def holds_support_features(checkpoint: dict[str, Any]) -> bool:
+    """True when the checkpoint's state dict carries fitted memory banks (``fsad export``'s ``model.ckpt`` does)."""
+    return any(f".{BANK_PREFIX}" in f".{key}" for key in checkpoint.get("state_dict", {}))
+
+
+def evaluated_support(
+    ckpt_path: str | None, checkpoint: dict[str, Any] | None, run_dir: Path, drawn: list[str]
+) -> SupportChoice:
+    """The support set the evaluated model used, in this order: ``support.txt`` of the checkpoint's run folder
+    (``<run>/checkpoints/x.ckpt``), the memory banks the checkpoint holds, ``support.txt`` of the config's run folder,
+    and the datamodule's k-shot draw (what ``fsad test`` of this config fits)."""
+    if ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
+        recorded = Path(ckpt_path).parent.parent / SUPPORT_LIST
+        if recorded.is_file():
+            return SupportChoice(read_support_list(recorded), str(recorded))
+    if checkpoint is not None and holds_support_features(checkpoint):
+        return SupportChoice(list(checkpoint.get(SUPPORT_KEY) or []), f"the support features held by {ckpt_path}",
+                             refit=False)  # fmt: skip
+    recorded = run_dir / SUPPORT_LIST
+    if recorded.is_file():
+        return SupportChoice(read_support_list(recorded), str(recorded))
+    return SupportChoice(list(drawn), "the datamodule's k-shot draw (data.k_shot, data.seed)")
+
+
+def evaluated_shots(choice: SupportChoice) -> str:
+    """``4 evaluated shot(s)``, or ``evaluated shots`` when a checkpoint's banks do not say how many."""
+    return f"{len(choice.files)} evaluated shot(s)" if choice.files or choice.refit else "evaluated shots"
+
+
 def prepare_from_config(
     configs: list[str], overrides: list[str], ckpt_path: str | None, support: str | None
 ) -> PreparedModel:
     """Instantiate model and data exactly as ``fsad test`` would (same seed), load ``ckpt_path`` and fit the support
-    set (``support``, else the datamodule's k-shot draw)."""
+    set: the evaluated one (:func:`evaluated_support`), or ``support`` (a folder or files) in its place, which is
+    said in one line."""
     from fsad.calibration import images_from
     from fsad.cli import FsadCLI
     from fsad.inference import fit_support_images, load_checkpoint
@@ -294,13 +348,21 @@ def prepare_from_config(
         module.load_state_dict(checkpoint["state_dict"])
     module.eval()
     data.setup("test")
-    support_files = [str(p) for p in images_from(support)] if support else list(data.support_paths)
-    chosen = set(support_files)
+    choice = evaluated_support(ckpt_path, checkpoint, cli.resolve_run_dir(), data.support_paths)
+    if support:
+        replacement = SupportChoice([str(p) for p in images_from(support)], str(support))
+        print(f"support: {len(replacement.files)} image(s) from {support} replace the {evaluated_shots(choice)} "
+              f"({choice.source})")  # fmt: skip
+        choice = replacement
+    else:
+        print(f"support: the {evaluated_shots(choice)} from {choice.source}")
+    chosen = set(choice.files)
     held_out = [s.image_path for s in data.normal_pool if s.image_path not in chosen]
     transform = data.make_transform()
-    fit_support_images(module, support_files, transform)
+    if choice.refit:
+        fit_support_images(module, choice.files, transform)
     data_hparams = {"_class_path": f"{type(data).__module__}.{type(data).__qualname__}", **dict(data.hparams)}
-    return PreparedModel(module, transform, support_files, held_out, module.run_config_hash, data_hparams)
+    return PreparedModel(module, transform, choice.files, held_out, module.run_config_hash, data_hparams)
 
 
 def main(argv: list[str]) -> int:
