@@ -190,22 +190,51 @@ def test_every_link_scores_as_fsad_test_and_carries_one_config_hash(chain, name:
     assert len(set(hashes.values())) == 1, hashes
 
 
-def test_a_different_support_set_is_announced_and_caught_by_the_chain(
-    chain, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.fixture(scope="module")
+def swapped(chain, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The membank run exported with ``--support`` naming the two training images it did not evaluate with."""
     run = chain("membank")
+    work = tmp_path_factory.mktemp("swapped")
     evaluated = (run.run_dir / "support.txt").read_text().split()
-    others = tmp_path / "other_good"
+    others = work / "other_good"
     others.mkdir()
     for image in sorted((run.bottle / "train" / "good").iterdir()):
         if str(image) not in evaluated:
             shutil.copyfile(image, others / image.name)
-    capsys.readouterr()
-    fsad("export", "-c", run.config, "--run_root", str(run.runs), "--format", "onnx", "--thresholds", "none",
-         "--support", str(others), "--out", str(tmp_path / "export"))  # fmt: skip
-    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("support:")]
-    assert said == [f"support: 2 image(s) from {others} replace the 2 evaluated shot(s) "
-                    f"({run.run_dir / 'support.txt'})"]  # fmt: skip
-    swapped = inferencer_scores(Inferencer.from_export(tmp_path / "export"), run.bottle / "test", sorted(run.tested))
+    printed = exported_with("--run_root", str(run.runs), "--support", str(others), config=run.config,
+                            out=work / "export")  # fmt: skip
+    scores = inferencer_scores(Inferencer.from_export(work / "export"), run.bottle / "test", sorted(run.tested))
+    return SimpleNamespace(run=run, work=work, others=others, printed=printed, scores=scores)
+
+
+def exported_with(*args: str, config: str, out: Path, kind: str = "onnx") -> list[str]:
+    """``fsad export`` of ``config`` into ``out`` (no thresholds); the ``support:`` line(s) it printed."""
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        fsad("export", "-c", config, *args, "--format", kind, "--thresholds", "none", "--out", str(out))
+    return [line for line in printed.getvalue().splitlines() if line.startswith("support:")]
+
+
+def test_a_different_support_set_is_announced_and_caught_by_the_chain(swapped) -> None:
+    run = swapped.run
+    assert swapped.printed == [f"support: 2 image(s) from {swapped.others} replace the 2 evaluated shot(s) "
+                               f"({run.run_dir / 'support.txt'})"]  # fmt: skip
     with pytest.raises(AssertionError, match="fsad export"):
-        assert_same_scores(run.tested, swapped, EXPORTED, "fsad export")
+        assert_same_scores(run.tested, swapped.scores, EXPORTED, "fsad export")
+
+
+def test_an_export_checkpoint_keeps_the_support_features_it_holds(swapped) -> None:
+    """Re-exported from the swapped export's ``model.ckpt`` with no run folder to read: the banks in the checkpoint
+    are kept (refitting on the config's k-shot draw would give ``fsad test``'s scores instead)."""
+    checkpoint = swapped.work / "export" / "model.ckpt"
+    printed = exported_with("--ckpt_path", str(checkpoint), "--run_root", str(swapped.work / "no_runs"),
+                            config=swapped.run.config, out=swapped.work / "again", kind="pt2")  # fmt: skip
+    assert printed == [f"support: the 2 evaluated shot(s) from the support features held by {checkpoint}"]
+    again = Inferencer.from_export(swapped.work / "again", "pt2")
+    assert_same_scores(swapped.scores, inferencer_scores(again, swapped.run.bottle / "test", sorted(swapped.scores)),
+                       EXPORTED, "re-export from model.ckpt")  # fmt: skip
+    metadata = json.loads((swapped.work / "again" / "metadata.json").read_text())
+    assert sorted(Path(p).name for p in metadata["support_files"]) == sorted(p.name for p in swapped.others.iterdir())
