@@ -10,8 +10,9 @@ beside it says what went in (config hash, support files, thresholds and their so
 
 ONNX goes through torch's dynamo exporter (opset 18), whose ``Resize`` carries the anti-aliasing filter. The torch
 file is the same wrapper recorded by :func:`torch.export.export` (``model.pt2``, read back with
-:func:`torch.export.load`). It holds only the parameters the graph reads: the unused ones (the CLIP text tower, whose
-features are constants by then) are taken out and the wrapper recorded again, so it is about the size of the ONNX file.
+:func:`torch.export.load`). It holds only what inference runs: the computations no output needs (backbone blocks past
+the last tap) and the tensors nothing reads (the CLIP text tower, whose features are constants by then) are taken
+out, so it is about the size of the ONNX file.
 
 The support set is the one the run evaluated (:func:`resolve_support`): the run folder's ``support.txt``, else the
 memory banks a checkpoint holds, else the datamodule's k-shot draw; ``--support`` replaces it and says so.
@@ -24,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any, Literal
 import lightning
 import torch
 from torch import nn
-from torch.export.graph_signature import InputKind
+from torch.export.graph_signature import ExportGraphSignature, InputKind
 
 from fsad.datamodules.kshot import read_support_list
 from fsad.datamodules.transforms import PairedTransform, antialiased_resize
@@ -128,49 +127,59 @@ def export_onnx(detector: DeployedDetector, path: Path) -> None:
     program.save(str(path))
 
 
+PURE_IN_EVALUATION = (
+    torch.ops.aten.scaled_dot_product_attention.default,
+    torch.ops.aten._assert_tensor_metadata.default,
+)
+"""Ops that only compute a result in an evaluation graph, though the graph marks them impure (see below)."""
+
+
 def record_program(detector: nn.Module) -> torch.export.ExportedProgram:
     """``torch.export`` of the wrapper on the example batch, batch, height and width dynamic."""
     example = (example_input(detector.module.image_size),)
     return torch.export.export(detector, example, dynamic_shapes={"images": dynamic_dims()}, strict=False)
 
 
-def unread_tensors(program: torch.export.ExportedProgram) -> list[str]:
-    """Names of the parameters and buffers the recorded graph never reads (their placeholder has no user)."""
-    users = {node.name: len(node.users) for node in program.graph.nodes if node.op == "placeholder"}
-    return [
-        spec.target
-        for spec in program.graph_signature.input_specs
-        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and users[spec.arg.name] == 0
-    ]
+def without_unread_tensors(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The program without the computations whose results no output needs, and without the parameters, buffers and
+    constants nothing reads any more.
 
-
-@contextmanager
-def tensors_detached(root: nn.Module, names: list[str]) -> Iterator[None]:
-    """Within the block, the named parameters and buffers of ``root`` are unset (``None``), so that a recording
-    does not carry them; they are put back on exit."""
-    detached = []
-    for name in names:
-        owner_name, _, leaf = name.rpartition(".")
-        owner = root.get_submodule(owner_name)
-        store = owner._parameters if leaf in owner._parameters else owner._buffers
-        detached.append((store, leaf, store[leaf]))
-        store[leaf] = None
-    try:
-        yield
-    finally:
-        for store, leaf, tensor in reversed(detached):
-            store[leaf] = tensor
+    A recording keeps every tensor of the module (the CLIP text tower, whose features are constants of the graph by
+    then) and every backbone block it ran, even past the last tap a method reads. Dead-code elimination alone keeps
+    those blocks: their attention (``scaled_dot_product_attention``, tagged random for its dropout, which is 0 in
+    evaluation) counts as impure, and their outputs are checked by dtype assertions (``_assert_tensor_metadata``) on
+    the recording's own intermediate tensors. Both count as pure here, so unused results go.
+    """
+    graph_module = program.graph_module
+    graph = graph_module.graph
+    graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure() and node.target not in PURE_IN_EVALUATION)
+    specs = program.graph_signature.input_specs
+    unused = {node.name for node in graph.nodes if node.op == "placeholder" and not node.users}
+    lifted = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+    dropped = {spec.arg.name: spec.target for spec in specs if spec.kind in lifted and spec.arg.name in unused}
+    for node in [n for n in graph.nodes if n.op == "placeholder" and n.name in dropped]:
+        graph.erase_node(node)
+    graph_module.recompile()
+    signature = ExportGraphSignature(
+        input_specs=[spec for spec in specs if spec.arg.name not in dropped],
+        output_specs=program.graph_signature.output_specs,
+    )
+    return torch.export.ExportedProgram(
+        root=graph_module,
+        graph=graph,
+        graph_signature=signature,
+        state_dict={name: t for name, t in program.state_dict.items() if name not in dropped.values()},
+        range_constraints=program.range_constraints,
+        module_call_graph=program.module_call_graph,
+        constants={name: t for name, t in program.constants.items() if name not in dropped.values()},
+        verifiers=program.verifiers,
+    )
 
 
 def export_program(detector: DeployedDetector, path: Path) -> None:
-    """``model.pt2``: the wrapper recorded by ``torch.export``, then recorded again without the parameters the first
-    recording never read (a ViT's text tower: its features are constants of the graph), so the file holds only what
-    inference runs."""
-    program = record_program(detector)
-    unread = unread_tensors(program)
-    if unread:
-        with tensors_detached(detector, unread):
-            program = record_program(detector)
+    """``model.pt2``: the wrapper recorded by ``torch.export``, holding only what inference runs
+    (:func:`without_unread_tensors`), without the recording batch."""
+    program = without_unread_tensors(record_program(detector))
     program.example_inputs = None  # the recording batch is not needed to run the program
     torch.export.save(program, str(path))
 

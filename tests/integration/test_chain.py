@@ -145,7 +145,9 @@ def run_chain(name: str, work: Path, data_root: Path) -> SimpleNamespace:
     seed_everything(0)  # the run's seed: the random tiny backbone is rebuilt as the run drew it
     support = (run_dir / "support.txt").read_text().split()
     # KAG-prompt's checkpoint was trained on other categories: the category to score is named, as a user would
-    from_checkpoint = Inferencer.from_checkpoint(checkpoint or export / "model.ckpt", support=support, category="bottle")
+    from_checkpoint = Inferencer.from_checkpoint(
+        checkpoint or export / "model.ckpt", support=support, category="bottle"
+    )
     checkpointed = inferencer_scores(from_checkpoint, bottle / "test", paths)
     return SimpleNamespace(
         config=config, runs=runs, run_dir=run_dir, checkpoint=checkpoint, export=export, bottle=bottle,

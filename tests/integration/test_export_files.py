@@ -19,7 +19,7 @@ import torch
 
 from fsad import Inferencer
 from fsad.errors import FsadError
-from fsad.export import export_model
+from fsad.export import DeployedDetector, export_model
 from fsad.lightning_modules.promptad.module import PromptAD
 
 pytestmark = [pytest.mark.filterwarnings("ignore:backbone.pretrained is null")]
@@ -58,6 +58,27 @@ def test_program_holds_only_what_inference_reads_and_is_the_size_of_the_onnx_fil
              - torch.tensor(exported.module.backbone.image_mean).view(1, 3, 1, 1))
             / torch.tensor(exported.module.backbone.image_std).view(1, 3, 1, 1)
         )  # fmt: skip
+        anomaly_map, pred_score = program.module()(images)
+    assert torch.allclose(anomaly_map, expected[0], atol=1e-5) and torch.allclose(pred_score, expected[1], atol=1e-5)
+
+
+def test_program_leaves_out_the_blocks_after_the_last_tap(tmp_path: Path) -> None:
+    """The memory bank reads tokens after blocks 1 and 2 of fsad-tiny's 4: blocks 3 and 4 are computed by the
+    backbone's forward but feed no output, so the program neither runs nor stores them."""
+    from fsad.lightning_modules.membank.module import MemoryBankAD
+
+    torch.manual_seed(0)
+    module = MemoryBankAD(backbone={**TINY, "taps": [1, 2]}, image_size=96, eval_size=64).eval()
+    with torch.no_grad():
+        module.fit_support(module.backbone(torch.randn(2, 3, 96, 96)))
+    written = export_model(module, tmp_path, "pt2")
+    program = torch.export.load(str(written["pt2"]))
+    blocks = {name.split(".resblocks.")[1].split(".")[0] for name in program.state_dict if ".visual." in name
+              and ".resblocks." in name}  # fmt: skip
+    assert len(module.backbone.clip.visual.transformer.resblocks) == 4 and blocks == {"0", "1"}
+    images = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = DeployedDetector(module, module.backbone.image_mean, module.backbone.image_std)(images)
         anomaly_map, pred_score = program.module()(images)
     assert torch.allclose(anomaly_map, expected[0], atol=1e-5) and torch.allclose(pred_score, expected[1], atol=1e-5)
 
