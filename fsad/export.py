@@ -40,8 +40,8 @@ from fsad.datamodules.transforms import PairedTransform, antialiased_resize
 from fsad.errors import FsadError
 from fsad.lightning_modules.base import FewShotAnomalyModule
 from fsad.lightning_modules.components.clip import BackboneSpec
-from fsad.lightning_modules.components.run_settings import evaluation_change_line
 from fsad.lightning_modules.components.memory_bank import BANK_PREFIX
+from fsad.lightning_modules.components.run_settings import evaluation_change_line
 
 ExportFormat = Literal["onnx", "pt2", "both"]
 ONNX_FILE = "model.onnx"
