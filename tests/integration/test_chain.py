@@ -120,7 +120,7 @@ def run_chain(name: str, work: Path, data_root: Path) -> SimpleNamespace:
                      "init_args": {"dataset": "synthetic", "categories": ["tile"], "image_size": 96, "eval_size": 64,
                                    "batch_size": 10}}  # fmt: skip
         train_config = write_config(work / "train.yaml", method, variant or None, auxiliary)
-        fsad("fit", "-c", train_config, "--run_root", str(work / "pretraining"))
+        fsad("fit", "-c", train_config, "--run_root", str(work / "pretraining"), "--trainer.limit_train_batches", "2")
         (checkpoint,) = (work / "pretraining").rglob("last.ckpt")
     elif method != "membank":
         fsad("fit", "-c", config, "--run_root", str(runs))
@@ -204,7 +204,7 @@ def swapped(chain, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         if str(image) not in evaluated:
             shutil.copyfile(image, others / image.name)
     printed = exported_with("--run_root", str(run.runs), "--support", str(others), config=run.config,
-                            out=work / "export")  # fmt: skip
+                            out=work / "export", kind="pt2")  # fmt: skip
     scores = inferencer_scores(Inferencer.from_export(work / "export"), run.bottle / "test", sorted(run.tested))
     return SimpleNamespace(run=run, work=work, others=others, printed=printed, scores=scores)
 
