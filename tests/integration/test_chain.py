@@ -1,6 +1,6 @@
 """The chain from ``fit`` to the inspection line, for every method and both variants, on real MVTec bottle images.
 
-For each method: ``fsad fit`` (trained methods; KAG-prompt trains on its auxiliary data) → ``fsad test`` writes
+For each method: ``fsad fit`` (trained methods; KAG-prompt and APRIL-GAN train on another dataset) → ``fsad test`` writes
 ``scores.csv`` → ``fsad predict`` on the same test images → ``fsad export`` (ONNX, default support) →
 ``Inferencer.from_export`` and ``Inferencer.from_checkpoint``. Every link must give ``fsad test``'s image scores, and
 the run, its results, its checkpoint and the export must carry one config hash. The last test swaps the support set
@@ -40,9 +40,10 @@ MODELS = {
                       {"backbone": TINY, "lr": 0.05, "slice_factor": 2}),
     "kagprompt": ("fsad.lightning_modules.kagprompt.module.KAGPrompt",
                   {"backbone": KAG_TINY, "rounds": 2, "graph_dim": None, "lr": 0.005}),
+    "aprilgan": ("fsad.lightning_modules.aprilgan.module.AprilGan", {"backbone": KAG_TINY, "lr": 0.01}),
 }  # fmt: skip
 CASES = ["membank", "promptad-paper", "promptad-code", "finegrainedad-paper", "finegrainedad-code", "kagprompt-paper",
-         "kagprompt-code"]  # fmt: skip
+         "kagprompt-code", "aprilgan"]  # fmt: skip
 SAME = 1e-6  # relative: fsad test, fsad predict and the checkpoint run the same torch code on the same pixels
 EXPORTED = 1e-5  # relative: onnxruntime's kernels against torch's
 
@@ -115,10 +116,11 @@ def run_chain(name: str, work: Path, data_root: Path) -> SimpleNamespace:
     runs = work / "runs"
     run_dir = runs / method / "mvtec" / "bottle" / "k2_s0"
     checkpoint: Path | None = None
-    if method == "kagprompt":  # pretrained once on another dataset's normal images and NSA anomalies
+    if method in ("kagprompt", "aprilgan"):  # pretrained once on another dataset: NSA anomalies, or its test split
+        split = {"split": "test"} if method == "aprilgan" else {}
         auxiliary = {"class_path": "fsad.datamodules.auxiliary.AuxiliaryDataModule",
                      "init_args": {"dataset": "synthetic", "categories": ["tile"], "image_size": 96, "eval_size": 64,
-                                   "batch_size": 10}}  # fmt: skip
+                                   "batch_size": 10, **split}}  # fmt: skip
         train_config = write_config(work / "train.yaml", method, variant or None, auxiliary)
         fsad("fit", "-c", train_config, "--run_root", str(work / "pretraining"), "--trainer.limit_train_batches", "2")
         (checkpoint,) = (work / "pretraining").rglob("last.ckpt")
