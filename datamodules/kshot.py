@@ -65,6 +65,14 @@ def write_support_list(paths: Sequence[str], destination: Path) -> Path:
     return destination
 
 
+def read_support_list(path: Path) -> list[str]:
+    """The support paths a run recorded in ``support.txt`` (one per line, as :func:`write_support_list` wrote them)."""
+    paths = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not paths:
+        raise DataError(f"{path} lists no support image")
+    return paths
+
+
 SupportPreset = Literal["promptad", "finegrainedad"]
 PRESET_DATASETS = {"promptad": ("mvtec", "visa"), "finegrainedad": ("realiad",)}
 PACKAGED_PRESETS = Path(__file__).parent / "support_presets"

@@ -31,7 +31,7 @@ from fsad.errors import FsadError
 from fsad.export import (
     METADATA_FILE,
     ONNX_FILE,
-    TORCHSCRIPT_FILE,
+    PROGRAM_FILE,
     DeployedDetector,
     ExportError,
     read_metadata,
@@ -186,38 +186,18 @@ class Inferencer:
 
     @classmethod
     def from_export(cls, model_dir: str | Path, backend: str = "auto") -> Inferencer:
-        """Load what ``fsad export`` wrote: ``onnx`` (onnxruntime, CPU), ``torchscript``, or ``auto`` (ONNX first)."""
+        """Load what ``fsad export`` wrote: ``onnx`` (onnxruntime, CPU), ``pt2`` (``torch.export.load``), or
+        ``auto`` (ONNX first). A missing or unreadable file raises an :class:`ExportError` naming it."""
         model_dir = Path(model_dir).expanduser()
         metadata = read_metadata(model_dir)
-        onnx_path, script_path = model_dir / ONNX_FILE, model_dir / TORCHSCRIPT_FILE
         if backend == "auto":
-            backend = "onnx" if onnx_path.is_file() else "torchscript"
+            backend = "onnx" if (model_dir / ONNX_FILE).is_file() else "pt2"
         if backend == "onnx":
-            if not onnx_path.is_file():
-                raise ExportError(f"{onnx_path} not found (export with --format onnx or both)")
-            import onnxruntime
-
-            session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-            names = [output.name for output in session.get_outputs()]
-
-            def run(images: np.ndarray) -> dict[str, np.ndarray]:
-                return dict(zip(names, session.run(None, {session.get_inputs()[0].name: images}), strict=True))
-
-        elif backend == "torchscript":
-            if not script_path.is_file():
-                raise ExportError(f"{script_path} not found (export with --format torchscript or both)")
-            scripted = torch.jit.load(str(script_path), map_location="cpu")
-            names = metadata["outputs"]
-
-            def run(images: np.ndarray) -> dict[str, np.ndarray]:
-                with torch.no_grad():
-                    outputs = scripted(torch.from_numpy(images))
-                return {name: out.numpy() for name, out in zip(names, outputs, strict=True)}
-
+            run = onnx_runner(model_dir / ONNX_FILE)
+        elif backend == "pt2":
+            run = program_runner(model_dir / PROGRAM_FILE, metadata["outputs"])
         else:
-            raise ExportError(
-                f"backend: {backend!r} is not one of auto, onnx, torchscript ({METADATA_FILE} in {model_dir})"
-            )
+            raise ExportError(f"backend: {backend!r} is not one of auto, onnx, pt2 ({METADATA_FILE} in {model_dir})")
         return cls(run, metadata)
 
     # ----------------------------------------------------------------- scoring
@@ -238,3 +218,41 @@ class Inferencer:
             label=int(outputs["pred_label"][0]) if "pred_label" in outputs else None,
             mask=mask,
         )
+
+
+def onnx_runner(path: Path) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """An onnxruntime (CPU) session on ``path``, as a function of a uint8 batch."""
+    if not path.is_file():
+        raise ExportError(f"{path} not found (export with --format onnx or both)")
+    import onnxruntime
+
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # InvalidProtobuf, Fail, InvalidGraph...: one line naming the file
+        raise ExportError(f"{path}: not a readable ONNX model (corrupt or truncated; export it again) "
+                          f"[{type(err).__name__}]") from None  # fmt: skip
+    names = [output.name for output in session.get_outputs()]
+    input_name = session.get_inputs()[0].name
+
+    def run(images: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(None, {input_name: images}), strict=True))
+
+    return run
+
+
+def program_runner(path: Path, output_names: Sequence[str]) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """The ExportedProgram in ``path`` (``torch.export.load``), as a function of a uint8 batch."""
+    if not path.is_file():
+        raise ExportError(f"{path} not found (export with --format pt2 or both)")
+    try:
+        program = torch.export.load(str(path)).module()
+    except Exception as err:  # a bad zip archive, a truncated weight file, a foreign pickle: one line naming the file
+        raise ExportError(f"{path}: not a readable torch.export program (corrupt or truncated; export it again) "
+                          f"[{type(err).__name__}]") from None  # fmt: skip
+
+    def run(images: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            outputs = program(torch.from_numpy(images))
+        return {name: out.numpy() for name, out in zip(output_names, outputs, strict=True)}
+
+    return run

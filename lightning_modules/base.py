@@ -160,8 +160,7 @@ class FewShotAnomalyModule(LightningModule, ABC):
 
         One backbone pass, the method's scoring, then upsampling and smoothing to ``eval_size``.
         """
-        if not torch.jit.is_tracing():
-            self.check_image_size(images)
+        self.check_image_size(images)
         return self.maps_and_scores(self.backbone(self.input_images(images)))
 
     def predict_batch(self, batch: Batch) -> Batch:

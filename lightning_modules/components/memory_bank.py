@@ -13,11 +13,6 @@ from torch import nn
 BANK_PREFIX = "bank_"
 
 
-def tracing_or_exporting() -> bool:
-    """True while torch.jit.trace or torch.export records the graph (loops over data sizes must not be unrolled)."""
-    return torch.jit.is_tracing() or torch.compiler.is_exporting()
-
-
 class MemoryBank(nn.Module):
     """Per-tap banks of L2-normalised support tokens, queried by minimum cosine distance.
 
@@ -74,7 +69,7 @@ class MemoryBank(nn.Module):
         a clamp would tie the tokens that rounding pushes past an end)."""
         bank = self.banks[tap].to(query.device, dtype)
         flat = F.normalize(query.reshape(-1, query.shape[-1]).to(dtype), dim=-1)
-        if tracing_or_exporting():  # one product: a recorded graph must serve every batch size
+        if torch.compiler.is_exporting():  # one product: a recorded graph must serve every batch size
             best = (flat @ bank.T).amax(dim=1)
         else:
             best = torch.cat([(chunk @ bank.T).amax(dim=1) for chunk in flat.split(self.query_chunk)])

@@ -1,4 +1,5 @@
-"""Exported models (ONNX through onnxruntime, TorchScript) against the Lightning module on real bottle images.
+"""Exported models (ONNX through onnxruntime, torch.export's ``model.pt2``) against the Lightning module on real bottle
+images.
 
 Each export is recorded once per method (module-scoped fixtures); the graphs take the raw uint8 files, so they
 also reproduce the datamodule's resize and normalisation. The reference is the module's own ``test_step`` output,
@@ -95,27 +96,27 @@ def onnx_outputs(exported: Exported) -> tuple[np.ndarray, np.ndarray]:
     return exported.outputs["onnx"]
 
 
-def torchscript_outputs(exported: Exported) -> tuple[np.ndarray, np.ndarray]:
-    if "torchscript" in exported.outputs:
-        return exported.outputs["torchscript"]
-    scripted = torch.jit.load(str(exported.written["torchscript"]))
+def program_outputs(exported: Exported) -> tuple[np.ndarray, np.ndarray]:
+    if "pt2" in exported.outputs:
+        return exported.outputs["pt2"]
+    program = torch.export.load(str(exported.written["pt2"])).module()
     maps, scores = [], []
     with torch.no_grad():
         for images in uint8_batches(exported.paths, size=5):  # another batch size than the recorded one
-            anomaly_map, pred_score = scripted(torch.from_numpy(images))[:2]
+            anomaly_map, pred_score = program(torch.from_numpy(images))[:2]
             maps.append(anomaly_map.numpy())
             scores.append(pred_score.numpy())
-    exported.outputs["torchscript"] = np.concatenate(maps), np.concatenate(scores)
-    return exported.outputs["torchscript"]
+    exported.outputs["pt2"] = np.concatenate(maps), np.concatenate(scores)
+    return exported.outputs["pt2"]
 
 
 @pytest.mark.parametrize("fixture", ["exported_membank", "exported_promptad"])
-@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+@pytest.mark.parametrize("backend", ["onnx", "pt2"])
 def test_export_matches_the_lightning_module_on_real_bottle_images(request, fixture: str, backend: str) -> None:
     exported = request.getfixturevalue(fixture)
     reference_maps = torch.cat([m.view(-1, 128, 128) for m in exported.collector.maps]).numpy()
     reference_scores = torch.cat(exported.collector.scores).numpy()
-    maps, scores = onnx_outputs(exported) if backend == "onnx" else torchscript_outputs(exported)
+    maps, scores = onnx_outputs(exported) if backend == "onnx" else program_outputs(exported)
     assert maps.shape == reference_maps.shape == (len(exported.paths), 128, 128)
     assert np.abs(maps - reference_maps).max() <= 1e-4
     assert np.abs(scores - reference_scores).max() <= 1e-4
@@ -123,10 +124,10 @@ def test_export_matches_the_lightning_module_on_real_bottle_images(request, fixt
     assert reference_scores.max() - reference_scores.min() > 1e-2
 
 
-@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+@pytest.mark.parametrize("backend", ["onnx", "pt2"])
 def test_exported_model_reproduces_fsad_test_auroc(exported_membank: Exported, backend: str) -> None:
     exported = exported_membank
-    maps, scores = onnx_outputs(exported) if backend == "onnx" else torchscript_outputs(exported)
+    maps, scores = onnx_outputs(exported) if backend == "onnx" else program_outputs(exported)
     labels = torch.cat(exported.collector.labels).numpy()
     masks = torch.cat([m.view(-1, 128, 128) for m in exported.collector.masks]).numpy()
     image_auroc = roc_auc_score(labels, scores)

@@ -41,7 +41,7 @@ def disc_images() -> list[Path]:
 @pytest.mark.slow
 def test_cli_export_writes_a_self_contained_model_and_its_metadata(demo_export: Path) -> None:
     metadata = json.loads((demo_export / "metadata.json").read_text())
-    assert {"model.onnx", "model.pt", "model.ckpt", "metadata.json"} <= {p.name for p in demo_export.iterdir()}
+    assert {"model.onnx", "model.pt2", "model.ckpt", "metadata.json"} <= {p.name for p in demo_export.iterdir()}
     assert metadata["thresholds"]["source"] == "nsa" and metadata["thresholds"]["pixel_threshold"] is not None
     assert len(metadata["support_files"]) == 4 and re.fullmatch("[0-9a-f]{12}", metadata["config_hash"])
     assert metadata["outputs"] == ["anomaly_map", "pred_score", "pred_label", "pred_mask"]
@@ -53,7 +53,7 @@ def test_inferencer_from_export_agrees_across_backends_and_with_the_checkpoint(d
     metadata = json.loads((demo_export / "metadata.json").read_text())
     seed_everything(0)  # the demo's random backbone is rebuilt under the run's seed
     from_checkpoint = Inferencer.from_checkpoint(demo_export / "model.ckpt", support=metadata["support_files"])
-    onnx, script = Inferencer.from_export(demo_export, "onnx"), Inferencer.from_export(demo_export, "torchscript")
+    onnx, program = Inferencer.from_export(demo_export, "onnx"), Inferencer.from_export(demo_export, "pt2")
     thresholds = metadata["thresholds"]
     labels = []
     for path in disc_images()[::4]:
@@ -62,7 +62,7 @@ def test_inferencer_from_export_agrees_across_backends_and_with_the_checkpoint(d
         assert reference.anomaly_map.shape == reference.mask.shape == (height, width)
         assert reference.label == int(reference.score >= thresholds["image_threshold"])  # sensitivity 0.5
         labels.append(reference.label)
-        for other in (onnx.predict(path), script.predict(path)):
+        for other in (onnx.predict(path), program.predict(path)):
             assert abs(other.score - reference.score) <= 1e-4
             assert np.abs(other.anomaly_map - reference.anomaly_map).max() <= 1e-4
             assert other.label == reference.label
