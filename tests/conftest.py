@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,18 @@ SHARED_DATA = Path(os.environ.get("FSAD_TEST_DATA") or REPO_ROOT.parent / "share
 
 
 @pytest.fixture(autouse=True)
-def _offline_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _offline_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """No test may reach the network or write W&B files outside its temporary folder."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "disabled"))
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    yield
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:  # a WandbLogger reuses an open run: one test's run per test
+        wandb.finish()
 
 
 @pytest.fixture
