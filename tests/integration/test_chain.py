@@ -242,3 +242,17 @@ def test_an_export_checkpoint_keeps_the_support_features_it_holds(swapped) -> No
                        EXPORTED, "re-export from model.ckpt")  # fmt: skip
     metadata = json.loads((swapped.work / "again" / "metadata.json").read_text())
     assert sorted(Path(p).name for p in metadata["support_files"]) == sorted(p.name for p in swapped.others.iterdir())
+
+
+@pytest.mark.parametrize("name", ["finegrainedad-paper", "finegrainedad-code"])
+def test_finegrainedad_predicts_from_its_exported_model_ckpt(chain, name: str, tmp_path: Path) -> None:
+    """``fsad predict --ckpt_path <export>/model.ckpt`` on the recursive test folder: the caption record comes from
+    the checkpoint (the predict data's dataset is ``predict``), and the scores are ``fsad test``'s."""
+    run = chain(name)
+    fsad("predict", "-c", run.config, "-c", PREDICT, "--run_root", str(tmp_path), "--ckpt_path",
+         str(run.export / "model.ckpt"), "--data.init_args.path", str(run.bottle / "test"),
+         "--data.init_args.normal_dir", str(run.bottle / "train" / "good"), "--data.init_args.category", "bottle",
+         "--data.init_args.k_shot", "2", "--trainer.callbacks.init_args.overlays", "false")  # fmt: skip
+    (predictions,) = tmp_path.rglob("predictions/scores.csv")
+    assert_same_scores(run.tested, {row["path"]: float(row["score"]) for row in read_csv(predictions)}, SAME,
+                       "fsad predict from the exported model.ckpt")  # fmt: skip
