@@ -95,7 +95,7 @@ class FewShotDataModule(LightningDataModule, ABC):
     Args:
         root: dataset root folder (required unless the datamodule has a :meth:`default_root`).
         category: the one category of this run.
-        k_shot: number of normal support images.
+        k_shot: number of normal support images; 0 for zero-shot methods (no support set, ``support.txt`` empty).
         seed: seed of the k-shot draw (a pure function of seed, sorted file names and k).
         image_size: side of the backbone input; the CLI links it to ``model.image_size``.
         eval_size: side at which masks (and maps) are evaluated; linked to ``model.eval_size``.
@@ -228,7 +228,11 @@ class FewShotDataModule(LightningDataModule, ABC):
         self.check_root()
         self.normal_pool = self._readable(self.collect_samples("train"))
         by_path = {s.image_path: s for s in self.normal_pool}
-        if self.support_files:
+        if self.k_shot == 0 and (self.support_files or self.support_preset):
+            raise DataError("data.k_shot: 0 (zero-shot) takes no support set; drop data.support_files/support_preset")
+        if self.k_shot == 0:
+            chosen = []
+        elif self.support_files:
             chosen = resolve_support_files(list(by_path), self.support_files)
         elif self.support_preset:
             chosen = preset_support(
@@ -245,7 +249,7 @@ class FewShotDataModule(LightningDataModule, ABC):
 
     @rank_zero_only
     def record_support(self) -> None:
-        """Write ``support.txt`` into the run directory and log the picks to every logger that takes tables."""
+        """Write ``support.txt`` (empty when ``k_shot`` is 0) into the run directory and log the picks to every logger that takes tables."""
         trainer = self.trainer
         if trainer is None:
             return

@@ -15,13 +15,16 @@ from fsad.run_folder import write_text_atomically
 
 def sample_support(candidates: Sequence[str], k: int, seed: int) -> list[str]:
     """Pick ``k`` of ``candidates`` without replacement; the same seed and names always give the same picks.
+    ``k = 0`` (zero-shot methods) picks nothing.
 
     The candidates are sorted first, so the result does not depend on the order a filesystem lists them in
     (the cause of PromptAD issues #10/#17/#21 and KAG-prompt issue #2). The picks are returned sorted.
     """
     names = sorted(candidates)
-    if k <= 0:
-        raise DataError(f"data.k_shot must be a positive number of support images, got k_shot={k}")
+    if k == 0:  # zero-shot: no support set
+        return []
+    if k < 0:
+        raise DataError(f"data.k_shot must be 0 (zero-shot) or a positive number of support images, got k_shot={k}")
     if k > len(names):
         raise DataError(f"data.k_shot={k} exceeds the {len(names)} normal training images available")
     picks = np.random.default_rng(seed).choice(len(names), size=k, replace=False)

@@ -52,6 +52,7 @@ from fsad.lightning_modules.finegrainedad import module as finegrainedad_module 
 from fsad.lightning_modules.kagprompt import module as kagprompt_module  # noqa: F401
 from fsad.lightning_modules.membank import module as membank_module  # noqa: F401
 from fsad.lightning_modules.promptad import module as promptad_module  # noqa: F401
+from fsad.lightning_modules.winclip import module as winclip_module  # noqa: F401
 from fsad.network import wandb_reachable
 from fsad.progress import is_terminal
 from fsad.quiet import quiet_output

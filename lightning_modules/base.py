@@ -27,6 +27,10 @@ class SizeMismatchError(FsadError, ValueError):
     """Images or masks do not have the size the model was built for (``data.*_size`` versus ``model.*_size``)."""
 
 
+class ZeroShotUnsupportedError(FsadError, ValueError):
+    """``data.k_shot: 0`` given to a method that needs support images."""
+
+
 ProtocolStage = Literal["fewshot_fit", "training_free", "pretrained"]
 """How a sweep runs a method per (category, k, seed) cell (README.md, "Sweeps: the papers' tables"):
 
@@ -61,6 +65,8 @@ class FewShotAnomalyModule(LightningModule, ABC):
     run_config_hash: str | None = None
     """The run's :func:`~fsad.lightning_modules.components.run_settings.config_hash`, set by the ``fsad`` CLI and
     ``fsad export``; checkpoints and result tables carry it."""
+    zero_shot_capable: ClassVar[bool] = False
+    """Whether the method runs with ``data.k_shot: 0`` (no support images at all)."""
     feature_cache: FeatureCache | None = None
     """Set by the benchmark runner: test-image backbone outputs are then read from (and written to) this cache."""
 
@@ -100,7 +106,13 @@ class FewShotAnomalyModule(LightningModule, ABC):
         with its ``category`` and ``dataset_name``. Nothing to build by default."""
 
     def setup(self, stage: str) -> None:
-        self.prepare_for_data(self.trainer.datamodule)
+        data = self.trainer.datamodule
+        if getattr(data, "k_shot", None) == 0 and not self.zero_shot_capable:
+            raise ZeroShotUnsupportedError(
+                f"data.k_shot: 0 (zero-shot) but {self.method_name} needs at least one support image; "
+                "set data.k_shot >= 1, or use a zero-shot method (winclip)"
+            )
+        self.prepare_for_data(data)
 
     # ----------------------------------------------------------------- support set
     def encode_support(self, loader: Iterable[Batch]) -> BackboneOutput:

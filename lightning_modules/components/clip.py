@@ -51,7 +51,9 @@ class BackboneSpec:
         arch: open_clip architecture name, e.g. ``ViT-B-16-plus-240`` or the test architecture ``fsad-tiny``.
         pretrained: open_clip pretrained tag (``laion400m_e32``); ``None`` means random weights (tests, demo).
         checkpoint: local open_clip checkpoint file; takes precedence over ``pretrained``.
-        taps: 1-based transformer blocks whose raw patch tokens are returned (PromptAD uses blocks 3 and 8).
+        taps: 1-based transformer blocks whose raw patch tokens are returned (PromptAD uses blocks 3 and 8); tap 0 is
+            the transformer's input (patch tokens after ``ln_pre``), which WinCLIP re-runs through the transformer
+            window by window.
         vv_attention: also compute the V-V attention path (PromptAD/FineGrainedAD patch tokens).
         precision: ``fp32``, ``fp16`` or ``bf16`` for the frozen weights, as open_clip's ``precision`` (and the
             authors' code) apply it: linear, convolution and attention weights in low precision, LayerNorms computed
@@ -226,12 +228,13 @@ class ClipBackbone(nn.Module):
         self.clip = model.eval()
         visual = self.clip.visual
         blocks = visual.transformer.resblocks
-        bad = [t for t in spec.taps if not 1 <= t <= len(blocks)]
+        bad = [t for t in spec.taps if not 0 <= t <= len(blocks)]
         if bad:
-            raise BackboneConfigError(f"backbone.taps: {bad} outside 1..{len(blocks)} for {spec.arch}")
-        if spec.authors_tap_hook and len(blocks) in spec.taps:
+            raise BackboneConfigError(f"backbone.taps: {bad} outside 0..{len(blocks)} for {spec.arch}")
+        if spec.authors_tap_hook and (len(blocks) in spec.taps or 0 in spec.taps):
             raise BackboneConfigError(
-                f"backbone.taps: the authors' tap hook needs a block after each tap; {len(blocks)} is last"
+                f"backbone.taps: the authors' tap hook needs a block after each tap, and has no tap 0; {len(blocks)} "
+                "is last"
             )
         if not all(isinstance(b.attn, nn.MultiheadAttention) for b in blocks):
             raise BackboneConfigError(
@@ -269,7 +272,7 @@ class ClipBackbone(nn.Module):
         visual = self.clip.visual
         x = visual._embeds(images.to(self.dtype))
         vv = x if self.spec.vv_attention else None
-        taps: dict[int, torch.Tensor] = {}
+        taps: dict[int, torch.Tensor] = {0: x[:, 1:].float()} if 0 in self.spec.taps else {}
         for number, block in enumerate(visual.transformer.resblocks, start=1):
             normalised = block.ln_1(x)
             if vv is not None:

@@ -1,0 +1,76 @@
+"""Lightning wrapper of WinCLIP (k = 0) and WinCLIP+ (k > 0): training-free, one test pass."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fsad.lightning_modules.base import FewShotAnomalyModule
+from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec
+from fsad.lightning_modules.winclip.model import Variant, WinClipModel, check_variant
+
+
+class WinCLIP(FewShotAnomalyModule):
+    """WinCLIP / WinCLIP+ (Jeong et al., CVPR 2023): compositional prompt ensemble and multi-scale window scores;
+    with k > 0 support shots, the few-shot visual memory at every scale. Nothing to train: ``fsad test`` runs it.
+
+    Args:
+        backbone: the OpenCLIP model (ViT-B-16-plus-240 in the paper); ``taps`` must hold 0 and the last block.
+        image_size, eval_size, gaussian_sigma: as for every method.
+        scales: window sides in patches (2, 3).
+        temperature: τ of the class score (0.07).
+        variant: ``paper`` (each window attends only to its own tokens) or ``code`` (anomalib's computation on
+            current open_clip, see ``model.py`` and the README).
+    """
+
+    method_name = "winclip"
+    protocol_stage = "training_free"
+    zero_shot_capable = True
+
+    def __init__(
+        self,
+        backbone: BackboneSpec | None = None,
+        image_size: int = 240,
+        eval_size: int = 256,
+        gaussian_sigma: float = 4.0,
+        scales: tuple[int, ...] = (2, 3),
+        temperature: float = 0.07,
+        variant: Variant = "paper",
+    ) -> None:
+        check_variant(variant)
+        super().__init__(backbone=backbone, image_size=image_size, eval_size=eval_size, gaussian_sigma=gaussian_sigma)
+        blocks = len(self.backbone.clip.visual.transformer.resblocks)
+        missing = sorted({0, blocks} - set(self.backbone.spec.taps))
+        if missing:
+            raise ValueError(
+                f"model.backbone.taps: WinCLIP needs taps 0 (the transformer's input) and {blocks} (the last block); "
+                f"missing {missing}"
+            )
+        self.variant = variant
+        self.model = WinClipModel(self.backbone.grid, tuple(scales), temperature, variant)
+
+    def prepare_for_data(self, data: Any) -> None:
+        """Build the prompt ensemble of the data's category."""
+        category = getattr(data, "category", None)
+        if category is None:
+            raise RuntimeError("WinCLIP needs a datamodule with a `category` to build its prompts")
+        self.model.build_text(self.backbone, str(category).replace("_", " "))
+
+    def prepare_support(self) -> None:
+        """k = 0: zero-shot WinCLIP (no support set); otherwise WinCLIP+ on the encoded k shots."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and getattr(datamodule, "k_shot", None) == 0:
+            self.model.clear_support()
+            return
+        super().prepare_support()
+
+    def fit_support(self, support: BackboneOutput) -> None:
+        self.model.fit_support(support, self.backbone)
+
+    def score(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(features, self.backbone)
+
+    def configure_optimizers(self) -> None:
+        """Training-free: no optimiser."""
+        return None
