@@ -62,20 +62,27 @@ def window_indices(grid: tuple[int, int], scale: int) -> torch.Tensor:
     return windows.reshape(-1, scale * scale)
 
 
-def coverage(indices: torch.Tensor, patches: int) -> torch.Tensor:
-    """[windows, patches] 0/1 matrix: which windows cover which patch (for harmonic aggregation as one product)."""
-    cover = torch.zeros(indices.shape[0], patches)
-    cover.scatter_(1, indices, 1.0)
-    return cover
+def covering_windows(indices: torch.Tensor, patches: int) -> torch.Tensor:
+    """[patches, most windows per patch]: for each patch, the windows covering it in ascending order, padded with the
+    index ``windows`` (a column of zeros is appended there at aggregation time)."""
+    windows = indices.shape[0]
+    lists = [[] for _ in range(patches)]
+    for window, members in enumerate(indices.tolist()):
+        for patch in members:
+            lists[patch].append(window)
+    width = max(len(covering) for covering in lists)
+    return torch.tensor([covering + [windows] * (width - len(covering)) for covering in lists])
 
 
-def harmonic_aggregation(window_scores: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+def harmonic_aggregation(window_scores: torch.Tensor, covering: torch.Tensor) -> torch.Tensor:
     """Per patch, the harmonic mean of the scores of the windows covering it: [B,W] → [B,N].
 
-    ``n_p / Σ_{w∋p} 1/s_w``; a zero window score makes the patch score 0.
+    ``n_p / Σ_{w∋p} 1/s_w``, the sum gathered per patch (a product with a 0/1 coverage matrix would turn one zero
+    score's ``inf`` into ``0·inf = nan`` for every patch); a zero window score makes the patch score 0.
     """
-    inverse_sum = (1.0 / window_scores) @ cover
-    return (cover.sum(dim=0) / inverse_sum).nan_to_num(nan=0.0, posinf=0.0)
+    padded = torch.cat([1.0 / window_scores, window_scores.new_zeros(window_scores.shape[0], 1)], dim=1)
+    counts = (covering < window_scores.shape[1]).sum(dim=1).to(window_scores.dtype)
+    return (counts / padded[:, covering].sum(dim=-1)).nan_to_num(nan=0.0, posinf=0.0)
 
 
 def class_scores(embeddings: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -116,7 +123,8 @@ class WinClipModel(nn.Module):
         patches = self.grid[0] * self.grid[1]
         for scale in self.scales:
             self.register_buffer(f"windows_{scale}", window_indices(self.grid, scale), persistent=False)
-            self.register_buffer(f"cover_{scale}", coverage(window_indices(self.grid, scale), patches), persistent=False)
+            covering = covering_windows(window_indices(self.grid, scale), patches)
+            self.register_buffer(f"cover_{scale}", covering, persistent=False)
         self.register_buffer("text_embeddings", torch.empty(0))
         self.memory = MemoryBank()
 
