@@ -102,7 +102,7 @@ class BenchmarkConfig(BaseModel):
     method_config: list[str] = Field(min_length=1, description="LightningCLI config files, as given to -c")
     root: str | None = Field(None, description="dataset root, overriding data.init_args.root")
     categories: list[str] | Literal["all"] = "all"
-    shots: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    shots: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)  # 0: zero-shot (WinCLIP only)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     output: str = "runs/benchmark"
     extra_args: list[str] = Field(default_factory=list, description="more CLI overrides for every cell")
@@ -241,6 +241,10 @@ class Sweep:
         if self.stage not in PROTOCOL_STAGES:
             raise BenchmarkError(f"{model_cls.__name__} declares no protocol_stage (one of {PROTOCOL_STAGES})")
         self.check_protocol()
+        if 0 in config.shots and not getattr(model_cls, "zero_shot_capable", False):
+            raise BenchmarkError(
+                f"shots: 0 (zero-shot) but {self.method} needs at least one support image; drop 0 from `shots:`"
+            )
         self.pretrain_hash = self.pretrain_digest() if config.pretrain is not None else None
         self.resolved = resolved_config(probe, CELL_KEYS) | {
             "benchmark": {"pretrained_checkpoint": self.checkpoint_identity(), "pretrain": self.pretrain_hash}
