@@ -68,6 +68,7 @@ EXTENSION_COMMANDS: dict[str, str] = {
     "data": "fsad.data_check:main",
     "captions": "fsad.captions:main",
     "benchmark": "fsad.benchmark:main",
+    "compare": "fsad.compare:main",
     "export": "fsad.export:main",
     "slurm": "fsad.slurm:main",
     "report": "fsad.report:main",
@@ -83,6 +84,8 @@ EXTENSION_HELP: dict[str, str] = {
     "data": "Check a dataset before a run: fsad data check --dataset mvtec|visa|realiad|folder --root <dir>",
     "captions": "MFSC caption records: fsad captions validate|show|import|generate ...",
     "benchmark": "Sweep categories x k x seeds, resumable, into the paper-style table: fsad benchmark -c <sweep>.yaml",
+    "compare": "Several methods' sweeps on the same cells, one table with the published numbers: fsad compare -c "
+    "<comparison>.yaml",
     "export": "Export a self-contained ONNX/torch.export model: fsad export -c <config> --ckpt_path <ckpt> --out <dir>",
     "slurm": "Write a SLURM job script: fsad slurm --nodes N --gpus-per-node G -- fit|test|predict|benchmark -c ...",
     "report": "Write a self-contained report.html of a run or sweep: fsad report <run_dir|sweep_output>",

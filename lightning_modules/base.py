@@ -107,7 +107,8 @@ class FewShotAnomalyModule(LightningModule, ABC):
 
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule
-        if getattr(data, "k_shot", None) == 0 and not self.zero_shot_capable:
+        pretraining = stage == "fit" and self.protocol_stage == "pretrained"  # trains on another dataset, no shots
+        if getattr(data, "k_shot", None) == 0 and not (self.zero_shot_capable or pretraining):
             raise ZeroShotUnsupportedError(
                 f"data.k_shot: 0 (zero-shot) but {self.method_name} needs at least one support image; "
                 "set data.k_shot >= 1, or use a zero-shot method (winclip)"

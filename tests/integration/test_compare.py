@@ -1,0 +1,52 @@
+"""``fsad compare``: every method's sweep on the same cells, one table with the published numbers beside each row."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fsad.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+BENCHMARKS = REPO / "configs" / "benchmark"
+
+
+def demo_comparison(tmp_path: Path) -> Path:
+    """configs/benchmark/compare_demo.yaml with absolute paths and its output under tmp_path."""
+    config = yaml.safe_load((BENCHMARKS / "compare_demo.yaml").read_text())
+    config["output"] = str(tmp_path / "compare")
+    for method in config["methods"]:
+        method["benchmark"] = str(BENCHMARKS / method["benchmark"])
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
+def test_demo_comparison_runs_every_method_and_prints_one_table(tmp_path: Path, capsys) -> None:
+    assert main(["compare", "-c", str(demo_comparison(tmp_path))]) == 0
+    table = (tmp_path / "compare" / "compare.md").read_text()
+    assert table in capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"method", "membank", "WinCLIP", "WinCLIP+", "PromptAD", "FineGrainedAD", "KAG-prompt"}
+    assert rows["method"].split("|")[2:6] == [" k=0 image ", " k=0 pixel ", " k=1 image ", " k=1 pixel "]
+    assert "(93.1)" in rows["WinCLIP+"] and "(95.2)" in rows["WinCLIP+"]
+    assert rows["WinCLIP"].split("|")[2].strip() != "—" and rows["WinCLIP"].split("|")[4].strip() == "—"
+    # the membank cell, read from its own sweep's CSV, is the number in the table (×100, one decimal)
+    with (tmp_path / "compare" / "membank" / "benchmark.csv").open() as handle:
+        (cell,) = list(csv.DictReader(handle))
+    assert rows["membank"].split("|")[5].strip() == f"{100 * float(cell['pixel_AUROC']):.1f}"
+    # KAG-prompt kept its own protocol: pretrained once, never fitted on the cell's shot
+    assert (tmp_path / "compare" / "KAG-prompt" / "pretrain").is_dir()
+
+
+def test_a_missing_benchmark_config_is_one_error_line(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump({"methods": [{"name": "x", "benchmark": "nowhere.yaml"}]}))
+    assert main(["compare", "-c", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {path}: methods.x.benchmark: {tmp_path / 'nowhere.yaml'} does not exist"
