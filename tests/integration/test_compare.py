@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fsad.benchmark import load_config
 from fsad.cli import main
+from fsad.compare import load_compare_config
 
 REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = REPO / "configs" / "benchmark"
@@ -50,3 +52,15 @@ def test_a_missing_benchmark_config_is_one_error_line(tmp_path: Path, capsys) ->
     assert main(["compare", "-c", str(path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: {path}: methods.x.benchmark: {tmp_path / 'nowhere.yaml'} does not exist"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in BENCHMARKS.glob("compare_*.yaml")))
+def test_shipped_comparisons_name_valid_sweeps(name: str) -> None:
+    """Every row's benchmark config loads; the real-data comparisons hold every method the papers compare with."""
+    config = load_compare_config(str(BENCHMARKS / name))
+    for method in config.methods:
+        load_config(method.benchmark)
+    names = [m.name for m in config.methods]
+    assert names == ["membank", "WinCLIP", "WinCLIP+", "PromptAD", "FineGrainedAD", "KAG-prompt"]
+    if name != "compare_demo.yaml":
+        assert all(config.methods[i].published.keys() == {1, 2, 4} for i in range(2, 6))
