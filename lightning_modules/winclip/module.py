@@ -27,6 +27,9 @@ class WinCLIP(FewShotAnomalyModule):
     method_name = "winclip"
     protocol_stage = "training_free"
     zero_shot_capable = True
+    #: the support memory and the text embeddings depend on these; ``temperature``, ``eval_size`` and
+    #: ``gaussian_sigma`` are evaluation settings
+    trained_structure = frozenset({"backbone", "image_size", "scales", "variant"})
 
     def __init__(
         self,

@@ -4,7 +4,7 @@ anomalib is an existing, maintained implementation of WinCLIP / WinCLIP+. It mus
 this script runs in its own virtual environment and imports nothing from fsad::
 
     python3 -m venv /tmp/anomalib-venv && /tmp/anomalib-venv/bin/pip install anomalib
-    /tmp/anomalib-venv/bin/python tests/parity/winclip_golden.py --data ../shared/data/mvtec_ad
+    /tmp/anomalib-venv/bin/python tests/parity/winclip_golden.py --data /path/to/mvtec_ad
 
 It builds anomalib's ``WinClipModel`` on a random backbone whose weights are filled by parameter name
 (:mod:`tests.parity.weights`; fsad fills its own open_clip model the same way), feeds it real MVTec-AD bottle images,
@@ -189,8 +189,7 @@ def generate(data: Path, out: Path, cases: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mvtec_ad",
-                        help="MVTec-AD root holding bottle/")  # fmt: skip
+    parser.add_argument("--data", type=Path, required=True, help="MVTec-AD root holding bottle/")
     parser.add_argument("--out", type=Path, default=REPO / "tests" / "fixtures" / "parity" / "winclip")
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=sorted(CASES))
     args = parser.parse_args(argv)
