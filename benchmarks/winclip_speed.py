@@ -38,6 +38,7 @@ def seconds_per_call(call: Callable[[], object]) -> float:
 def fsad_step(images: torch.Tensor, support: torch.Tensor) -> tuple[Callable[[], object], Callable[[], object]]:
     """fsad's WinCLIP predict_batch, and the bare encode_image of the same open_clip model."""
     from inference_overhead import make_batch
+
     from fsad.lightning_modules.winclip.module import WinCLIP
 
     spec = {"arch": ARCH, "pretrained": None, "taps": [0, 12], "vv_attention": False}

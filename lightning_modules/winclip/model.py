@@ -104,8 +104,8 @@ class WinClipModel(nn.Module):
         scales: window sides in patches (2 and 3 in the paper).
         temperature: τ of Eq. 1 (0.07).
         variant: ``paper`` runs the transformer over each window's own tokens; ``code`` reproduces anomalib's
-            computation on open_clip ≥ 2.23, whose transformer is batch-first while anomalib still transposes to
-            sequence-first: each token position then attends across all windows of all images in the batch.
+            computation on open_clip 3.3.0, whose transformer is batch-first while anomalib transposes the window
+            tokens to sequence-first: each token position then attends across all windows of all images in the batch.
     """
 
     def __init__(
@@ -134,7 +134,9 @@ class WinClipModel(nn.Module):
         """Mean text embedding of each class over its prompt ensemble: [2, D] (normal, anomalous)."""
         normal, anomalous = prompt_ensemble(object_name)
         device = backbone.logit_scale.device
-        means = [backbone.encode_text(backbone.tokenize(prompts).to(device)).mean(dim=0) for prompts in (normal, anomalous)]
+        means = [
+            backbone.encode_text(backbone.tokenize(prompts).to(device)).mean(dim=0) for prompts in (normal, anomalous)
+        ]
         self.text_embeddings = torch.stack(means)
 
     def fit_support(self, support: BackboneOutput, backbone: ClipBackbone) -> None:

@@ -33,7 +33,9 @@ def test_demo_comparison_runs_every_method_and_prints_one_table(tmp_path: Path, 
     assert main(["compare", "-c", str(demo_comparison(tmp_path))]) == 0
     table = (tmp_path / "compare" / "compare.md").read_text()
     assert table in capsys.readouterr().out
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    rows = {
+        line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line
+    }
     assert set(rows) == {"method", "membank", "WinCLIP", "WinCLIP+", "PromptAD", "FineGrainedAD", "KAG-prompt"}
     assert rows["method"].split("|")[2:6] == [" k=0 image ", " k=0 pixel ", " k=1 image ", " k=1 pixel "]
     assert "(93.1)" in rows["WinCLIP+"] and "(95.2)" in rows["WinCLIP+"]

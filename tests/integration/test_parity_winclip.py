@@ -67,7 +67,9 @@ def check_case(case: str, arch: str, layers: int, variant: str, windows: bool) -
     assert_close(maps[:, ::MAP_STRIDE, ::MAP_STRIDE], theirs["zero_shot_anomaly_map"], "zero-shot final map")
     if windows:
         for scale in (2, 3):
-            assert_close(zero[f"window_embeddings_{scale}"], theirs[f"window_embeddings_{scale}"], f"{scale}×{scale} windows")
+            assert_close(
+                zero[f"window_embeddings_{scale}"], theirs[f"window_embeddings_{scale}"], f"{scale}×{scale} windows"
+            )
         patches = module.model.patch_embeddings(features, module.backbone)
         assert_close(patches, theirs["patch_embeddings"], "patch embeddings")
         support_windows = module.model.window_embeddings(module.backbone(support), module.backbone)

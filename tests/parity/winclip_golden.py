@@ -13,7 +13,7 @@ and records what anomalib's own methods return. Two adjustments are made to run 
 * ``open_clip.create_model_and_transforms`` is wrapped so that anomalib's model is created without a download
   (``pretrained=None``, then :func:`fill_by_name`) and, for ``parity240``, on the ``fsad-parity-240`` architecture;
 * ``paper_*`` fixtures: anomalib passes the masked window tokens to open_clip's transformer sequence-first
-  (``permute(1, 0, 2)``), but open_clip ≥ 2.23 builds that transformer batch-first, so every token position attends
+  (``permute(1, 0, 2)``), but open_clip 3.3.0 builds that transformer batch-first, so every token position attends
   across all windows of the batch. For the ``paper`` fixtures the transformer is wrapped to undo that transposition,
   so each window attends to its own tokens only, as the paper describes. ``code_*`` fixtures are anomalib unchanged.
 
@@ -181,7 +181,10 @@ def generate(data: Path, out: Path, cases: list[str]) -> None:
             arrays.update({f"{variant}_{key}": value for key, value in stages.items()})
         np.savez_compressed(out / f"{name}.npz", **arrays)
         meta["cases"][name] = {
-            "arch": case["arch"], "support": support_files, "test": test_files, "variants": list(case["variants"])
+            "arch": case["arch"],
+            "support": support_files,
+            "test": test_files,
+            "variants": list(case["variants"]),
         }
         print(f"wrote {out / (name + '.npz')}")
     meta_file.write_text(json.dumps(meta, indent=2) + "\n")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
 
 from fsad.cli import main
 from fsad.datamodules.synthetic import SyntheticDataModule
@@ -56,7 +55,10 @@ def test_class_score_is_equation_1() -> None:
 def test_prompt_ensemble_is_states_times_templates() -> None:
     normal, anomalous = prompt_ensemble("metal nut")
     assert len(normal) == 7 * 21 and len(anomalous) == 4 * 21
-    assert normal[0] == "a cropped photo of the metal nut." and anomalous[21] == "a cropped photo of the metal nut with flaw."
+    assert (
+        normal[0] == "a cropped photo of the metal nut."
+        and anomalous[21] == "a cropped photo of the metal nut with flaw."
+    )
 
 
 def test_zero_shot_datamodule_has_no_support(tmp_path: Path) -> None:
