@@ -134,9 +134,12 @@ class WinClipModel(nn.Module):
         """Mean text embedding of each class over its prompt ensemble: [2, D] (normal, anomalous)."""
         normal, anomalous = prompt_ensemble(object_name)
         device = backbone.logit_scale.device
-        means = [
-            backbone.encode_text(backbone.tokenize(prompts).to(device)).mean(dim=0) for prompts in (normal, anomalous)
-        ]
+        means = []
+        for prompts in (normal, anomalous):
+            tokens = backbone.tokenize(prompts).to(device)
+            # only up to the longest prompt's end-of-text token (the highest token id): exact under the causal mask
+            encoded = backbone.encode_text_embeddings(backbone.token_embedding(tokens), tokens.argmax(dim=-1))
+            means.append(encoded.mean(dim=0))
         self.text_embeddings = torch.stack(means)
 
     def fit_support(self, support: BackboneOutput, backbone: ClipBackbone) -> None:
