@@ -34,9 +34,9 @@ def normalise(pixels: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
-def assert_close(ours: torch.Tensor, theirs: np.ndarray, what: str) -> None:
+def assert_close(ours: torch.Tensor, theirs: np.ndarray, what: str, tolerance: float = TOLERANCE) -> None:
     difference = float((ours.detach().float() - torch.from_numpy(np.asarray(theirs, dtype=np.float32))).abs().max())
-    assert difference <= TOLERANCE, f"{what}: max |Δ| = {difference:.3g} > {TOLERANCE}"
+    assert difference <= tolerance, f"{what}: max |Δ| = {difference:.3g} > {tolerance}"
 
 
 def winclip_on(arch: str, variant: str, layers: int) -> WinCLIP:
@@ -56,7 +56,10 @@ def check_case(case: str, arch: str, layers: int, variant: str, windows: bool) -
     theirs = {key[len(variant) + 1 :]: value for key, value in golden.items() if key.startswith(variant + "_")}
     module = winclip_on(arch, variant, layers)
     support, test = normalise(golden["support_pixels"]), normalise(golden["test_pixels"])
-    assert_close(module.model.text_embeddings, theirs["text_embeddings"], "text embeddings")
+    # fsad encodes the prompts up to their end-of-text token (13 positions), anomalib all 77: on ViT-B-16-plus-240 the
+    # embeddings (up to 12.3 in size) then differ by 1.05e-5, 8.5e-7 of their scale (a listed deviation, README)
+    scale = max(1.0, float(np.abs(theirs["text_embeddings"]).max()))
+    assert_close(module.model.text_embeddings, theirs["text_embeddings"], "text embeddings", TOLERANCE * scale)
 
     features = module.backbone(test)
     zero = module.model.stages(features, module.backbone)
