@@ -36,7 +36,8 @@ def test_demo_comparison_runs_every_method_and_prints_one_table(tmp_path: Path, 
     rows = {
         line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line
     }
-    assert set(rows) == {"method", "membank", "WinCLIP", "WinCLIP+", "PromptAD", "FineGrainedAD", "KAG-prompt"}
+    methods = {"membank", "WinCLIP", "WinCLIP+", "APRIL-GAN", "PromptAD", "FineGrainedAD", "KAG-prompt"}
+    assert set(rows) == {"method", *methods}
     assert rows["method"].split("|")[2:6] == [" k=0 image ", " k=0 pixel ", " k=1 image ", " k=1 pixel "]
     assert "(93.1)" in rows["WinCLIP+"] and "(95.2)" in rows["WinCLIP+"]
     assert rows["WinCLIP"].split("|")[2].strip() != "—" and rows["WinCLIP"].split("|")[4].strip() == "—"
@@ -44,8 +45,9 @@ def test_demo_comparison_runs_every_method_and_prints_one_table(tmp_path: Path, 
     with (tmp_path / "compare" / "membank" / "benchmark.csv").open() as handle:
         (cell,) = list(csv.DictReader(handle))
     assert rows["membank"].split("|")[5].strip() == f"{100 * float(cell['pixel_AUROC']):.1f}"
-    # KAG-prompt kept its own protocol: pretrained once, never fitted on the cell's shot
+    # KAG-prompt and APRIL-GAN kept their own protocol: pretrained once, never fitted on the cell's shot
     assert (tmp_path / "compare" / "KAG-prompt" / "pretrain").is_dir()
+    assert (tmp_path / "compare" / "APRIL-GAN" / "pretrain").is_dir()
 
 
 def test_a_missing_benchmark_config_is_one_error_line(tmp_path: Path, capsys) -> None:
@@ -63,6 +65,6 @@ def test_shipped_comparisons_name_valid_sweeps(name: str) -> None:
     for method in config.methods:
         load_config(method.benchmark)
     names = [m.name for m in config.methods]
-    assert names == ["membank", "WinCLIP", "WinCLIP+", "PromptAD", "FineGrainedAD", "KAG-prompt"]
+    assert names == ["membank", "WinCLIP", "WinCLIP+", "APRIL-GAN", "PromptAD", "FineGrainedAD", "KAG-prompt"]
     if name != "compare_demo.yaml":
-        assert all(config.methods[i].published.keys() == {1, 2, 4} for i in range(2, 6))
+        assert all(config.methods[i].published.keys() == {1, 2, 4} for i in range(2, 7))
