@@ -95,7 +95,7 @@ class FewShotDataModule(LightningDataModule, ABC):
     Args:
         root: dataset root folder (required unless the datamodule has a :meth:`default_root`).
         category: the one category of this run.
-        k_shot: number of normal support images; 0 for zero-shot methods (no support set, ``support.txt`` empty).
+        k_shot: number of normal support images; 0 for zero-shot methods (no support set; ``support.txt`` says so in a comment line).
         seed: seed of the k-shot draw (a pure function of seed, sorted file names and k).
         image_size: side of the backbone input; the CLI links it to ``model.image_size``.
         eval_size: side at which masks (and maps) are evaluated; linked to ``model.eval_size``.
@@ -249,7 +249,7 @@ class FewShotDataModule(LightningDataModule, ABC):
 
     @rank_zero_only
     def record_support(self) -> None:
-        """Write ``support.txt`` (empty when ``k_shot`` is 0) into the run directory and log the picks to every logger that takes tables."""
+        """Write ``support.txt`` (a zero-shot note when ``k_shot`` is 0) into the run directory and log the picks to every logger that takes tables."""
         trainer = self.trainer
         if trainer is None:
             return

@@ -62,15 +62,20 @@ def resolve_support_files(candidates: Sequence[str], requested: Sequence[str]) -
     return chosen
 
 
+ZERO_SHOT_NOTE = "# zero-shot (data.k_shot: 0): no support images\n"
+"""What ``support.txt`` holds for a zero-shot run: a comment line, since an empty file reads as a failed write."""
+
+
 def write_support_list(paths: Sequence[str], destination: Path) -> Path:
-    """Write one support path per line to ``destination`` atomically (``support.txt`` in the run directory)."""
-    write_text_atomically(destination, "".join(f"{p}\n" for p in paths))
+    """Write one support path per line to ``destination`` atomically (``support.txt`` in the run directory); for no
+    paths (zero-shot), :data:`ZERO_SHOT_NOTE`."""
+    write_text_atomically(destination, "".join(f"{p}\n" for p in paths) or ZERO_SHOT_NOTE)
     return destination
 
 
 def read_support_list(path: Path) -> list[str]:
     """The support paths a run recorded in ``support.txt`` (one per line, as :func:`write_support_list` wrote them)."""
-    paths = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    paths = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
     if not paths:
         raise DataError(f"{path} lists no support image")
     return paths

@@ -243,7 +243,7 @@ def run_sections(run_dir: Path) -> tuple[str, str]:
 
     support_file = run_dir / "support.txt"
     if support_file.is_file():
-        paths = [Path(line) for line in support_file.read_text().splitlines() if line.strip()]
+        paths = [Path(line) for line in support_file.read_text().splitlines() if line.strip() and line[0] != "#"]
         images = []
         for path in paths:
             uri = data_uri(path, THUMBNAIL_SIDE)

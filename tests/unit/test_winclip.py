@@ -69,11 +69,11 @@ def test_zero_shot_datamodule_has_no_support(tmp_path: Path) -> None:
 
 @pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
 def test_winclip_zero_and_few_shot_through_the_cli(tmp_path: Path) -> None:
-    """k = 0 runs with an empty support.txt; k = 2 (WinCLIP+) finds the synthetic defects (pixel AUROC, sklearn)."""
+    """k = 0 runs with a support.txt that says so; k = 2 (WinCLIP+) finds the synthetic defects (pixel AUROC, sklearn)."""
     runs = tmp_path / "runs"
     assert main(["test", "-c", TINY, "--run_root", str(runs)]) == 0
     zero_run = runs / "winclip" / "synthetic" / "disc" / "k0_s0"
-    assert (zero_run / "support.txt").read_text() == ""
+    assert (zero_run / "support.txt").read_text() == "# zero-shot (data.k_shot: 0): no support images\n"
     assert (zero_run / "results.csv").is_file()
     args = ["test", "-c", TINY, "--run_root", str(runs),
             "--data.init_args.k_shot", "2", "--model.init_args.gaussian_sigma", "0"]  # fmt: skip
