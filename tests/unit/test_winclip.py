@@ -95,3 +95,11 @@ def test_methods_that_need_shots_refuse_k_zero(tmp_path: Path, capsys: pytest.Ca
         "error: data.k_shot: 0 (zero-shot) but promptad needs at least one support image; set data.k_shot >= 1, "
         "or use a zero-shot method (winclip)"
     )
+
+
+def test_a_sweep_with_shots_zero_is_refused_for_a_method_that_needs_shots(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "sweep.yaml"
+    config.write_text(f"method_config: [{REPO / 'configs' / 'demo.yaml'}]\nshots: [0, 1]\noutput: {tmp_path / 'out'}\n")
+    assert main(["benchmark", "-c", str(config), "--list-cells"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: shots: 0 (zero-shot) but membank needs at least one support image; drop 0 from `shots:`"
