@@ -113,7 +113,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_and_a_live_one_refuses(tmp_
     ("extra", "expected"),
     [
         (["--data.init_args.k_shot", "500"], "data.k_shot=500 exceeds the"),
-        (["--data.init_args.k_shot", "0"], "data.k_shot must be a positive number of support images, got k_shot=0"),
+        (["--data.init_args.k_shot", "0"], "data.k_shot: 0 (zero-shot) but membank needs at least one support image"),
         (["--data.init_args.k_shot", "-2"], "got k_shot=-2"),
         (["--model.init_args.backbone.pretrained", "laion400m_e32"], "no published weights"),
         (["--ckpt_path", "{tmp}/missing.ckpt"], "--ckpt_path: no such file: {tmp}/missing.ckpt"),
@@ -155,7 +155,7 @@ def test_an_unsafe_checkpoint_is_refused_without_advising_weights_only_false(
 def test_benchmark_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "sweep.yaml"
     config.write_text(
-        f"method_config: [{DEMO}]\ncategories: [disc]\nshots: [0]\nseeds: [0]\noutput: {tmp_path / 'out'}\n"
+        f"method_config: [{DEMO}]\ncategories: [disc]\nshots: [1000]\nseeds: [0]\noutput: {tmp_path / 'out'}\n"
         f"extra_args: ['--run_root', '{tmp_path / 'runs'}', '--data.init_args.root', '{tmp_path / 'synthetic'}']\n"
     )
     assert main(["benchmark", "-c", str(config)]) == 1
