@@ -12,7 +12,7 @@ from fsad.batch import Batch
 from fsad.lightning_modules.aprilgan.model import AprilGanModel, aprilgan_loss
 from fsad.lightning_modules.base import FewShotAnomalyModule
 from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec
-from fsad.lightning_modules.components.prompt_states import ENSEMBLE_ABNORMAL_STATES, ENSEMBLE_NORMAL_STATES
+from fsad.lightning_modules.components.prompt_states import state_ensemble_features
 
 #: The authors' 35 sentence templates (CLIP's prompt-engineering list, plus "there is/this is … in the scene").
 TEMPLATES = (
@@ -78,12 +78,8 @@ class AprilGan(FewShotAnomalyModule):
         """[2,D] (normal, anomalous) features: every state × template sentence encoded and normalised, averaged per
         side, renormalised; the object name is the category as the dataset names it (the authors')."""
         if category not in self.text_by_category:
-            sides = []
-            for states in (ENSEMBLE_NORMAL_STATES, ENSEMBLE_ABNORMAL_STATES):
-                texts = [t.format(s.format(category)) for s in states for t in TEMPLATES]
-                encoded = F.normalize(self.backbone.encode_text(self.backbone.tokenize(texts)), dim=-1)
-                sides.append(F.normalize(encoded.mean(0), dim=-1))
-            self.text_by_category[category] = torch.stack(sides).to(self.device)
+            features = state_ensemble_features(self.backbone, category, TEMPLATES)
+            self.text_by_category[category] = features.to(self.device)
         return self.text_by_category[category]
 
     def batch_text(self, categories: list[str]) -> torch.Tensor:

@@ -9,7 +9,13 @@ object name.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from fsad.lightning_modules.components.clip import ClipBackbone
 
 GENERIC_STATES = (
     "damaged {}", "flawed {}", "abnormal {}", "imperfect {}", "blemished {}",
@@ -20,6 +26,18 @@ GENERIC_STATES = (
 ENSEMBLE_NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
                           "{} without damage")  # fmt: skip
 ENSEMBLE_ABNORMAL_STATES = ("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage")
+
+
+@torch.no_grad()
+def state_ensemble_features(backbone: ClipBackbone, name: str, templates: tuple[str, ...]) -> torch.Tensor:
+    """[2,D] (normal, anomalous) text features of the state ensemble: every state × template sentence about ``name``
+    encoded and normalised, averaged per side and renormalised (KAG-prompt's and APRIL-GAN's text side)."""
+    sides = []
+    for states in (ENSEMBLE_NORMAL_STATES, ENSEMBLE_ABNORMAL_STATES):
+        texts = [template.format(state.format(name)) for state in states for template in templates]
+        encoded = F.normalize(backbone.encode_text(backbone.tokenize(texts)), dim=-1)
+        sides.append(F.normalize(encoded.mean(0), dim=-1))
+    return torch.stack(sides)
 
 DISPLAY_NAMES = {
     "metal_nut": "metal nut", "pcb1": "printed circuit board", "pcb2": "printed circuit board",

@@ -10,11 +10,7 @@ import torch.nn.functional as F
 from fsad.batch import Batch
 from fsad.lightning_modules.base import FewShotAnomalyModule
 from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec
-from fsad.lightning_modules.components.prompt_states import (
-    ENSEMBLE_ABNORMAL_STATES,
-    ENSEMBLE_NORMAL_STATES,
-    display_name,
-)
+from fsad.lightning_modules.components.prompt_states import display_name, state_ensemble_features
 from fsad.lightning_modules.kagprompt.model import PAPER_KERNELS, KAGPromptModel, kag_loss
 
 TEMPLATES = ("a photo of a {}.", "a photo of the {}.")
@@ -103,13 +99,8 @@ class KAGPrompt(FewShotAnomalyModule):
     def text_features(self, category: str) -> torch.Tensor:
         """[2,D] template-ensemble features (normal, abnormal) of a category, encoded once per run and cached."""
         if category not in self.text_by_category:
-            name = display_name(category)
-            sides = []
-            for states in (ENSEMBLE_NORMAL_STATES, ENSEMBLE_ABNORMAL_STATES):
-                texts = [t.format(s.format(name)) for s in states for t in TEMPLATES]
-                encoded = F.normalize(self.backbone.encode_text(self.backbone.tokenize(texts)), dim=-1)
-                sides.append(F.normalize(encoded.mean(0), dim=-1))
-            self.text_by_category[category] = torch.stack(sides).to(self.device)
+            features = state_ensemble_features(self.backbone, display_name(category), TEMPLATES)
+            self.text_by_category[category] = features.to(self.device)
         return self.text_by_category[category]
 
     def batch_text(self, categories: list[str]) -> torch.Tensor:
