@@ -14,6 +14,7 @@ from fsad.errors import FsadError
 from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec, ClipBackbone
 from fsad.lightning_modules.components.feature_cache import FeatureCache
 from fsad.lightning_modules.components.postprocess import upsample_and_smooth
+from fsad.lightning_modules.components.prompt_states import state_ensemble_features
 from fsad.lightning_modules.components.run_settings import (
     SettingsMismatchError,
     describe_changes,
@@ -265,3 +266,50 @@ class FewShotAnomalyModule(LightningModule, ABC):
 def checkpoint_model_class(checkpoint: dict[str, Any]) -> str | None:
     """The model class path a checkpoint records (written by fsad, or by Lightning's CLI); None when unknown."""
     return checkpoint.get("model_class") or (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+
+
+class StateEnsembleModule(FewShotAnomalyModule):
+    """A method scoring against the state-ensemble text features of the evaluated category (KAG-prompt, APRIL-GAN).
+
+    Subclasses set :attr:`text_templates`, may rename the object with :meth:`object_name`, and build a ``model``
+    whose forward takes (features, text [B,2,D]) and returns ``anomaly_map`` and ``score``.
+    """
+
+    text_templates: ClassVar[tuple[str, ...]]
+    model: torch.nn.Module
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.text_by_category: dict[str, torch.Tensor] = {}
+        self.category: str | None = None
+
+    def object_name(self, category: str) -> str:
+        """The object's name in the prompts: the category as the dataset names it, unless a method says otherwise."""
+        return category
+
+    @torch.no_grad()
+    def text_features(self, category: str) -> torch.Tensor:
+        """[2,D] (normal, anomalous) features of a category, encoded once per run and cached."""
+        if category not in self.text_by_category:
+            features = state_ensemble_features(self.backbone, self.object_name(category), self.text_templates)
+            self.text_by_category[category] = features.to(self.device)
+        return self.text_by_category[category]
+
+    def batch_text(self, categories: list[str]) -> torch.Tensor:
+        return torch.stack([self.text_features(c) for c in categories])
+
+    def prepare_for_data(self, data: Any) -> None:
+        """Remember the evaluated category: its text features are the ones :meth:`score` compares against."""
+        self.category = getattr(data, "category", None)
+
+    def fit_support(self, support: BackboneOutput) -> None:
+        self.model.fit(support)
+
+    def score(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.category is None:
+            raise RuntimeError(
+                f"{type(self).__name__} needs a category: call prepare_for_data(datamodule) before scoring"
+            )
+        text = self.text_features(self.category).unsqueeze(0).expand(features.cls.shape[0], -1, -1)
+        outputs = self.model(features, text)
+        return outputs["anomaly_map"], outputs["score"]

@@ -3,16 +3,13 @@ few-shot testing (the k shots' tokens become a memory bank)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
 from fsad.batch import Batch
 from fsad.lightning_modules.aprilgan.model import AprilGanModel, aprilgan_loss
-from fsad.lightning_modules.base import FewShotAnomalyModule
-from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec
-from fsad.lightning_modules.components.prompt_states import state_ensemble_features
+from fsad.lightning_modules.base import StateEnsembleModule
+from fsad.lightning_modules.components.clip import BackboneSpec
 
 #: The authors' 35 sentence templates (CLIP's prompt-engineering list, plus "there is/this is … in the scene").
 TEMPLATES = (
@@ -29,7 +26,7 @@ TEMPLATES = (
 )  # fmt: skip
 
 
-class AprilGan(FewShotAnomalyModule):
+class AprilGan(StateEnsembleModule):
     """APRIL-GAN (arXiv 2305.17382) on OpenCLIP; see this folder's README for the equation table and deviations.
 
     Args:
@@ -47,6 +44,7 @@ class AprilGan(FewShotAnomalyModule):
     protocol_stage = "pretrained"
     #: what the adapters mean and the objective that trained them; ``eval_size`` and ``gaussian_sigma`` are evaluation
     #: settings, and the shots (zero- or few-shot) come from the test datamodule
+    text_templates = TEMPLATES
     trained_structure = frozenset({"backbone", "image_size", "score_size", "text_scale", "focal_gamma", "lr", "betas"})
 
     def __init__(
@@ -69,21 +67,8 @@ class AprilGan(FewShotAnomalyModule):
         self.model = AprilGanModel(
             self.backbone.width, self.backbone.embed_dim, self.backbone.spec.taps, text_scale, score_size or eval_size
         )
-        self.text_by_category: dict[str, torch.Tensor] = {}
-        self.category: str | None = None
         self.paper_image_score = paper_image_score
 
-    @torch.no_grad()
-    def text_features(self, category: str) -> torch.Tensor:
-        """[2,D] (normal, anomalous) features: every state × template sentence encoded and normalised, averaged per
-        side, renormalised; the object name is the category as the dataset names it (the authors')."""
-        if category not in self.text_by_category:
-            features = state_ensemble_features(self.backbone, category, TEMPLATES)
-            self.text_by_category[category] = features.to(self.device)
-        return self.text_by_category[category]
-
-    def batch_text(self, categories: list[str]) -> torch.Tensor:
-        return torch.stack([self.text_features(c) for c in categories])
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         features = self.backbone(batch.image)
@@ -98,23 +83,9 @@ class AprilGan(FewShotAnomalyModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.model.adapters.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas))
 
-    def prepare_for_data(self, data: Any) -> None:
-        """Remember the evaluated category: its text features are the ones :meth:`score` compares against."""
-        self.category = getattr(data, "category", None)
-
     def prepare_support(self) -> None:
         """Few-shot when the datamodule has support shots; with ``k_shot: 0`` zero-shot (no memory map)."""
         if getattr(getattr(self.trainer, "datamodule", None), "k_shot", None) == 0:
             self.model.clear()
             return
         super().prepare_support()
-
-    def fit_support(self, support: BackboneOutput) -> None:
-        self.model.fit(support)
-
-    def score(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.category is None:
-            raise RuntimeError("AprilGan needs a category: call prepare_for_data(datamodule) before scoring")
-        text = self.text_features(self.category).unsqueeze(0).expand(features.cls.shape[0], -1, -1)
-        outputs = self.model(features, text)
-        return outputs["anomaly_map"], outputs["score"]

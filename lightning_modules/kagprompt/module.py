@@ -8,15 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from fsad.batch import Batch
-from fsad.lightning_modules.base import FewShotAnomalyModule
-from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec
-from fsad.lightning_modules.components.prompt_states import display_name, state_ensemble_features
+from fsad.lightning_modules.base import StateEnsembleModule
+from fsad.lightning_modules.components.clip import BackboneSpec
+from fsad.lightning_modules.components.prompt_states import display_name
 from fsad.lightning_modules.kagprompt.model import PAPER_KERNELS, KAGPromptModel, kag_loss
 
 TEMPLATES = ("a photo of a {}.", "a photo of the {}.")
 
 
-class KAGPrompt(FewShotAnomalyModule):
+class KAGPrompt(StateEnsembleModule):
     """KAG-prompt (methods.md §3) on OpenCLIP; see this folder's README for the equation table and every option.
 
     Args:
@@ -41,6 +41,7 @@ class KAGPrompt(FewShotAnomalyModule):
     #: switches that remove trained parts, the gate, edge and reduction readings, the map fusion and logit scale the
     #: loss saw, and the objective and optimiser. Evaluation: eval_size, gaussian_sigma, score_gamma, top_k,
     #: use_memory (the support bank is built at test time).
+    text_templates = TEMPLATES
     trained_structure = frozenset({
         "backbone", "image_size", "variant", "rounds", "graph_dim", "gamma", "text_scale", "score_size", "kernels",
         "use_graph", "use_gate", "use_gru", "gate_channels", "gate_self_loop", "reverse_edge", "visual_reduction",
@@ -92,19 +93,10 @@ class KAGPrompt(FewShotAnomalyModule):
             text_scale, graph_dim, score_size, tuple(tuple(k) for k in (kernels or PAPER_KERNELS)), use_graph,
             use_gate, use_gru, gate_channels, gate_self_loop, use_memory, visual_reduction, reverse_edge,
         )  # fmt: skip
-        self.text_by_category: dict[str, torch.Tensor] = {}
-        self.category: str | None = None
 
-    @torch.no_grad()
-    def text_features(self, category: str) -> torch.Tensor:
-        """[2,D] template-ensemble features (normal, abnormal) of a category, encoded once per run and cached."""
-        if category not in self.text_by_category:
-            features = state_ensemble_features(self.backbone, display_name(category), TEMPLATES)
-            self.text_by_category[category] = features.to(self.device)
-        return self.text_by_category[category]
-
-    def batch_text(self, categories: list[str]) -> torch.Tensor:
-        return torch.stack([self.text_features(c) for c in categories])
+    def object_name(self, category: str) -> str:
+        """The category's display name ("metal nut"), as the authors write it in their prompts."""
+        return display_name(category)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         features = self.backbone(batch.image)
@@ -138,17 +130,3 @@ class KAGPrompt(FewShotAnomalyModule):
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def prepare_for_data(self, data: Any) -> None:
-        """Remember the evaluated category: its text features are the ones :meth:`score` compares against."""
-        self.category = getattr(data, "category", None)
-
-    def fit_support(self, support: BackboneOutput) -> None:
-        self.model.fit(support)
-
-    def score(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.category is None:
-            raise RuntimeError("KAGPrompt needs a category: call prepare_for_data(datamodule) before scoring")
-        text = self.text_features(self.category).unsqueeze(0).expand(features.cls.shape[0], -1, -1)
-        outputs = self.model(features, text)
-        return outputs["anomaly_map"], outputs["score"]
