@@ -35,8 +35,8 @@ def test_both_variants_fit_and_test_on_the_real_bottle(
     assert main(["fit", *common, "--trainer.max_epochs", "1"]) == 0
     diagnostic = re.search(r"Query Former: max pairwise query cos (-?[0-9.]+) after fit", capsys.readouterr().out)
     assert (diagnostic is not None) == (variant == "paper")  # the code's Query Former is never trained
-    if diagnostic is not None:
-        assert -1.0 <= float(diagnostic.group(1)) <= 1.0
+    if diagnostic is not None:  # one SGD step at lr 0.05 already separates them (measured 0.967; untrained: 1.000)
+        assert -1.0 <= float(diagnostic.group(1)) <= 0.98
     run_dir = tmp_path / "runs/finegrainedad/mvtec/bottle/k2_s0"
     state = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
     paper_parts = {"model.prompts.normal_placeholders", "model.prompts.abnormal_placeholders",

@@ -11,19 +11,28 @@ average-all-levels ablation (no token-wise inference). The prompt-guided map alo
 sklearn's pixel AUROC; Eq. 4's level choice is scored on the test tokens against the planted component masks (a
 disc token must go to a component level, a background token to the background level; defect tokens excluded).
 
-Pass condition (margin stated): the full method beats untrained prompts by ≥ MARGIN = 0.05 pixel AUROC. Eq. 4's
-routing to the planted levels is measured and printed but NOT asserted: on this stand-in the Query Former does not
-separate its queries within the test's 15 optimiser steps at D = 48 (max pairwise cos ≥ 0.99 after fit), so it
-fails the ≥ 90 % the issue asks for (the D = 640 regime, 100 steps, is proved in
-``tests/unit/test_finegrainedad_query_former.py``). The two ablations are printed, not asserted. Measured:
+Pass conditions (margins stated):
 
-| seed | untrained | full | image level only | average all levels | routing: full (untrained) |
-|---|---|---|---|---|---|
-| 0 | 0.321 | 0.912 | 0.294 | 0.380 | 0.620 (0.620) |
-| 1 | 0.301 | 0.413 | 0.288 | 0.604 | 0.760 (0.002) |
+* AUROC (15 epochs, seed 0): the full method beats untrained prompts by ≥ MARGIN = 0.05 pixel AUROC. The two
+  ablations are printed, not asserted.
+* Routing (45 epochs, seeds 0 and 1): Eq. 4 sends ≥ 90 % of the normal test tokens to their planted level, ≥ 0.3
+  more than untrained prompts and Query Former, and ≥ 0.05 more than the same fit trained with the objective it
+  replaced (maximise each query's cosines to its level, :func:`previous_objective`). After 15 epochs the queries at
+  the tiny backbone's D = 48 are still near one another (max pairwise cos 0.997) and most disc tokens go to the
+  image level; 30–45 epochs separate them enough to route.
+
+Measured (pixel AUROC; routing in brackets):
+
+| seed | epochs | untrained | full | image level only | average all levels | previous objective |
+|---|---|---|---|---|---|---|
+| 0 | 15 | 0.321 (0.620) | 0.912 (0.620) | 0.294 | 0.380 | |
+| 1 | 15 | 0.301 (0.002) | 0.413 (0.760) | 0.288 | 0.604 | |
+| 0 | 45 | 0.321 (0.620) | 0.320 (0.977) | | | 0.303 (0.903) |
+| 1 | 45 | 0.301 (0.002) | 0.214 (0.967) | | | 0.373 (0.814) |
 
 Every pixel AUROC but one is low: the backbone never learnt what a defect is, so an abnormal prompt is rarely nearer
-a defect token than a normal prompt is; the comparison between arms is what this test is for.
+a defect token than a normal prompt is; the comparison between arms is what this test is for. Longer training
+routes well but does not localise better on this stand-in (0.320 and 0.214 at 45 epochs).
 """
 
 from __future__ import annotations
@@ -42,6 +51,11 @@ from fsad.lightning_modules.components.clip import BackboneSpec, ClipBackbone
 
 REPO = Path(__file__).resolve().parents[2]
 MARGIN = 0.05  # measured 0.591 (seed 0) and 0.112 (seed 1)
+AUROC_EPOCHS = 15  # the AUROC comparison's training length (lr 0.05)
+ROUTING_EPOCHS = 45  # the routing test's: long enough for the Query Former to separate at D = 48
+ROUTING_FLOOR = 0.9  # share of normal test tokens Eq. 4 must send to their planted level (measured 0.977, 0.967)
+ROUTING_GAIN = 0.3  # over untrained prompts and Query Former (measured +0.357, +0.966)
+CONTROL_GAP = 0.05  # over the objective it replaced (measured +0.075, +0.153)
 CONCEPTS = (  # component and background words only, a few phrasings each: no defect concept
     ("black background.", "a dark background.", "the black background around the object."),
     ("a grey disc.", "a round grey disc with stripes.", "grey radial stripes on a disc."),
@@ -109,13 +123,15 @@ def procedural_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def fit_and_score(tmp_path: Path, checkpoint: Path, lr: float, seed: int, *switches: str) -> dict[str, float]:
+def fit_and_score(
+    tmp_path: Path, checkpoint: Path, lr: float, seed: int, *switches: str, epochs: int = AUROC_EPOCHS
+) -> dict[str, float]:
     """Fit FineGrainedAD on the demo data's shots; sklearn's pixel AUROC of the prompt-guided map alone, and the
     share of normal test tokens Eq. 4 routes to their planted level (disc → a component level, background →
     the background level)."""
     cli = FsadCLI(args=[
         "-c", str(REPO / "configs/finegrainedad/synthetic_tiny.yaml"), "--run_root", str(tmp_path / "runs"),
-        "--model.init_args.backbone.checkpoint", str(checkpoint), "--trainer.max_epochs", "15",
+        "--model.init_args.backbone.checkpoint", str(checkpoint), "--trainer.max_epochs", str(epochs),
         "--model.init_args.lr", str(lr), "--model.init_args.eta_min", "0",
         "--data.init_args.root", str(tmp_path / "synthetic"), "--seed_everything", str(seed), *switches,
     ], run=False)  # fmt: skip
@@ -164,3 +180,26 @@ def test_the_full_method_beats_untrained_prompts(tmp_path: Path, procedural_chec
         "\n".join(f"{name}: pixel AUROC {r['pixel_auroc']:.3f}, routing {r['routing']:.3f}" for name, r in runs.items())
     )
     assert runs["full"]["pixel_auroc"] - runs["untrained"]["pixel_auroc"] >= MARGIN, runs
+
+
+def previous_objective(queries: torch.Tensor, normal: torch.Tensor, abnormal: torch.Tensor, **_: float) -> torch.Tensor:
+    """The Query Former objective as first implemented, the control: 2 − cos(q_l, p̄ⁿ_l) − cos(q_l, p̄ᵃ_l), mean over
+    levels (its optimum is the same shared direction for every query)."""
+    return (2 - (queries * normal).sum(-1) - (queries * abnormal).sum(-1)).mean()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_eq4_routes_normal_tokens_to_their_planted_level_after_training(
+    tmp_path: Path, procedural_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """After 45 epochs (lr 0.05) Eq. 4 sends ≥ 90 % of the normal test tokens to their planted level, ≥ 0.3 more
+    than untrained prompts and queries, and ≥ 0.05 more than the same fit with the objective it replaced."""
+    full = fit_and_score(tmp_path / "full", procedural_checkpoint, 0.05, seed, epochs=ROUTING_EPOCHS)
+    untrained = fit_and_score(tmp_path / "untrained", procedural_checkpoint, 0.0, seed, epochs=ROUTING_EPOCHS)
+    monkeypatch.setattr("fsad.lightning_modules.finegrainedad.model.query_former_loss", previous_objective)
+    control = fit_and_score(tmp_path / "control", procedural_checkpoint, 0.05, seed, epochs=ROUTING_EPOCHS)
+    print(f"routing: full {full['routing']:.3f}, untrained {untrained['routing']:.3f}, "
+          f"previous objective {control['routing']:.3f}; pixel AUROC full {full['pixel_auroc']:.3f}")  # fmt: skip
+    assert full["routing"] >= ROUTING_FLOOR, full
+    assert full["routing"] - untrained["routing"] >= ROUTING_GAIN, (full, untrained)
+    assert full["routing"] - control["routing"] >= CONTROL_GAP, (full, control)
