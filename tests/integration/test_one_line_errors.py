@@ -156,6 +156,23 @@ def test_export_inferencer_and_ckpt_path_refuse_bad_files_in_one_line(
     assert not (tmp_path / "model").exists()
 
 
+def test_the_inferencers_own_refusals_are_the_one_checkpoint_error(tmp_path: Path) -> None:
+    """A checkpoint that reads but lacks what the Inferencer needs raises the same class as an unreadable one, so one
+    ``except CheckpointError`` catches both."""
+    import torch
+
+    from fsad import Inferencer
+    from fsad.errors import CheckpointError
+
+    no_model_class, other_resize = tmp_path / "no_model_class.ckpt", tmp_path / "other_resize.ckpt"
+    torch.save({"state_dict": {}}, no_model_class)
+    torch.save({"state_dict": {}, "datamodule_hyper_parameters": {"resize": "authors"}}, other_resize)
+    with pytest.raises(CheckpointError, match=r"names no model class \(model_class\)"):
+        Inferencer.from_checkpoint(no_model_class, support=str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"data.resize: 'authors' is not supported by the inferencer"):
+        Inferencer.from_checkpoint(other_resize, support=str(tmp_path))
+
+
 def test_a_kag_sweeps_bad_pretrained_checkpoint_is_one_line(
     tmp_path: Path, capfd: pytest.CaptureFixture[str], bad_checkpoints: dict[str, Path]
 ) -> None:
