@@ -65,7 +65,16 @@ def test_batch_size_0_is_one_line_with_exit_1_in_a_real_process(tmp_path: Path) 
     [
         ("corrupt_yaml", 2, "-c {tmp}/broken.yaml: not valid YAML at line 2"),
         ("unknown_key", 2, "--trainer.max_epochz"),
-        ("unknown_key_in_second_file", 2, "'trainer.max_epochz'"),
+        (
+            "unknown_key_in_second_file",
+            2,
+            "error: -c {tmp}/second.yaml: Subcommand 'test' does not accept option 'trainer.max_epochz'",
+        ),
+        (
+            "unknown_model_key_in_third_file",
+            2,
+            "error: -c {tmp}/third.yaml: model.init_args: Option 'gaussian_sigmaz' is not accepted",
+        ),
         ("missing_config_file", 2, "-c {tmp}/missing.yaml: no such config file"),
         ("missing_root", 1, "data.root is required for MVTecDataModule"),
     ],
@@ -75,10 +84,14 @@ def test_config_and_command_line_mistakes_are_one_line(
 ) -> None:
     (tmp_path / "broken.yaml").write_text("model: [unclosed\n  foo: : bar\n")
     (tmp_path / "second.yaml").write_text("trainer:\n  max_epochz: 3\n")
+    (tmp_path / "valid.yaml").write_text("model:\n  init_args:\n    gaussian_sigma: 3\n")
+    (tmp_path / "third.yaml").write_text("model:\n  gaussian_sigmaz: 3\n")  # init_args left out, as jsonargparse allows
     args = {
         "corrupt_yaml": demo(tmp_path, "-c", str(tmp_path / "broken.yaml")),
         "unknown_key": demo(tmp_path, "--trainer.max_epochz", "3"),
         "unknown_key_in_second_file": demo(tmp_path, "-c", str(tmp_path / "second.yaml")),
+        "unknown_model_key_in_third_file": demo(tmp_path, "-c", str(tmp_path / "valid.yaml"),
+                                                "-c", str(tmp_path / "third.yaml")),
         "missing_config_file": demo(tmp_path, "-c", str(tmp_path / "missing.yaml")),
         "missing_root": ["test", "-c", str(REPO / "configs/membank/mvtec.yaml"), "--run_root", str(tmp_path / "runs"),
                          "--model.init_args.backbone.arch", "fsad-tiny", "--model.init_args.backbone.pretrained", "null",
