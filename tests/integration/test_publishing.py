@@ -1,5 +1,6 @@
 """Nothing lost: a full disk or an interrupt during ``test``, ``predict`` or ``benchmark`` ends in one line with exit
-1 (143 for SIGTERM), publishes nothing, and leaves the previous finished run byte for byte as it was (issue #29).
+1 (143 for SIGTERM, 130 for SIGINT), publishes nothing, and leaves the previous finished run byte for byte as it was
+(issue #29).
 
 The full disk is real as far as the writer can tell: the child process runs with ``RLIMIT_FSIZE`` (and SIGXFSZ
 ignored), so every write past the limit fails with ``EFBIG`` the way a full disk fails with ``ENOSPC``.
@@ -152,7 +153,12 @@ def interrupt_when(process: subprocess.Popen, started: Path, signum: int) -> tup
     return process.returncode, stderr
 
 
-def test_sigterm_during_predict_stops_at_the_next_batch_and_publishes_nothing(tmp_path: Path, data: Path) -> None:
+@pytest.mark.parametrize(
+    ("signum", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
+)
+def test_a_signal_during_predict_stops_at_the_next_batch_and_publishes_nothing(
+    tmp_path: Path, data: Path, signum: signal.Signals, exit_code: int
+) -> None:
     args = ["predict", "-c", DEMO, "-c", PREDICT, "--run_root", str(tmp_path / "runs"),
             "--data.init_args.path", str(data / "disc/test"), "--data.init_args.normal_dir",
             str(data / "disc/train/good"), "--data.init_args.batch_size", "1"]  # fmt: skip
@@ -162,9 +168,9 @@ def test_sigterm_during_predict_stops_at_the_next_batch_and_publishes_nothing(tm
 
     batches = tmp_path / "batches.log"
     process = child(SLOWED, args, batches)
-    code, stderr = interrupt_when(process, run_dir / ".staging/predictions.partial", signal.SIGTERM)
-    assert code == 143, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1].startswith("interrupted by SIGTERM: nothing new saved")
+    code, stderr = interrupt_when(process, run_dir / ".staging/predictions.partial", signum)
+    assert code == exit_code, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith(f"interrupted by {signum.name}: nothing new saved")
     assert len(batches.read_text().splitlines()) <= 3  # of 20: it stopped at the next batch boundary
     assert snapshot(run_dir) == finished
 
