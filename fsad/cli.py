@@ -56,7 +56,7 @@ from fsad.lightning_modules.winclip import module as winclip_module  # noqa: F40
 from fsad.network import wandb_reachable
 from fsad.progress import is_terminal
 from fsad.quiet import quiet_output
-from fsad.run_folder import RunFolder, output_path, write_text_atomically
+from fsad.run_folder import STAGING, RunFolder, output_path, write_text_atomically
 from fsad.signals import CheckpointOnSignal, SignalGuard, run_guarded
 from fsad.slurm import check_allocation
 
@@ -416,16 +416,27 @@ class FsadCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         super()._run_subcommand(subcommand)
-        if self.run_folder is not None:
-            self.run_folder.write_records(self.model.run_records())
-            self.run_folder.complete(subcommand)  # publishes the run's outputs
-        if subcommand == "test" and self._active_config().get("report") and self.trainer.is_global_zero:
-            from fsad.report import ReportError, write_run_report
+        if self.run_folder is None:  # ranks other than 0 write nothing
+            return
+        self.run_folder.write_records(self.model.run_records())
+        report = self._stage_report() if subcommand == "test" and self._active_config().get("report") else None
+        self.run_folder.complete(subcommand)  # publishes the run's outputs, report.html with them
+        if report is not None:
+            print(f"report: {report}")
 
-            try:  # from the published files; written atomically, so a failure keeps the previous report.html
-                print(f"report: {write_run_report(Path(self.trainer.default_root_dir))}")
-            except ReportError as err:  # e.g. a config without ResultsWriter: the run itself is fine
-                warnings.warn(f"no report.html: {err}", UserWarning, stacklevel=2)
+    def _stage_report(self) -> Path | None:
+        """Write report.html from the staged outputs into the staging folder, so that it is published in the same
+        swap as the outputs it shows; returns where it will be published, or None (with a warning) when the run
+        wrote no results.csv (a config without ResultsWriter: the run itself is fine)."""
+        from fsad.report import ReportError, write_run_report
+
+        run_dir = self.run_folder.path
+        try:
+            staged = write_run_report(run_dir, staging=run_dir / STAGING)
+        except ReportError as err:
+            warnings.warn(f"no report.html: {err}", UserWarning, stacklevel=2)
+            return None
+        return run_dir / staged.name
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         settings = self._get(self.config_init, "trainer", default={})

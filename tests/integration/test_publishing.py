@@ -25,6 +25,8 @@ DEMO = str(REPO / "configs/demo.yaml")
 PREDICT = str(REPO / "configs/data/predict.yaml")
 #: Larger than config.yaml, support.txt and results.*, smaller than a heatmap, an overlay or a raw map.
 FILE_LIMIT = 16_000
+#: Larger than every output of the demo's test run (heatmaps are about 0.2 MB) but report.html (about 2 MB).
+REPORT_LIMIT = 1_000_000
 LIMITED = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -71,8 +73,8 @@ def child(script: str, args: list[str], batch_log: Path | None = None) -> subpro
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
-def with_full_disk(args: list[str]) -> tuple[int, str]:
-    process = child(LIMITED.format(limit=FILE_LIMIT), args)
+def with_full_disk(args: list[str], limit: int = FILE_LIMIT) -> tuple[int, str]:
+    process = child(LIMITED.format(limit=limit), args)
     _, stderr = process.communicate(timeout=300)
     return process.returncode, stderr
 
@@ -88,7 +90,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic")
 
 
-def test_test_on_a_full_disk_exits_1_and_the_finished_run_and_its_config_stay_byte_identical(
+def test_test_on_a_full_disk_exits_1_and_the_finished_run_its_config_and_report_stay_byte_identical(
     tmp_path: Path, data: Path
 ) -> None:
     args = ["test", "-c", DEMO, "--run_root", str(tmp_path / "runs"), "--data.init_args.root", str(data)]
@@ -103,6 +105,14 @@ def test_test_on_a_full_disk_exits_1_and_the_finished_run_and_its_config_stay_by
     line = the_error_line(stderr)
     assert line.startswith(f"error: cannot write {run_dir}/.staging/heatmaps") and line.endswith("File too large")
     assert snapshot(run_dir) == finished  # config.yaml too: it still describes the finished run
+
+    # Only report.html is too large: it is staged with the other outputs, so none of them is published either.
+    assert max(len(v) for k, v in finished.items() if k != "report.html") < REPORT_LIMIT < len(finished["report.html"])
+    code, stderr = with_full_disk(args, REPORT_LIMIT)
+    assert code == 1
+    line = the_error_line(stderr)
+    assert line == f"error: cannot write {run_dir}/.staging/report.html: File too large", line
+    assert snapshot(run_dir) == finished  # run.json's finishing time included
 
 
 def test_predict_on_a_full_disk_exits_1_and_the_previous_predictions_stay_byte_identical(
