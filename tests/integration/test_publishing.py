@@ -166,9 +166,11 @@ def interrupt_when(process: subprocess.Popen, started: Path, signum: int) -> tup
 @pytest.mark.parametrize(
     ("signum", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
 )
-def test_a_signal_during_predict_stops_at_the_next_batch_and_publishes_nothing(
+def test_a_signal_during_predict_stops_it_within_a_batch_and_publishes_nothing(
     tmp_path: Path, data: Path, signum: signal.Signals, exit_code: int
 ) -> None:
+    """SIGTERM stops at the next batch boundary; SIGINT's KeyboardInterrupt stops at once, maybe before the batch
+    under way is counted."""
     args = ["predict", "-c", DEMO, "-c", PREDICT, "--run_root", str(tmp_path / "runs"),
             "--data.init_args.path", str(data / "disc/test"), "--data.init_args.normal_dir",
             str(data / "disc/train/good"), "--data.init_args.batch_size", "1"]  # fmt: skip
@@ -181,7 +183,8 @@ def test_a_signal_during_predict_stops_at_the_next_batch_and_publishes_nothing(
     code, stderr = interrupt_when(process, run_dir / ".staging/predictions.partial", signum)
     assert code == exit_code, stderr[-3000:]
     assert stderr.strip().splitlines()[-1].startswith(f"interrupted by {signum.name}: nothing new saved")
-    assert len(batches.read_text().splitlines()) <= 3  # of 20: it stopped at the next batch boundary
+    assert batches.is_file() or signum == signal.SIGINT
+    assert (len(batches.read_text().splitlines()) if batches.is_file() else 0) <= 3  # of 20 batches
     assert snapshot(run_dir) == finished
 
 
