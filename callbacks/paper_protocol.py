@@ -75,14 +75,19 @@ class PaperMaxFusion(Callback):
     """The authors' image AUROC: ``max(AUROC(harmonic), AUROC(mean))`` over the two fusions of the visual and
     textual image scores, which picks the fusion with test labels; logged as ``image_AUROC_paper_max_fusion``.
 
-    Reads ``pl_module.model.last_image_parts`` ([B,2]: max M_v, textual score) after each test batch; exact under DDP
-    (every rank's samples are gathered by dataset index, padding duplicates dropped).
+    Reads ``pl_module.model.last_image_parts`` ([B,2]: max M_v, textual score) after each test batch, which the model
+    keeps while this callback sets its ``record_image_parts`` (the test loop only); exact under DDP (every rank's
+    samples are gathered by dataset index, padding duplicates dropped).
     """
 
     metric = "image_AUROC_paper_max_fusion"
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.parts: dict[int, tuple[int, float, float]] = {}
+        pl_module.model.record_image_parts = True
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.model.record_image_parts = False
 
     def on_test_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Batch, batch: Batch, batch_idx: int,

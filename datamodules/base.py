@@ -179,7 +179,12 @@ class FewShotDataModule(LightningDataModule, ABC):
     @classmethod
     def run_key(cls, init_args: dict[str, Any]) -> tuple[str, str, int, int]:
         """(dataset, category, k, seed) naming a run's directory, from the datamodule's init arguments."""
-        return cls.dataset_name, str(init_args.get("category")), int(init_args.get("k_shot", 4)), int(init_args.get("seed", 0))
+        return (
+            cls.dataset_name,
+            str(init_args.get("category")),
+            int(init_args.get("k_shot", 4)),
+            int(init_args.get("seed", 0)),
+        )
 
     # ----------------------------------------------------------------- dataset-specific parts
     @abstractmethod
@@ -258,7 +263,9 @@ class FewShotDataModule(LightningDataModule, ABC):
             if hasattr(logger, "log_table"):
                 try:
                     logger.log_table(
-                        key="support_set", columns=["rank", "path"], data=[[i, p] for i, p in enumerate(self.support_paths)]
+                        key="support_set",
+                        columns=["rank", "path"],
+                        data=[[i, p] for i, p in enumerate(self.support_paths)],
                     )
                 except Exception as err:  # a logger failing to log must not end the run
                     warnings.warn(f"could not log the support set to {type(logger).__name__}: {err}", stacklevel=2)

@@ -93,7 +93,9 @@ def preset_file(preset: SupportPreset, root: str | Path | None, dataset: str, ca
     ``seeds_realiad/<k>_shot.txt``. ``root`` may also name the file itself.
     """
     if dataset not in PRESET_DATASETS[preset]:
-        raise DataError(f"data.support_preset: {preset!r} publishes picks for {PRESET_DATASETS[preset]}, not {dataset!r}")
+        raise DataError(
+            f"data.support_preset: {preset!r} publishes picks for {PRESET_DATASETS[preset]}, not {dataset!r}"
+        )
     if root is not None and Path(root).is_file():
         return Path(root)
     if preset == "promptad":
@@ -103,7 +105,9 @@ def preset_file(preset: SupportPreset, root: str | Path | None, dataset: str, ca
     base = Path(root).expanduser() if root is not None else PACKAGED_PRESETS / preset
     path = base / relative
     if not path.is_file():
-        where = "data.support_preset_root" if root is not None else "the packaged presets (set data.support_preset_root)"
+        where = (
+            "data.support_preset_root" if root is not None else "the packaged presets (set data.support_preset_root)"
+        )
         raise DataError(f"data.support_preset: {path} not found in {where}")
     return path
 

@@ -133,4 +133,3 @@ class SyntheticDataModule(MVTecDataModule):
     def setup(self, stage: str | None = None) -> None:
         generate_synthetic_dataset(self.root)
         super().setup(stage)
-

@@ -56,7 +56,7 @@ from fsad.lightning_modules.winclip import module as winclip_module  # noqa: F40
 from fsad.network import wandb_reachable
 from fsad.progress import is_terminal
 from fsad.quiet import quiet_output
-from fsad.run_folder import RunFolder, output_path, write_text_atomically
+from fsad.run_folder import STAGING, RunFolder, output_path, write_text_atomically
 from fsad.signals import CheckpointOnSignal, SignalGuard, run_guarded
 from fsad.slurm import check_allocation
 
@@ -173,9 +173,13 @@ def one_line_usage_error(message: str) -> str:
     return f"{'.'.join(path)}: {reason}" if path else reason
 
 
-def check_config_files(args: list[str]) -> None:
+def check_config_files(args: list[str]) -> list[tuple[str, Any]]:
     """Every ``-c`` file exists and is valid YAML, else one :class:`UsageError` naming it (jsonargparse's own
-    message names neither the file nor, for broken YAML, anything a user can find)."""
+    message names neither the file nor, for broken YAML, anything a user can find).
+
+    Returns each file as (``-c <path>`` as given, its parsed contents), in command-line order.
+    """
+    files = []
     pairs = [
         arg.partition("=")[::2] if arg.startswith("--config=") else (arg, nxt)
         for arg, nxt in zip(args, [*args[1:], ""], strict=True)
@@ -189,7 +193,7 @@ def check_config_files(args: list[str]) -> None:
                 continue
             raise UsageError(f"{flag} {value}: no such config file")
         try:
-            yaml.safe_load(file.read_text())
+            files.append((f"{flag} {value}", yaml.safe_load(file.read_text())))
         except (OSError, UnicodeDecodeError) as err:
             raise UsageError(f"{flag} {value}: cannot read the config file ({err})") from None
         except yaml.YAMLError as err:
@@ -197,6 +201,43 @@ def check_config_files(args: list[str]) -> None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             problem = getattr(err, "problem", None) or type(err).__name__
             raise UsageError(f"{flag} {value}: not valid YAML{where}: {problem}") from None
+    return files
+
+
+UNKNOWN_KEY = re.compile(
+    r"does not accept option '(?P<key>[^']+)'|^(?:(?P<parent>\S+): )?Option '(?P<option>[^']+)' is not accepted"
+)
+
+
+def unknown_key(message: str) -> list[str] | None:
+    """The dotted path, split, of the key a one-line usage error refuses as unknown (``trainer.max_epochz`` or
+    ``model.init_args: Option 'sigmaz' ...``); None for any other error."""
+    found = UNKNOWN_KEY.search(message)
+    if found is None:
+        return None
+    key = found["key"] or ".".join(filter(None, (found["parent"], found["option"])))
+    return key.split(".")
+
+
+def sets_key(tree: Any, parts: list[str]) -> bool:
+    """Whether the parsed YAML ``tree`` sets the key ``parts``; ``init_args`` may be left out, as jsonargparse
+    allows (``model: {gaussian_sigma: 4}``), and a list (``trainer.callbacks``) sets what any of its items sets."""
+    if not parts:
+        return True
+    if isinstance(tree, list):
+        return any(sets_key(item, parts) for item in tree)
+    if not isinstance(tree, dict):
+        return False
+    head, *rest = parts
+    return (head in tree and sets_key(tree[head], rest)) or (head == "init_args" and sets_key(tree, rest))
+
+
+def name_config_file(error: UsageError, config_files: list[tuple[str, Any]]) -> UsageError:
+    """``error`` prefixed with the ``-c`` file(s) setting the unknown key it refuses: jsonargparse merges the files
+    before it validates, so its message names the key but not the file it came from."""
+    key = unknown_key(str(error))
+    sources = [label for label, tree in config_files if key is not None and sets_key(tree, key)]
+    return UsageError(f"{', '.join(sources)}: {error}") if sources else error
 
 
 class FsadCLI(LightningCLI):
@@ -375,16 +416,27 @@ class FsadCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         super()._run_subcommand(subcommand)
-        if self.run_folder is not None:
-            self.run_folder.write_records(self.model.run_records())
-            self.run_folder.complete(subcommand)  # publishes the run's outputs
-        if subcommand == "test" and self._active_config().get("report") and self.trainer.is_global_zero:
-            from fsad.report import ReportError, write_run_report
+        if self.run_folder is None:  # ranks other than 0 write nothing
+            return
+        self.run_folder.write_records(self.model.run_records())
+        report = self._stage_report() if subcommand == "test" and self._active_config().get("report") else None
+        self.run_folder.complete(subcommand)  # publishes the run's outputs, report.html with them
+        if report is not None:
+            print(f"report: {report}")
 
-            try:  # from the published files; written atomically, so a failure keeps the previous report.html
-                print(f"report: {write_run_report(Path(self.trainer.default_root_dir))}")
-            except ReportError as err:  # e.g. a config without ResultsWriter: the run itself is fine
-                warnings.warn(f"no report.html: {err}", UserWarning, stacklevel=2)
+    def _stage_report(self) -> Path | None:
+        """Write report.html from the staged outputs into the staging folder, so that it is published in the same
+        swap as the outputs it shows; returns where it will be published, or None (with a warning) when the run
+        wrote no results.csv (a config without ResultsWriter: the run itself is fine)."""
+        from fsad.report import ReportError, write_run_report
+
+        run_dir = self.run_folder.path
+        try:
+            staged = write_run_report(run_dir, staging=run_dir / STAGING)
+        except ReportError as err:
+            warnings.warn(f"no report.html: {err}", UserWarning, stacklevel=2)
+            return None
+        return run_dir / staged.name
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         settings = self._get(self.config_init, "trainer", default={})
@@ -481,8 +533,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_guarded(lambda: command(args[1:]), guard)
 
     def lightning_command() -> int:
-        check_config_files(args)
-        FsadCLI(args=argv, signal_guard=guard)
+        config_files = check_config_files(args)
+        try:
+            FsadCLI(args=argv, signal_guard=guard)
+        except UsageError as err:
+            raise name_config_file(err, config_files) from None
         return 0
 
     return run_guarded(lightning_command, guard)

@@ -17,7 +17,8 @@ class FsadError(Exception):
 
 
 class CheckpointError(FsadError):
-    """``--ckpt_path`` names a missing, unreadable or unsafe checkpoint file."""
+    """A checkpoint file (``--ckpt_path``, ``fsad export``, the Inferencer) is missing, unreadable or unsafe, or
+    lacks what its reader needs; the message names the file or field."""
 
 
 class RunFolderError(FsadError):

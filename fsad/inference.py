@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from fsad.batch import collate_batch
 from fsad.checkpoints import read_checkpoint
 from fsad.datamodules.transforms import PairedTransform, load_rgb
-from fsad.errors import FsadError
+from fsad.errors import CheckpointError, FsadError
 from fsad.export import (
     METADATA_FILE,
     ONNX_FILE,
@@ -38,10 +38,6 @@ from fsad.export import (
 )
 from fsad.lightning_modules.base import FewShotAnomalyModule, checkpoint_model_class
 from fsad.lightning_modules.components.run_settings import evaluation_change_line
-
-
-class CheckpointError(FsadError, ValueError):
-    """A checkpoint file is missing, unreadable or lacks what the inferencer needs (the field is named)."""
 
 
 @dataclass

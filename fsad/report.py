@@ -223,14 +223,19 @@ def caption_provenance(record: Any) -> list[dict[str, str]]:
     return found
 
 
-def run_sections(run_dir: Path) -> tuple[str, str]:
-    """(title, body) of a run's report."""
-    row = read_csv(run_dir / "results.csv")[0]
+def run_file(folders: Sequence[Path], name: str) -> Path:
+    """``name`` (a top-level file or folder of a run) in the first of ``folders`` that holds it, else in the last."""
+    return next((folder / name for folder in folders if (folder / name).exists()), folders[-1] / name)
+
+
+def run_sections(folders: Sequence[Path]) -> tuple[str, str]:
+    """(title, body) of the report of the run whose files lie in ``folders``, each read from the first holding it."""
+    row = read_csv(run_file(folders, "results.csv"))[0]
     identity = " ".join(str(row.get(k, "")) for k in ("method", "dataset", "category"))
     title = f"fsad run: {identity} k={row.get('k', '')} seed={row.get('seed', '')}"
     parts = ["<h2>Metrics</h2>", html_table([row])]
 
-    curves_file = run_dir / "curves.json"
+    curves_file = run_file(folders, "curves.json")
     if curves_file.is_file():
         image = json.loads(curves_file.read_text()).get("image", {})
         if image:
@@ -241,7 +246,7 @@ def run_sections(run_dir: Path) -> tuple[str, str]:
                 "</div><p>The exact points the image AUROC and AP were computed from.</p>",
             ]
 
-    support_file = run_dir / "support.txt"
+    support_file = run_file(folders, "support.txt")
     if support_file.is_file():
         paths = [Path(line) for line in support_file.read_text().splitlines() if line.strip() and line[0] != "#"]
         images = []
@@ -251,7 +256,7 @@ def run_sections(run_dir: Path) -> tuple[str, str]:
                           f"<span>{escape(path)} (not readable here)</span>")  # fmt: skip
         parts += [f'<h2>Support images (k={len(paths)})</h2><div class="support">{"".join(images)}</div>']
 
-    captions_file = run_dir / "captions.json"
+    captions_file = run_file(folders, "captions.json")
     if captions_file.is_file():
         try:
             provenance = caption_provenance(json.loads(captions_file.read_text()))
@@ -260,8 +265,8 @@ def run_sections(run_dir: Path) -> tuple[str, str]:
             shown = f"<p>captions.json is not valid JSON ({escape(err)})</p>"
         parts += [f"<h2>Caption record provenance</h2>{shown}"]
 
-    parts.append(gallery(run_dir / "heatmaps"))
-    config_file = run_dir / "config.yaml"
+    parts.append(gallery(run_file(folders, "heatmaps")))
+    config_file = run_file(folders, "config.yaml")
     if config_file.is_file():
         parts.append(f"<h2>Config</h2><details><summary>config.yaml</summary><pre>{escape(config_file.read_text())}"
                      "</pre></details>")  # fmt: skip
@@ -306,12 +311,19 @@ def gallery(heatmaps_dir: Path) -> str:
     )
 
 
-def write_run_report(run_dir: Path) -> Path:
-    """Write ``<run_dir>/report.html``; returns its path."""
-    if not (run_dir / "results.csv").is_file():
+def write_run_report(run_dir: Path, staging: Path | None = None) -> Path:
+    """Write ``<run_dir>/report.html``; returns the path written.
+
+    With ``staging`` (the staged outputs of a finishing ``fsad test``), the report describes the folder as it will be
+    once they are published (each file from ``staging`` where the run staged it, else from ``run_dir``) and is
+    written into ``staging``, so it is published in the same swap: a failure leaves the previous report beside the
+    previous outputs.
+    """
+    folders = [run_dir] if staging is None else [staging, run_dir]
+    if not run_file(folders, "results.csv").is_file():
         raise ReportError(f"{run_dir}: no results.csv, so no finished test run to report on")
-    title, body = run_sections(run_dir)
-    target = run_dir / REPORT_NAME
+    title, body = run_sections(folders)
+    target = folders[0] / REPORT_NAME
     write_text_atomically(target, page(title, body, GALLERY_SCRIPT))
     return target
 

@@ -29,7 +29,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
         return maps
     kernel = gaussian_kernel1d(sigma).to(maps)
     radius = kernel.numel() // 2
-    if not torch.jit.is_tracing() and radius > min(maps.shape[-2:]):  # sizes are constants of a traced graph
+    if radius > min(maps.shape[-2:]):  # an exported graph's maps are at eval_size, so this stays a constant check
         raise ValueError(f"gaussian_sigma={sigma} is too large for maps of size {tuple(maps.shape[-2:])}")
     x = maps.unsqueeze(1)
     x = F.conv2d(symmetric_pad(x, radius, dim=3), kernel.view(1, 1, 1, -1))
@@ -40,7 +40,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 def upsample_and_smooth(maps: torch.Tensor, size: int | tuple[int, int], sigma: float) -> torch.Tensor:
     """Bilinearly upsample [B,h,w] grid maps to ``size`` and blur them with σ in output pixels.
 
-    PromptAD/FineGrainedAD use σ = 4 at 400 px (methods.md §1, "Inference"); KAG-prompt uses no smoothing (σ = 0).
+    PromptAD/FineGrainedAD use σ = 4 at 400 px; KAG-prompt uses no smoothing (σ = 0).
     Values stay raw (no clamp): the batch contract passes the method's own range to the metrics.
     """
     size = (size, size) if isinstance(size, int) else tuple(size)

@@ -39,6 +39,7 @@ def state_ensemble_features(backbone: ClipBackbone, name: str, templates: tuple[
         sides.append(F.normalize(encoded.mean(0), dim=-1))
     return torch.stack(sides)
 
+
 DISPLAY_NAMES = {
     "metal_nut": "metal nut", "pcb1": "printed circuit board", "pcb2": "printed circuit board",
     "pcb3": "printed circuit board", "pcb4": "printed circuit board", "pipe_fryum": "pipe fryum",

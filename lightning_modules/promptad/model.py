@@ -107,6 +107,9 @@ class PromptADModel(nn.Module):
         self.eam_token_axis_quirk = eam_token_axis_quirk
         self.image_max_size = image_max_size
         self.scoring_dtype = scoring_dtype
+        #: Whether forward keeps :attr:`last_image_parts`: only the paper protocol's max-fusion callback asks, during
+        #: the test loop, so an export records a forward that changes no attribute.
+        self.record_image_parts = False
         self.last_image_parts: torch.Tensor | None = None  # [B,2] (max M_v, text score) of the last forward
         self.text: GroupFeatures | None = None
         self.cls_text: GroupFeatures | None = None
@@ -186,7 +189,8 @@ class PromptADModel(nn.Module):
             visual_max = upsampled_max(visual.reshape(visual.shape[0], *features.grid), self.image_max_size)
         else:
             visual_max = visual.amax(dim=1)
-        self.last_image_parts = torch.stack([visual_max, image_text.float()], dim=1)  # the paper protocol's max fusion
+        if self.record_image_parts:  # the paper protocol's max fusion
+            self.last_image_parts = torch.stack([visual_max, image_text.float()], dim=1)
         return grid, harmonic_fusion(visual_max, image_text)
 
     def low_precision_parts(self, features: BackboneOutput, t: torch.Tensor) -> tuple[torch.Tensor, ...]:

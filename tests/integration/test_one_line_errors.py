@@ -65,7 +65,16 @@ def test_batch_size_0_is_one_line_with_exit_1_in_a_real_process(tmp_path: Path) 
     [
         ("corrupt_yaml", 2, "-c {tmp}/broken.yaml: not valid YAML at line 2"),
         ("unknown_key", 2, "--trainer.max_epochz"),
-        ("unknown_key_in_second_file", 2, "'trainer.max_epochz'"),
+        (
+            "unknown_key_in_second_file",
+            2,
+            "error: -c {tmp}/second.yaml: Subcommand 'test' does not accept option 'trainer.max_epochz'",
+        ),
+        (
+            "unknown_model_key_in_third_file",
+            2,
+            "error: -c {tmp}/third.yaml: model.init_args: Option 'gaussian_sigmaz' is not accepted",
+        ),
         ("missing_config_file", 2, "-c {tmp}/missing.yaml: no such config file"),
         ("missing_root", 1, "data.root is required for MVTecDataModule"),
     ],
@@ -75,10 +84,14 @@ def test_config_and_command_line_mistakes_are_one_line(
 ) -> None:
     (tmp_path / "broken.yaml").write_text("model: [unclosed\n  foo: : bar\n")
     (tmp_path / "second.yaml").write_text("trainer:\n  max_epochz: 3\n")
+    (tmp_path / "valid.yaml").write_text("model:\n  init_args:\n    gaussian_sigma: 3\n")
+    (tmp_path / "third.yaml").write_text("model:\n  gaussian_sigmaz: 3\n")  # init_args left out, as jsonargparse allows
     args = {
         "corrupt_yaml": demo(tmp_path, "-c", str(tmp_path / "broken.yaml")),
         "unknown_key": demo(tmp_path, "--trainer.max_epochz", "3"),
         "unknown_key_in_second_file": demo(tmp_path, "-c", str(tmp_path / "second.yaml")),
+        "unknown_model_key_in_third_file": demo(tmp_path, "-c", str(tmp_path / "valid.yaml"),
+                                                "-c", str(tmp_path / "third.yaml")),
         "missing_config_file": demo(tmp_path, "-c", str(tmp_path / "missing.yaml")),
         "missing_root": ["test", "-c", str(REPO / "configs/membank/mvtec.yaml"), "--run_root", str(tmp_path / "runs"),
                          "--model.init_args.backbone.arch", "fsad-tiny", "--model.init_args.backbone.pretrained", "null",
@@ -154,6 +167,23 @@ def test_export_inferencer_and_ckpt_path_refuse_bad_files_in_one_line(
         assert str(bad) in str(raised.value) and OUR_SENTENCE in str(raised.value)
         assert_no_unsafe_advice(str(raised.value))
     assert not (tmp_path / "model").exists()
+
+
+def test_the_inferencers_own_refusals_are_the_one_checkpoint_error(tmp_path: Path) -> None:
+    """A checkpoint that reads but lacks what the Inferencer needs raises the same class as an unreadable one, so one
+    ``except CheckpointError`` catches both."""
+    import torch
+
+    from fsad import Inferencer
+    from fsad.errors import CheckpointError
+
+    no_model_class, other_resize = tmp_path / "no_model_class.ckpt", tmp_path / "other_resize.ckpt"
+    torch.save({"state_dict": {}}, no_model_class)
+    torch.save({"state_dict": {}, "datamodule_hyper_parameters": {"resize": "authors"}}, other_resize)
+    with pytest.raises(CheckpointError, match=r"names no model class \(model_class\)"):
+        Inferencer.from_checkpoint(no_model_class, support=str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"data.resize: 'authors' is not supported by the inferencer"):
+        Inferencer.from_checkpoint(other_resize, support=str(tmp_path))
 
 
 def test_a_kag_sweeps_bad_pretrained_checkpoint_is_one_line(

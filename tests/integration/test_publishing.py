@@ -1,5 +1,6 @@
 """Nothing lost: a full disk or an interrupt during ``test``, ``predict`` or ``benchmark`` ends in one line with exit
-1 (143 for SIGTERM), publishes nothing, and leaves the previous finished run byte for byte as it was (issue #29).
+1 (143 for SIGTERM, 130 for SIGINT), publishes nothing, and leaves the previous finished run byte for byte as it was
+(issue #29).
 
 The full disk is real as far as the writer can tell: the child process runs with ``RLIMIT_FSIZE`` (and SIGXFSZ
 ignored), so every write past the limit fails with ``EFBIG`` the way a full disk fails with ``ENOSPC``.
@@ -24,6 +25,8 @@ DEMO = str(REPO / "configs/demo.yaml")
 PREDICT = str(REPO / "configs/data/predict.yaml")
 #: Larger than config.yaml, support.txt and results.*, smaller than a heatmap, an overlay or a raw map.
 FILE_LIMIT = 16_000
+#: Larger than every output of the demo's test run (heatmaps are about 0.2 MB) but report.html (about 2 MB).
+REPORT_LIMIT = 1_000_000
 LIMITED = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -70,8 +73,8 @@ def child(script: str, args: list[str], batch_log: Path | None = None) -> subpro
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
-def with_full_disk(args: list[str]) -> tuple[int, str]:
-    process = child(LIMITED.format(limit=FILE_LIMIT), args)
+def with_full_disk(args: list[str], limit: int = FILE_LIMIT) -> tuple[int, str]:
+    process = child(LIMITED.format(limit=limit), args)
     _, stderr = process.communicate(timeout=300)
     return process.returncode, stderr
 
@@ -87,7 +90,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic")
 
 
-def test_test_on_a_full_disk_exits_1_and_the_finished_run_and_its_config_stay_byte_identical(
+def test_test_on_a_full_disk_exits_1_and_the_finished_run_its_config_and_report_stay_byte_identical(
     tmp_path: Path, data: Path
 ) -> None:
     args = ["test", "-c", DEMO, "--run_root", str(tmp_path / "runs"), "--data.init_args.root", str(data)]
@@ -102,6 +105,14 @@ def test_test_on_a_full_disk_exits_1_and_the_finished_run_and_its_config_stay_by
     line = the_error_line(stderr)
     assert line.startswith(f"error: cannot write {run_dir}/.staging/heatmaps") and line.endswith("File too large")
     assert snapshot(run_dir) == finished  # config.yaml too: it still describes the finished run
+
+    # Only report.html is too large: it is staged with the other outputs, so none of them is published either.
+    assert max(len(v) for k, v in finished.items() if k != "report.html") < REPORT_LIMIT < len(finished["report.html"])
+    code, stderr = with_full_disk(args, REPORT_LIMIT)
+    assert code == 1
+    line = the_error_line(stderr)
+    assert line == f"error: cannot write {run_dir}/.staging/report.html: File too large", line
+    assert snapshot(run_dir) == finished  # run.json's finishing time included
 
 
 def test_predict_on_a_full_disk_exits_1_and_the_previous_predictions_stay_byte_identical(
@@ -152,7 +163,14 @@ def interrupt_when(process: subprocess.Popen, started: Path, signum: int) -> tup
     return process.returncode, stderr
 
 
-def test_sigterm_during_predict_stops_at_the_next_batch_and_publishes_nothing(tmp_path: Path, data: Path) -> None:
+@pytest.mark.parametrize(
+    ("signum", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
+)
+def test_a_signal_during_predict_stops_it_within_a_batch_and_publishes_nothing(
+    tmp_path: Path, data: Path, signum: signal.Signals, exit_code: int
+) -> None:
+    """SIGTERM stops at the next batch boundary; SIGINT's KeyboardInterrupt stops at once, maybe before the batch
+    under way is counted."""
     args = ["predict", "-c", DEMO, "-c", PREDICT, "--run_root", str(tmp_path / "runs"),
             "--data.init_args.path", str(data / "disc/test"), "--data.init_args.normal_dir",
             str(data / "disc/train/good"), "--data.init_args.batch_size", "1"]  # fmt: skip
@@ -162,10 +180,11 @@ def test_sigterm_during_predict_stops_at_the_next_batch_and_publishes_nothing(tm
 
     batches = tmp_path / "batches.log"
     process = child(SLOWED, args, batches)
-    code, stderr = interrupt_when(process, run_dir / ".staging/predictions.partial", signal.SIGTERM)
-    assert code == 143, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1].startswith("interrupted by SIGTERM: nothing new saved")
-    assert len(batches.read_text().splitlines()) <= 3  # of 20: it stopped at the next batch boundary
+    code, stderr = interrupt_when(process, run_dir / ".staging/predictions.partial", signum)
+    assert code == exit_code, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith(f"interrupted by {signum.name}: nothing new saved")
+    assert batches.is_file() or signum == signal.SIGINT
+    assert (len(batches.read_text().splitlines()) if batches.is_file() else 0) <= 3  # of 20 batches
     assert snapshot(run_dir) == finished
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
@@ -18,6 +19,12 @@ def test_gaussian_blur_equals_scipy_mirror() -> None:
             maps[i].numpy().astype(np.float64), sigma=2.5, truncate=4.0
         )  # scipy's default border, mode="reflect"
         np.testing.assert_allclose(ours[i], ref, atol=1e-6)
+
+
+def test_a_sigma_whose_kernel_is_wider_than_the_map_is_refused_naming_it() -> None:
+    # radius round(4·2.5) = 10 > 8: the mirrored border cannot be built (scipy would reflect more than once)
+    with pytest.raises(ValueError, match=r"gaussian_sigma=2.5 is too large for maps of size \(8, 8\)"):
+        gaussian_blur(torch.rand(1, 8, 8), sigma=2.5)
 
 
 def test_upsample_keeps_constant_maps_and_raw_values() -> None:
