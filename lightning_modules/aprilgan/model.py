@@ -42,6 +42,9 @@ class AprilGanModel(nn.Module):
         #: [B,2] (max of the few-shot map, zero-shot score) of the last few-shot batch, ``None`` zero-shot: what the
         #: authors' test-set normalised image score needs (``callbacks/paper_protocol.py::PaperTestSetMinMax``)
         self.last_image_parts: torch.Tensor | None = None
+        #: Whether forward keeps :attr:`last_image_parts`: only that callback asks, during the test loop, so an export
+        #: records a forward that changes no attribute.
+        self.record_image_parts = False
 
     def fit(self, support: BackboneOutput) -> None:
         """Few-shot: keep the support images' tapped tokens, one bank per tap."""
@@ -90,12 +93,14 @@ class AprilGanModel(nn.Module):
         image_probability = self.image_probability(features.cls, text)
         outputs = {"layer_probabilities": probabilities, "text_map": text_map, "image_probability": image_probability}
         if not self.memory.is_fitted:
-            self.last_image_parts = None
+            if self.record_image_parts:
+                self.last_image_parts = None
             return outputs | {"anomaly_map": text_map, "score": image_probability}
         memory_map = self.memory_map(features)
         anomaly_map = text_map + memory_map
         map_maximum = anomaly_map.flatten(1).amax(dim=1)
-        self.last_image_parts = torch.stack([map_maximum, image_probability], dim=1).detach()
+        if self.record_image_parts:
+            self.last_image_parts = torch.stack([map_maximum, image_probability], dim=1).detach()
         # the authors min-max normalise the map maxima over the test set first; per image, fsad cannot (README)
         score = 0.5 * (image_probability + map_maximum)
         return outputs | {"memory_map": memory_map, "anomaly_map": anomaly_map, "score": score}

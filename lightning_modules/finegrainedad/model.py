@@ -201,6 +201,9 @@ class FineGrainedADModel(nn.Module):
         self.memory = MemoryBank()
         self.eam_margin, self.mean_loss_weight, self.reg_weight = eam_margin, mean_loss_weight, reg_weight
         self.temperature_quirk = temperature_quirk
+        #: Whether forward keeps :attr:`last_image_parts`: only the paper protocol's max-fusion callback asks, during
+        #: the test loop, so an export records a forward that changes no attribute.
+        self.record_image_parts = False
         self.last_image_parts: torch.Tensor | None = None  # [B,2] (max M_v, text score) of the last forward
         self.image_reweighting = image_reweighting
         self.train_query_former = train_query_former
@@ -406,5 +409,6 @@ class FineGrainedADModel(nn.Module):
             visual_max = visual.amax(dim=1)
         else:  # the authors' cls forward: max of the bilinearly upsampled visual map
             visual_max = upsampled_max(visual.reshape(visual.shape[0], *features.grid), self.image_max_size)
-        self.last_image_parts = torch.stack([visual_max, image_text], dim=1)  # for the paper's fusion quirk
+        if self.record_image_parts:  # the paper protocol's max fusion
+            self.last_image_parts = torch.stack([visual_max, image_text], dim=1)
         return grid, harmonic_fusion(visual_max, image_text)

@@ -127,3 +127,26 @@ def test_undamaged_export_loads_in_both_backends(exported, backend: str) -> None
     """The control of the test above: the same folder, undamaged, loads and scores."""
     result = Inferencer.from_export(exported.out, backend).predict(np.zeros((50, 60, 3), np.uint8))
     assert result.anomaly_map.shape == (50, 60) and np.isfinite(result.score)
+
+
+@pytest.mark.parametrize(
+    ("method", "backbone"),
+    [("finegrainedad.module.FineGrainedAD", TINY),
+     ("aprilgan.module.AprilGan", {**TINY, "taps": [1, 2, 3, 4], "vv_attention": False})],
+)  # fmt: skip
+def test_exporting_the_other_image_part_recorders_prints_no_warning(tmp_path: Path, method: str, backbone) -> None:
+    """FineGrainedAD and APRIL-GAN keep their image-score parts, as PromptAD, only while the paper protocol's
+    callback asks, so recording their forward assigns no tensor attribute either."""
+    import importlib
+
+    module_path, name = f"fsad.lightning_modules.{method}".rsplit(".", 1)
+    torch.manual_seed(0)
+    module = getattr(importlib.import_module(module_path), name)(backbone=backbone, image_size=96, eval_size=64).eval()
+    module.prepare_for_data(SimpleNamespace(category="bottle", dataset_name="mvtec"))
+    with torch.no_grad():
+        module.fit_support(module.backbone(torch.randn(2, 3, 96, 96)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_model(module, tmp_path / "model", "pt2")
+    assert not caught, [f"{w.category.__name__}: {str(w.message)[:200]}" for w in caught]
+    assert module.model.last_image_parts is None
