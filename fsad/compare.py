@@ -3,8 +3,10 @@
 Each entry names a benchmark config (``configs/benchmark/<method>_<dataset>.yaml``), so every method keeps its own
 protocol (few-shot fit, training-free, or pretrained once); the comparison config sets what must be shared: the
 dataset root, the categories, the k values and the seeds. Each method's sweep runs (or resumes) under
-``<output>/<name>/`` as ``fsad benchmark`` would run it, and ``compare.md`` gets one row per method with, per k, the
-image and pixel AUROC (%) averaged over categories then seeds, and the published numbers beside them.
+``<output>/<name>/`` as ``fsad benchmark`` would run it, but all of them share one feature cache,
+``<output>/feature_cache`` (methods whose backbone and preprocessing match read each other's entries). ``compare.md``
+gets one row per method with, per k, the image and pixel AUROC (%) averaged over categories then seeds, and the
+published numbers beside them.
 """
 
 from __future__ import annotations
@@ -68,13 +70,16 @@ def load_compare_config(path: str) -> CompareConfig:
 
 
 def run_method(config: CompareConfig, method: CompareMethod) -> tuple[Sweep, list[int]]:
-    """Run (or resume) one method's sweep on the comparison's categories, k and seeds; returns it and failed cells."""
+    """Run (or resume) one method's sweep on the comparison's categories, k and seeds, with the comparison's one
+    feature-cache folder; returns it and failed cells."""
     sweep_config = load_config(method.benchmark)
+    shared_cache = sweep_config.feature_cache.model_copy(update={"folder": str(Path(config.output) / "feature_cache")})
     sweep_config = sweep_config.model_copy(update={
         "root": config.root or sweep_config.root, "categories": config.categories,
         "shots": method.shots or config.shots, "seeds": config.seeds,
         "output": str(Path(config.output) / method.name), "extra_args": [*sweep_config.extra_args, *method.extra_args],
         "wandb_project": None,
+        "feature_cache": shared_cache,
     })  # fmt: skip
     sweep = Sweep(sweep_config)
     _, failed = sweep.run()
