@@ -72,18 +72,19 @@ def test_shipped_comparisons_name_valid_sweeps(name: str) -> None:
         assert all(config.methods[i].published.keys() == {1, 2, 4} for i in range(2, 7))
 
 
-def winclip_comparison(tmp_path: Path) -> Path:
+def winclip_comparison(tmp_path: Path, share: bool = True) -> Path:
     """WinCLIP (k = 0) then WinCLIP+ (k = 1) on the demo data through float32 feature-cache entries."""
     benchmark = yaml.safe_load((BENCHMARKS / "winclip_demo.yaml").read_text())
     benchmark["method_config"] = [str(BENCHMARKS / p) for p in benchmark["method_config"]]
     benchmark["extra_args"] += ["--data.init_args.root", str(tmp_path / "synthetic")]
     benchmark["feature_cache"] = {"dtype": "float32"}
     (tmp_path / "winclip.yaml").write_text(yaml.safe_dump(benchmark))
-    config = {"categories": ["disc"], "seeds": [0], "output": str(tmp_path / "compare"), "methods": [
+    output = tmp_path / ("compare" if share else "apart")
+    config = {"categories": ["disc"], "seeds": [0], "output": str(output), "share_feature_cache": share, "methods": [
         {"name": "WinCLIP", "benchmark": str(tmp_path / "winclip.yaml"), "shots": [0]},
         {"name": "WinCLIP+", "benchmark": str(tmp_path / "winclip.yaml"), "shots": [1]},
     ]}  # fmt: skip
-    path = tmp_path / "compare.yaml"
+    path = output.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -104,7 +105,8 @@ def test_winclip_plus_reads_what_winclip_stored_in_the_one_cache_and_gets_the_un
 ) -> None:
     assert main(["compare", "-c", str(winclip_comparison(tmp_path))]) == 0
     lines = CACHE_LINE.findall(capsys.readouterr().out)
-    assert [folder for folder, _ in lines] == [str(tmp_path / "compare" / "feature_cache")] * 2
+    names = ("WinCLIP", "WinCLIP+")
+    assert [folder for folder, _ in lines] == [str(tmp_path / "compare" / "feature_cache")] * len(names)
     data = SyntheticDataModule(root=str(tmp_path / "synthetic"), category="disc", k_shot=1)
     data.setup()
     images = len(data.test_samples)
@@ -121,3 +123,9 @@ def test_winclip_plus_reads_what_winclip_stored_in_the_one_cache_and_gets_the_un
     (uncached,) = read_rows(tmp_path / "plain")
     metrics = ("image_AUROC", "pixel_AUROC", "image_F1max", "pixel_F1max")
     assert [shared[m] for m in metrics] == [uncached[m] for m in metrics]
+
+    # control: with one cache per method's sweep, WinCLIP+ finds nothing WinCLIP computed
+    assert main(["compare", "-c", str(winclip_comparison(tmp_path, share=False))]) == 0
+    lines = CACHE_LINE.findall(capsys.readouterr().out)
+    assert [folder for folder, _ in lines] == [str(tmp_path / "apart" / name / "feature_cache") for name in names]
+    assert cache_counts(lines[1][1]) == dict.fromkeys(parts, (0, images))
