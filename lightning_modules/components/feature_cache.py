@@ -39,7 +39,7 @@ from fsad.lightning_modules.components.clip import BackboneOutput, ClipBackbone
 
 CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 BACKBONE_PART = "backbone"
-"""The part name of the backbone outputs themselves (in the hit/miss counts; not in their key)."""
+"""The part name of the backbone outputs themselves (other parts are derived from them and the backbone)."""
 
 
 def file_content_hash(path: str | Path, memo: dict[tuple[str, int, int], str] | None = None) -> str:
