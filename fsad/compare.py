@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 
 import yaml
@@ -78,7 +79,11 @@ def run_method(config: CompareConfig, method: CompareMethod) -> tuple[Sweep, lis
     sweep_config = load_config(method.benchmark)
     cache = sweep_config.feature_cache
     if config.share_feature_cache:
-        cache = cache.model_copy(update={"folder": str(Path(config.output) / "feature_cache")})
+        shared = str(Path(config.output) / "feature_cache")
+        if cache.folder not in (None, shared):
+            print(f"compare: {method.name}: feature_cache.folder {cache.folder} of {method.benchmark} gives way to the "
+                  f"comparison's shared {shared} (share_feature_cache: false keeps it)", file=sys.stderr)  # fmt: skip
+        cache = cache.model_copy(update={"folder": shared})
     sweep_config = sweep_config.model_copy(update={
         "root": config.root or sweep_config.root, "categories": config.categories,
         "shots": method.shots or config.shots, "seeds": config.seeds,

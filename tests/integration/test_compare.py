@@ -73,11 +73,12 @@ def test_shipped_comparisons_name_valid_sweeps(name: str) -> None:
 
 
 def winclip_comparison(tmp_path: Path, share: bool = True) -> Path:
-    """WinCLIP (k = 0) then WinCLIP+ (k = 1) on the demo data through float32 feature-cache entries."""
+    """WinCLIP (k = 0) then WinCLIP+ (k = 1) on the demo data through float32 feature-cache entries; the shared
+    comparison's benchmark config names a cache folder of its own, which the comparison replaces."""
     benchmark = yaml.safe_load((BENCHMARKS / "winclip_demo.yaml").read_text())
     benchmark["method_config"] = [str(BENCHMARKS / p) for p in benchmark["method_config"]]
     benchmark["extra_args"] += ["--data.init_args.root", str(tmp_path / "synthetic")]
-    benchmark["feature_cache"] = {"dtype": "float32"}
+    benchmark["feature_cache"] = {"dtype": "float32"} | ({"folder": str(tmp_path / "own_cache")} if share else {})
     (tmp_path / "winclip.yaml").write_text(yaml.safe_dump(benchmark))
     output = tmp_path / ("compare" if share else "apart")
     config = {"categories": ["disc"], "seeds": [0], "output": str(output), "share_feature_cache": share, "methods": [
@@ -104,7 +105,10 @@ def test_winclip_plus_reads_what_winclip_stored_in_the_one_cache_and_gets_the_un
     tmp_path: Path, capsys
 ) -> None:
     assert main(["compare", "-c", str(winclip_comparison(tmp_path))]) == 0
-    lines = CACHE_LINE.findall(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    lines = CACHE_LINE.findall(out)
+    # the benchmark config's own cache folder gives way to the shared one, and the run says so
+    assert f"compare: WinCLIP+: feature_cache.folder {tmp_path / 'own_cache'} of " in err
     names = ("WinCLIP", "WinCLIP+")
     assert [folder for folder, _ in lines] == [str(tmp_path / "compare" / "feature_cache")] * len(names)
     data = SyntheticDataModule(root=str(tmp_path / "synthetic"), category="disc", k_shot=1)
