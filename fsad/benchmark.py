@@ -11,7 +11,8 @@ method's ``protocol_stage`` says (README.md, "Sweeps: the papers' tables"):
 A finished cell is appended to ``benchmark.csv`` at once, with the hash of the resolved config, so a killed sweep
 resumes where it stopped and a changed config reruns its cells. ``--cell-index N`` runs one cell (a SLURM array
 task); ``--collect`` rebuilds the table. The backbone outputs of test images are cached under
-``<output>/feature_cache`` and shared by every cell (components/feature_cache.py).
+``<output>/feature_cache`` (or ``feature_cache.folder``; ``fsad compare`` gives all its methods one) and shared by
+every cell (components/feature_cache.py); the sweep prints one line of hits and misses at the end.
 """
 
 from __future__ import annotations
@@ -83,10 +84,11 @@ class PretrainConfig(BaseModel):
 
 
 class FeatureCacheConfig(BaseModel):
-    """The sweep's cache of test-image backbone outputs (``<output>/feature_cache``)."""
+    """The sweep's cache of test-image backbone outputs (``<output>/feature_cache`` unless ``folder`` is given)."""
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
+    folder: str | None = Field(None, description="null = <output>/feature_cache; fsad compare sets one for all")
     max_gb: float = Field(4.0, gt=0)
     dtype: Literal["float16", "float32"] = "float16"
 
@@ -138,6 +140,7 @@ def load_config(path: str) -> BenchmarkConfig:
     config.root = _resolve(base, config.root)
     config.output = _resolve(base, config.output)
     config.pretrained_checkpoint = _resolve(base, config.pretrained_checkpoint)
+    config.feature_cache.folder = _resolve(base, config.feature_cache.folder)
     if config.pretrain is not None:
         config.pretrain.method_config = [_resolve(base, p) for p in config.pretrain.method_config]
     for field, files in (("method_config", config.method_config),
@@ -251,11 +254,10 @@ class Sweep:
         }
         self.config_hash = sweep_hash(self.resolved)
         self.run_root = self.output / "runs" / self.config_hash
+        cache = config.feature_cache
         self.feature_cache = (
-            FeatureCache(
-                self.output / "feature_cache", "", int(config.feature_cache.max_gb * 2**30), config.feature_cache.dtype
-            )  # fmt: skip
-            if config.feature_cache.enabled
+            FeatureCache(cache.folder or self.output / "feature_cache", "", int(cache.max_gb * 2**30), cache.dtype)
+            if cache.enabled
             else None
         )
         if config.categories == "all":
@@ -457,6 +459,8 @@ class Sweep:
                 progress.update(1, f"(last: cell {cell.index}, {cell.category} k={cell.k} seed={cell.seed})")
         finally:
             progress.close()
+        if self.feature_cache is not None and todo:
+            print(f"benchmark: {self.feature_cache.summary()}")
         return ran, failed
 
 

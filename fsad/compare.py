@@ -3,14 +3,17 @@
 Each entry names a benchmark config (``configs/benchmark/<method>_<dataset>.yaml``), so every method keeps its own
 protocol (few-shot fit, training-free, or pretrained once); the comparison config sets what must be shared: the
 dataset root, the categories, the k values and the seeds. Each method's sweep runs (or resumes) under
-``<output>/<name>/`` as ``fsad benchmark`` would run it, and ``compare.md`` gets one row per method with, per k, the
-image and pixel AUROC (%) averaged over categories then seeds, and the published numbers beside them.
+``<output>/<name>/`` as ``fsad benchmark`` would run it, but all of them share one feature cache,
+``<output>/feature_cache`` (methods whose backbone and preprocessing match read each other's entries;
+``share_feature_cache: false`` keeps one per sweep). ``compare.md`` gets one row per method with, per k, the image
+and pixel AUROC (%) averaged over categories then seeds, and the published numbers beside them.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 
 import yaml
@@ -43,6 +46,9 @@ class CompareConfig(BaseModel):
     shots: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     output: str = "runs/compare"
+    share_feature_cache: bool = Field(
+        True, description="one feature cache, <output>/feature_cache, for every method; false: one per method's sweep"
+    )
     methods: list[CompareMethod] = Field(min_length=1)
 
 
@@ -68,13 +74,22 @@ def load_compare_config(path: str) -> CompareConfig:
 
 
 def run_method(config: CompareConfig, method: CompareMethod) -> tuple[Sweep, list[int]]:
-    """Run (or resume) one method's sweep on the comparison's categories, k and seeds; returns it and failed cells."""
+    """Run (or resume) one method's sweep on the comparison's categories, k and seeds, with the comparison's one
+    feature-cache folder unless ``share_feature_cache`` is off; returns it and failed cells."""
     sweep_config = load_config(method.benchmark)
+    cache = sweep_config.feature_cache
+    if config.share_feature_cache:
+        shared = str(Path(config.output) / "feature_cache")
+        if cache.folder not in (None, shared):
+            print(f"compare: {method.name}: feature_cache.folder {cache.folder} of {method.benchmark} gives way to the "
+                  f"comparison's shared {shared} (share_feature_cache: false keeps it)", file=sys.stderr)  # fmt: skip
+        cache = cache.model_copy(update={"folder": shared})
     sweep_config = sweep_config.model_copy(update={
         "root": config.root or sweep_config.root, "categories": config.categories,
         "shots": method.shots or config.shots, "seeds": config.seeds,
         "output": str(Path(config.output) / method.name), "extra_args": [*sweep_config.extra_args, *method.extra_args],
         "wandb_project": None,
+        "feature_cache": cache,
     })  # fmt: skip
     sweep = Sweep(sweep_config)
     _, failed = sweep.run()

@@ -8,7 +8,13 @@ of a test image is computed once and read back afterwards (README.md, budget P6)
 * the image file's content hash (a renamed copy hits, an edited file misses);
 * the input image size;
 * the preprocessing variant (``data.resize``, the normalisation, and any per-method input change such as the
-  authors' BGR test-image quirk).
+  authors' BGR test-image quirk);
+* the storage dtype (a float32 sweep never reads the rounded entries of a float16 one);
+* the part stored: the backbone outputs, or something derived from them and the backbone only (WinCLIP's window
+  embeddings, one part per window scale).
+
+Nothing in the key names the method, so every method whose backbone (spec and weights) and preprocessing match reads
+the entries another wrote: ``fsad compare`` gives all its methods' sweeps one folder.
 
 Entries are stored as ``float16`` by default (``float32`` keeps them exact); with float16 a freshly computed
 output is rounded the same way before use, so the first cell (miss) and later cells (hit) see identical features.
@@ -21,6 +27,7 @@ import dataclasses
 import hashlib
 import os
 import weakref
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,6 +38,8 @@ from fsad.errors import CheckpointError
 from fsad.lightning_modules.components.clip import BackboneOutput, ClipBackbone
 
 CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+BACKBONE_PART = "backbone"
+"""The part name of the backbone outputs themselves (other parts are derived from them and the backbone)."""
 
 
 def file_content_hash(path: str | Path, memo: dict[tuple[str, int, int], str] | None = None) -> str:
@@ -64,6 +73,8 @@ class FeatureCache:
             test transform.
         max_bytes: size limit of the folder; the least recently used entries go first.
         dtype: ``float16`` (half the disk) or ``float32`` (exact).
+
+    ``hits`` and ``misses`` count image entries of every part; ``counts`` holds them per part.
     """
 
     def __init__(
@@ -74,18 +85,38 @@ class FeatureCache:
         self.folder = Path(folder)
         self.preprocessing = preprocessing
         self.max_bytes = max_bytes
+        self.dtype_name = dtype
         self.dtype = CACHE_DTYPES[dtype]
-        self.hits = 0
-        self.misses = 0
+        self.counts: dict[str, Counter[str]] = {}
         self._content_hashes: dict[tuple[str, int, int], str] = {}
         self._fingerprints: weakref.WeakKeyDictionary[ClipBackbone, str] = weakref.WeakKeyDictionary()
         self.folder.mkdir(parents=True, exist_ok=True)
         self._size = sum(p.stat().st_size for p in self.folder.glob("*/*.pt"))
 
-    def key(self, fingerprint: str, image_path: str, image_size: tuple[int, int], variant: str = "") -> str:
-        """The entry name of one image: (backbone, file content, image size, preprocessing + method variant)."""
+    @property
+    def hits(self) -> int:
+        return sum(count["hits"] for count in self.counts.values())
+
+    @property
+    def misses(self) -> int:
+        return sum(count["misses"] for count in self.counts.values())
+
+    def summary(self) -> str:
+        """One line: hits and misses per part since this cache object was made, and the folder."""
+        parts = ", ".join(
+            f"{part} {count['hits']} hits / {count['misses']} misses" for part, count in sorted(self.counts.items())
+        )
+        return f"feature cache {self.folder} ({self.dtype_name}): {parts or 'not used'}"
+
+    def key(
+        self, fingerprint: str, image_path: str, image_size: tuple[int, int], variant: str = "",
+        part: str = BACKBONE_PART,
+    ) -> str:  # fmt: skip
+        """The entry name of one image: (backbone, file content, image size, preprocessing + method variant, storage
+        dtype, part stored)."""
         content = file_content_hash(image_path, self._content_hashes)
-        parts = (fingerprint, content, f"{image_size[0]}x{image_size[1]}", self.preprocessing, variant)
+        size = f"{image_size[0]}x{image_size[1]}"
+        parts = (fingerprint, content, size, self.preprocessing, variant, self.dtype_name, part)
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
     def path(self, key: str) -> Path:
@@ -143,25 +174,50 @@ class FeatureCache:
     ) -> BackboneOutput:
         """Backbone outputs of a batch: cached rows are read back, the others computed (by ``encoder``, default
         ``backbone``) and stored. Every row is returned rounded through the cache dtype."""
-        fingerprint = self.fingerprint(backbone)
-        keys = [self.key(fingerprint, p, backbone.image_size, variant) for p in image_paths]
-        entries = [self.load(k) for k in keys]
-        missing = [i for i, e in enumerate(entries) if e is None]
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
-        if missing:
-            computed = (encoder or backbone)(images[missing])
-            for row, i in enumerate(missing):
-                entries[i] = self._entry(computed, row)
-                self.store(keys[i], entries[i])
+        entries = self.rows(
+            backbone, image_paths, variant, BACKBONE_PART,
+            lambda missing: self._entries((encoder or backbone)(images[missing])),
+        )  # fmt: skip
         return self._output(entries, images.device)
 
-    def _entry(self, output: BackboneOutput, row: int) -> dict[str, torch.Tensor]:
-        entry = {"cls": output.cls[row], "grid": torch.tensor(output.grid)}
-        if output.vv_tokens is not None:
-            entry["vv_tokens"] = output.vv_tokens[row]
-        entry |= {f"tap{block}": tokens[row] for block, tokens in output.taps.items()}
-        return {name: t if name == "grid" else t.detach().to("cpu", self.dtype).clone() for name, t in entry.items()}
+    def rows(
+        self,
+        backbone: ClipBackbone,
+        image_paths: Sequence[str],
+        variant: str,
+        part: str,
+        compute: Callable[[list[int]], list[dict[str, torch.Tensor]]],
+    ) -> list[dict[str, torch.Tensor]]:
+        """One entry per image of ``part``: read back, or computed by ``compute(missing row indices)`` (one dict of
+        tensors per missing row, in that order), rounded through the cache dtype and stored. Returns CPU tensors in
+        the cache dtype, the same whether read or computed."""
+        fingerprint = self.fingerprint(backbone)
+        keys = [self.key(fingerprint, p, backbone.image_size, variant, part) for p in image_paths]
+        entries = [self.load(k) for k in keys]
+        missing = [i for i, e in enumerate(entries) if e is None]
+        count = self.counts.setdefault(part, Counter())
+        count["hits"] += len(keys) - len(missing)
+        count["misses"] += len(missing)
+        if missing:
+            for i, computed in zip(missing, compute(missing), strict=True):
+                entries[i] = {name: self._stored(name, t) for name, t in computed.items()}
+                self.store(keys[i], entries[i])
+        return entries
+
+    def _stored(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor as the cache holds it: detached on the CPU in the cache dtype (the grid shape stays integer)."""
+        return tensor if name == "grid" else tensor.detach().to("cpu", self.dtype).clone()
+
+    @staticmethod
+    def _entries(output: BackboneOutput) -> list[dict[str, torch.Tensor]]:
+        """One dict per row of a backbone output (``cls``, ``grid``, ``vv_tokens``, ``tap<n>``)."""
+        entries = []
+        for row in range(output.cls.shape[0]):
+            entry = {"cls": output.cls[row], "grid": torch.tensor(output.grid)}
+            if output.vv_tokens is not None:
+                entry["vv_tokens"] = output.vv_tokens[row]
+            entries.append(entry | {f"tap{block}": tokens[row] for block, tokens in output.taps.items()})
+        return entries
 
     @staticmethod
     def _output(entries: list[dict[str, torch.Tensor]], device: torch.device) -> BackboneOutput:

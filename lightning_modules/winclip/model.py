@@ -165,31 +165,34 @@ class WinClipModel(nn.Module):
         return backbone.clip.visual.ln_post(features.taps[last].to(backbone.dtype)).float()
 
     def window_embeddings(self, features: BackboneOutput, backbone: ClipBackbone) -> list[torch.Tensor]:
-        """One [B, windows, D] tensor per scale: each window's tokens with the class token, through the transformer.
+        """One [B, windows, D] tensor per scale: each window's tokens with the class token, through the transformer."""
+        return [self.window_embedding(features.taps[0], backbone, scale) for scale in self.scales]
 
-        All windows of all images of a scale go through the transformer as one batch (a gather, then one pass).
+    def window_embedding(self, input_tokens: torch.Tensor, backbone: ClipBackbone, scale: int) -> torch.Tensor:
+        """[B, windows, D] at one scale from the transformer's input tokens [B,N,width] (tap 0, after ``ln_pre``).
+
+        All windows of all images go through the transformer as one batch (a gather, then one pass). In the paper
+        variant a window's embedding depends only on its image and the backbone; in the code variant on the whole
+        batch.
         """
         visual = backbone.clip.visual
-        tokens = features.taps[0].to(backbone.dtype)  # [B,N,width], after ln_pre
+        tokens = input_tokens.to(backbone.dtype)
         batch, _, width = tokens.shape
         cls_input = visual.ln_pre(visual.class_embedding + visual.positional_embedding[0]).to(backbone.dtype)
-        embeddings = []
-        for scale in self.scales:
-            indices = getattr(self, f"windows_{scale}")  # [W, s²]
-            count = indices.shape[0]
-            gathered = tokens[:, indices]  # [B, W, s², width]
-            cls = cls_input.expand(batch, count, 1, width)
-            sequences = torch.cat([cls, gathered], dim=2).reshape(batch * count, -1, width)
-            if self.variant == "code":  # window-major order and sequence axis first, as anomalib builds them
-                sequences = sequences.reshape(batch, count, -1, width).transpose(0, 1).reshape(count * batch, -1, width)
-                out = visual.transformer(sequences.transpose(0, 1)).transpose(0, 1)
-                pooled = visual.ln_post(out[:, 0]) @ visual.proj
-                pooled = pooled.reshape(count, batch, -1).transpose(0, 1)
-            else:
-                out = visual.transformer(sequences)
-                pooled = (visual.ln_post(out[:, 0]) @ visual.proj).reshape(batch, count, -1)
-            embeddings.append(pooled.float())
-        return embeddings
+        indices = getattr(self, f"windows_{scale}")  # [W, s²]
+        count = indices.shape[0]
+        gathered = tokens[:, indices]  # [B, W, s², width]
+        cls = cls_input.expand(batch, count, 1, width)
+        sequences = torch.cat([cls, gathered], dim=2).reshape(batch * count, -1, width)
+        if self.variant == "code":  # window-major order and sequence axis first, as anomalib builds them
+            sequences = sequences.reshape(batch, count, -1, width).transpose(0, 1).reshape(count * batch, -1, width)
+            out = visual.transformer(sequences.transpose(0, 1)).transpose(0, 1)
+            pooled = visual.ln_post(out[:, 0]) @ visual.proj
+            pooled = pooled.reshape(count, batch, -1).transpose(0, 1)
+        else:
+            out = visual.transformer(sequences)
+            pooled = (visual.ln_post(out[:, 0]) @ visual.proj).reshape(batch, count, -1)
+        return pooled.float()
 
     # ----------------------------------------------------------------- scoring
     def zero_shot_map(self, image_scores: torch.Tensor, windows: list[torch.Tensor]) -> torch.Tensor:
@@ -209,11 +212,15 @@ class WinClipModel(nn.Module):
             maps.append(harmonic_aggregation(distances, getattr(self, f"cover_{scale}")))
         return torch.stack(maps).mean(dim=0)
 
-    def stages(self, features: BackboneOutput, backbone: ClipBackbone) -> dict[str, torch.Tensor]:
-        """Every intermediate result of one batch (for the parity tests), ending in ``grid_map`` and ``image_score``."""
+    def stages(
+        self, features: BackboneOutput, backbone: ClipBackbone, windows: list[torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Every intermediate result of one batch (for the parity tests), ending in ``grid_map`` and ``image_score``;
+        ``windows`` are the batch's window embeddings when already known (read from the feature cache)."""
         if self.text_embeddings.numel() == 0:
             raise RuntimeError("WinClipModel.build_text must run (with the category name) before scoring")
-        windows = self.window_embeddings(features, backbone)
+        if windows is None:
+            windows = self.window_embeddings(features, backbone)
         image_scores = class_scores(features.cls, self.text_embeddings, self.temperature)
         zero_shot = self.zero_shot_map(image_scores, windows)
         out = {f"window_embeddings_{s}": w for s, w in zip(self.scales, windows, strict=True)}
@@ -226,7 +233,9 @@ class WinClipModel(nn.Module):
             )  # fmt: skip
         return out
 
-    def forward(self, features: BackboneOutput, backbone: ClipBackbone) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: BackboneOutput, backbone: ClipBackbone, windows: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Grid maps [B,rows,cols] and image scores [B], in [0,1]."""
-        out = self.stages(features, backbone)
+        out = self.stages(features, backbone, windows)
         return out["grid_map"].reshape(-1, *self.grid), out["image_score"]

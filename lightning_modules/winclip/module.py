@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from fsad.batch import Batch
 from fsad.lightning_modules.base import FewShotAnomalyModule
 from fsad.lightning_modules.components.clip import BackboneOutput, BackboneSpec
 from fsad.lightning_modules.winclip.model import Variant, WinClipModel, check_variant
+
+
+@dataclass
+class WindowedOutput(BackboneOutput):
+    """A backbone pass together with its window embeddings (one [B, windows, D] per scale), read from or stored in
+    the feature cache."""
+
+    windows: list[torch.Tensor] = field(default_factory=list)
+
+
+def window_part(scale: int) -> str:
+    """The feature-cache part name of the window embeddings at one scale."""
+    return f"winclip-windows-{scale}x{scale}"
 
 
 class WinCLIP(FewShotAnomalyModule):
@@ -71,8 +86,29 @@ class WinCLIP(FewShotAnomalyModule):
     def fit_support(self, support: BackboneOutput) -> None:
         self.model.fit_support(support, self.backbone)
 
+    def encode_images(self, batch: Batch) -> BackboneOutput:
+        """The backbone pass, and with a feature cache (paper variant) also the window embeddings, the expensive part
+        of the test step: they depend only on the image and the backbone, so every cell of a sweep over k and seeds
+        (WinCLIP and WinCLIP+ alike) computes them once per test image. The code variant's windows attend across the
+        batch, so they are not cached."""
+        features = super().encode_images(batch)
+        if self.feature_cache is None or self.variant == "code":
+            return features
+        windows = []
+        for scale in self.model.scales:
+            entries = self.feature_cache.rows(
+                self.backbone, batch.image_path, self.feature_variant(), window_part(scale),
+                lambda missing, scale=scale: [
+                    {"windows": row}
+                    for row in self.model.window_embedding(features.taps[0][missing], self.backbone, scale)
+                ],
+            )  # fmt: skip
+            windows.append(torch.stack([e["windows"] for e in entries]).to(features.cls.device, torch.float32))
+        return WindowedOutput(features.cls, features.vv_tokens, features.taps, features.grid, windows)
+
     def score(self, features: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model(features, self.backbone)
+        windows = features.windows if isinstance(features, WindowedOutput) else None
+        return self.model(features, self.backbone, windows)
 
     def configure_optimizers(self) -> None:
         """Training-free: no optimiser."""

@@ -161,10 +161,12 @@ def test_config_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
     folder = tmp_path / "sweeps"
     folder.mkdir()
     (folder / "method.yaml").write_text((REPO / "configs/demo.yaml").read_text())
-    (folder / "s.yaml").write_text(yaml.safe_dump({"method_config": "method.yaml", "root": "../data", "output": "out"}))
+    (folder / "s.yaml").write_text(yaml.safe_dump({"method_config": "method.yaml", "root": "../data", "output": "out",
+                                                   "feature_cache": {"folder": "../cache"}}))  # fmt: skip
     config = load_config(str(folder / "s.yaml"))
     assert config.method_config == [str(folder / "method.yaml")]
     assert config.root == str(tmp_path / "data") and config.output == str(folder / "out")
+    assert config.feature_cache.folder == str(tmp_path / "cache")
     (folder / "bad.yaml").write_text(yaml.safe_dump({"method_config": "missing.yaml"}))
     with pytest.raises(BenchmarkError, match=r"method_config: .*sweeps/missing.yaml does not exist"):
         load_config(str(folder / "bad.yaml"))

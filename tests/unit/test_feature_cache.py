@@ -1,4 +1,5 @@
-"""The sweep's test-feature cache: cached and uncached results agree, and every key part makes its own entry."""
+"""The sweep's test-feature cache: cached and uncached results agree (WinCLIP's window embeddings too), and every
+key part makes its own entry."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from fsad.datamodules.synthetic import SyntheticDataModule
 from fsad.lightning_modules.components.clip import BackboneSpec
 from fsad.lightning_modules.components.feature_cache import FeatureCache, file_content_hash
 from fsad.lightning_modules.membank.module import MemoryBankAD
+from fsad.lightning_modules.winclip.module import WinCLIP
 
 pytestmark = pytest.mark.filterwarnings("ignore:backbone.pretrained is null")
 
@@ -116,3 +118,87 @@ def test_size_limit_evicts_least_recently_used_entries(tmp_path: Path, data) -> 
     assert cache.misses == before  # 0, 2 and 3 kept
     cache.encode(module.backbone, batch.image[1:2], batch.image_path[1:2])
     assert cache.misses == before + 1  # 1 was the least recently used
+
+
+def test_a_backbone_spec_or_storage_dtype_of_its_own_never_reads_another_s_entries(tmp_path: Path, data) -> None:
+    """Same seed, so the same weights: only the spec (V-V path off) or the cache dtype differs, and each misses."""
+    batch = next(iter(data.test_dataloader()))
+    paths = list(batch.image_path)
+    with_vv = tiny_membank(seed=0)
+    torch.manual_seed(0)
+    without_vv = MemoryBankAD(
+        BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[2, 4], vv_attention=False), image_size=64, eval_size=64
+    )
+    weights, other_weights = with_vv.backbone.state_dict(), without_vv.backbone.state_dict()
+    assert weights.keys() == other_weights.keys() and all(torch.equal(weights[k], other_weights[k]) for k in weights)
+    cache = FeatureCache(tmp_path / "cache", preprocessing="antialias")
+    cache.encode(with_vv.backbone, batch.image, paths)
+    assert (cache.hits, cache.misses) == (0, len(paths))
+    cache.encode(without_vv.backbone, batch.image, paths)
+    assert (cache.hits, cache.misses) == (0, 2 * len(paths))  # another spec: its own entries
+    exact = FeatureCache(tmp_path / "cache", preprocessing="antialias", dtype="float32")
+    exact.encode(with_vv.backbone, batch.image, paths)
+    assert (exact.hits, exact.misses) == (0, len(paths))  # the float16 entries of the same backbone are not read
+    cache.encode(with_vv.backbone, batch.image, paths)
+    assert cache.counts["backbone"] == {"hits": len(paths), "misses": 2 * len(paths)}
+
+
+def tiny_winclip() -> WinCLIP:
+    torch.manual_seed(0)
+    spec = BackboneSpec(arch="fsad-tiny", pretrained=None, taps=[0, 4], vv_attention=False)
+    return WinCLIP(spec, image_size=64, eval_size=64, gaussian_sigma=0.0)
+
+
+def winclip_predictions(module: WinCLIP, data: SyntheticDataModule, shots: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps and scores of the test set: zero-shot WinCLIP, or WinCLIP+ on the (uncached) support pass."""
+    module.eval()
+    module.prepare_for_data(data)
+    with torch.no_grad():
+        if shots:
+            module.fit_support(module.encode_support(data.support_dataloader()))
+        else:
+            module.model.clear_support()
+        batches = [module.predict_batch(b) for b in data.test_dataloader()]
+    return torch.cat([b.anomaly_map for b in batches]), torch.cat([b.pred_score for b in batches])
+
+
+def count_window_passes(module: WinCLIP, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Images whose window embeddings the transformer computes, one entry per call."""
+    calls: list[int] = []
+    original = module.model.window_embedding
+
+    def counted(tokens: torch.Tensor, backbone, scale: int) -> torch.Tensor:  # noqa: ANN001
+        calls.append(tokens.shape[0])
+        return original(tokens, backbone, scale)
+
+    monkeypatch.setattr(module.model, "window_embedding", counted)
+    return calls
+
+
+@pytest.mark.slow
+def test_winclip_window_embeddings_are_computed_once_per_image_for_zero_and_few_shot(
+    tmp_path: Path, data, monkeypatch
+) -> None:
+    """float32: WinCLIP's and WinCLIP+'s cached results are bit-identical to the uncached ones, and WinCLIP+ reads
+    the windows WinCLIP stored (no transformer pass over test windows); float16: the hit equals the miss."""
+    module = tiny_winclip()
+    expected = {shots: winclip_predictions(module, data, shots) for shots in (False, True)}
+    images = len(data.test_samples)
+    passes = count_window_passes(module, monkeypatch)
+    module.feature_cache = FeatureCache(tmp_path / "exact", preprocessing="antialias", dtype="float32")
+    for shots in (False, True):  # WinCLIP fills the cache, WinCLIP+ reads it
+        maps, scores = winclip_predictions(module, data, shots)
+        assert torch.equal(maps, expected[shots][0]) and torch.equal(scores, expected[shots][1])
+    counts = module.feature_cache.counts
+    assert counts.keys() == {"backbone", "winclip-windows-2x2", "winclip-windows-3x3"}
+    assert all(count == {"hits": images, "misses": images} for count in counts.values())
+    support = 2 * len(module.model.scales)  # WinCLIP+'s support windows (2 shots, each scale) are not cached
+    assert sum(passes) == images * len(module.model.scales) + support
+
+    module.feature_cache = FeatureCache(tmp_path / "half", preprocessing="antialias")
+    miss = winclip_predictions(module, data, True)
+    hit = winclip_predictions(module, data, True)
+    assert torch.equal(hit[0], miss[0]) and torch.equal(hit[1], miss[1])
+    torch.testing.assert_close(hit[0], expected[True][0], atol=2e-3, rtol=0)
+    stored = [torch.load(p, weights_only=True) for p in (tmp_path / "half").glob("*/*.pt")]
+    assert {e["windows"].dtype for e in stored if "windows" in e} == {torch.float16}
