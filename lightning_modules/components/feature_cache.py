@@ -170,13 +170,12 @@ class FeatureCache:
         images: torch.Tensor,
         image_paths: Sequence[str],
         variant: str = "",
-        encoder: Callable[[torch.Tensor], BackboneOutput] | None = None,
     ) -> BackboneOutput:
-        """Backbone outputs of a batch: cached rows are read back, the others computed (by ``encoder``, default
-        ``backbone``) and stored. Every row is returned rounded through the cache dtype."""
+        """Backbone outputs of a batch: cached rows are read back, the others computed by ``backbone`` and stored.
+        Every row is returned rounded through the cache dtype."""
         entries = self.rows(
             backbone, image_paths, variant, BACKBONE_PART,
-            lambda missing: self._entries((encoder or backbone)(images[missing])),
+            lambda missing: self._entries(backbone(images[missing])),
         )  # fmt: skip
         return self._output(entries, images.device)
 
