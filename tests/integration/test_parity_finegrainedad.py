@@ -27,7 +27,10 @@ from fsad.lightning_modules.finegrainedad.regions import (
 )
 from tests.integration.test_parity_promptad import authors_datamodule
 from tests.parity.compare_finegrainedad import (
+    MORE_CATEGORIES,
     backbone,
+    bf16_forward_stages,
+    category_stages,
     code_variant_on_their_prompts,
     encode_level,
     first_step_losses,
@@ -35,6 +38,7 @@ from tests.parity.compare_finegrainedad import (
     measure,
     their_cluster_images,
 )
+from tests.parity.finegrainedad_golden import draw_transistor
 
 TOLERANCE = 1e-5
 #: The stage groups of compare_finegrainedad.py (prefixes of its stage names); every stage must match.
@@ -197,3 +201,40 @@ def test_bf16_path_lands_within_bf16_rounding_of_the_authors_bf16_run() -> None:
         measured[key] = float((ours.float() - torch.from_numpy(half[key])).abs().max())
     print("bf16 max |Δ| per stage:", json.dumps({k: f"{v:.2e}" for k, v in measured.items()}))
     assert len(measured) == 13 and max(measured.values()) <= BF16_TOLERANCE, measured
+
+
+def test_bf16_forward_lands_within_bf16_rounding_of_the_authors_bf16_forward() -> None:
+    """Issue 24 (c): their segmentation model as their script builds it (bf16) scored the test tensors at its initial
+    contexts, memory bank from the support tensors; fsad's ``variant: code`` at ``backbone.precision: bf16``, on
+    their bf16 contexts, Attr-MoE weights and Query Former, scores the same tensors with its own code. Their textual
+    scores are bf16 softmax outputs up to 0.57, where one unit in the last place is 2⁻⁸ ≈ 3.9e-3, so the maps and
+    scores built from them carry that rounding: measured max |Δ| 2.3e-3 (maps, ≤ 0.11) and 6.6e-4 (image scores);
+    the fp32 computation lands within 2.3e-3 / 7.2e-4 of the same numbers, so, as for the backbone features, the
+    tolerance checks the forward's wiring and scale at bf16, not the rounding recipe."""
+    measured = bf16_forward_stages("bf16")
+    print("bf16 forward max |Δ|:", json.dumps({k: f"{v:.2e}" for k, v in measured.items()}))
+    assert len(measured) == 2 and max(measured.values()) <= BF16_TOLERANCE, measured
+
+
+@pytest.mark.parametrize("category", MORE_CATEGORIES)
+def test_code_variant_reproduces_the_authors_finegrainedad_on_more_categories(
+    category: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Issue 24 (b): their segmentation golden of ``hazelnut`` (real images of the hazelnut_toy set) and of
+    ``transistor`` (their record: four components, multi-valued colour/texture/shape lists; images painted by
+    :func:`draw_transistor`). fsad builds the prompt strings from the imported record, encodes them, composes the
+    Query Former, scores their test tensors, clusters their 960-px shots from their reference points and takes the
+    first training step with their region weights; every stage matches."""
+    if category == "hazelnut":
+        root = request.getfixturevalue("shared_data") / "hazelnut_toy"
+        if not root.is_dir():
+            pytest.skip(f"{root} not in the shared data")
+    else:
+        root = draw_transistor(tmp_path)
+    delta = category_stages(category, root)
+    theirs = {key.split("/")[0] for key in golden("seg", category)[1]["prompt_texts"] if key.startswith("entity")}
+    ours = {name.split("/")[2] for name in delta if name.startswith("text/initial/entity")}
+    assert ours == theirs and len(theirs) == {"hazelnut": 1, "transistor": 4}[category], (ours, theirs)
+    too_far = {name: value for name, value in delta.items() if value > TOLERANCE}
+    assert not too_far, f"{category}: max |Δ| above {TOLERANCE}: {too_far}"
+    print(f"{category} max |Δ| per stage:", json.dumps({k: f"{v:.2e}" for k, v in delta.items()}))

@@ -27,11 +27,17 @@ GOLDEN = FIXTURES / "finegrainedad"
 ATTRIBUTES = ("relation", "color", "texture", "shape")
 
 
-def golden(task: str = "seg") -> tuple[dict[str, np.ndarray], dict]:
-    """The arrays of their segmentation (``seg``) or classification (``cls``) model, and the run's facts."""
-    with np.load(GOLDEN / f"{task}.npz") as data:
+#: Categories with a segmentation golden of their own (``<category>/seg.npz``) besides ``bottle``.
+MORE_CATEGORIES = ("hazelnut", "transistor")
+
+
+def golden(task: str = "seg", category: str = "bottle") -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays of their segmentation (``seg``), classification (``cls``) or bf16 (``bf16``) model on ``bottle``,
+    or of their segmentation model on another category, and the run's facts."""
+    folder = GOLDEN if category == "bottle" else GOLDEN / category
+    with np.load(folder / f"{task}.npz") as data:
         arrays = {key: data[key] for key in data.files}
-    return arrays, json.loads((GOLDEN / "meta.json").read_text())
+    return arrays, json.loads((folder / "meta.json").read_text())
 
 
 def backbone(meta: dict, precision: str = "fp32"):
@@ -151,44 +157,31 @@ def level_prototypes(g: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tens
     return stacked[:, 0], stacked[:, 1]
 
 
-def measure(root: Path) -> dict[str, float]:
-    """Every compared stage's max |Δ| (see the module docstring); the keys name the stages."""
+def record(delta: dict[str, float], name: str, ours: torch.Tensor, theirs: np.ndarray) -> None:
+    """Store one stage's max |Δ| between fsad's tensor and the authors' array."""
+    delta[name] = float((ours.detach().float() - torch.from_numpy(np.asarray(theirs, dtype=np.float32))).abs().max())
+
+
+def forward_stages(tower, g: dict[str, np.ndarray], meta: dict) -> dict[str, float]:
+    """The stages computed from their recorded tensors alone: fsad's text tower on their strings and contexts, the
+    Query Former, memory bank and visual map, the token-wise textual map, fusion and image score."""
     from fsad.lightning_modules.components.memory_bank import MemoryBank
     from fsad.lightning_modules.components.postprocess import harmonic_fusion, upsample_and_smooth
     from fsad.lightning_modules.finegrainedad.model import token_wise_scores
     from fsad.lightning_modules.promptad.model import upsampled_max
-    from fsad.lightning_modules.promptad.module import swap_rgb_bgr
-    from tests.integration.test_parity_promptad import authors_datamodule
 
-    g, meta = golden()
-    tower = backbone(meta)
     delta: dict[str, float] = {}
-
-    def record(name: str, ours: torch.Tensor, theirs: np.ndarray) -> None:
-        diff = (ours.detach().float() - torch.from_numpy(np.asarray(theirs, dtype=np.float32))).abs().max()
-        delta[name] = float(diff)
-
-    # 1. preprocessing (their cv2-1024 → PIL-bicubic chain; test images fed as read, BGR)
-    data, subset = authors_datamodule(root, Path(tempfile.mkdtemp()), meta)
-    support = next(iter(data.support_dataloader()))
-    names = [Path(p).name for p in meta["support"]]
-    order = [names.index(Path(p).name) for p in support.image_path]
-    record("preprocess/support", support.image, g["support_images"][order])
-    test = next(iter(data.test_dataloader()))
-    test_order = [meta["test"].index(str(Path(p).relative_to(subset))) for p in test.image_path]
-    fed = swap_rgb_bgr(test.image, tower.image_mean, tower.image_std)
-    record("preprocess/test (BGR)", fed, g["test_images"][test_order])
 
     # 2. text tower on the authors' strings and contexts, every level and kind, before and after training
     for stage in ("initial", "final"):
         for key in [k for k in g if k.startswith(f"{stage}_text/")]:
             level, kind = key.split("/", 1)[1].split("/")
-            record(f"text/{stage}/{level}/{kind}", encode_level(tower, g, meta, stage, level, kind), g[key])
+            record(delta, f"text/{stage}/{level}/{kind}", encode_level(tower, g, meta, stage, level, kind), g[key])
     # 3. Query Former (their weights composed into fsad's LevelQueryFormer, their prototypes)
     normal, abnormal = level_prototypes(g)
     with torch.no_grad():
         queries = composed_query_former(g)(normal, abnormal)
-    record("query former (normalised queries)", queries, F.normalize(torch.from_numpy(g["queries"]), dim=-1))
+    record(delta, "query former (normalised queries)", queries, F.normalize(torch.from_numpy(g["queries"]), dim=-1))
 
     # 4. backbone on their test tensors; memory bank from fsad's taps of their support tensors
     features_test = tower(torch.from_numpy(g["test_images"]))
@@ -198,29 +191,53 @@ def measure(root: Path) -> dict[str, float]:
         theirs = torch.from_numpy(g[key]).reshape(ours.shape)
         # their gallery follows the loader's (shuffled) order; compare shot to shot in the order that matches best
         swap = (ours.flip(0) - theirs).abs().max() < (ours - theirs).abs().max()
-        record(f"memory bank/tap {tap}", ours.flip(0) if swap else ours, theirs.numpy())
+        record(delta, f"memory bank/tap {tap}", ours.flip(0) if swap else ours, theirs.numpy())
     bank = MemoryBank()
     bank.fit({tap: F.normalize(features_support.taps[tap], dim=-1) for tap in (3, 8)})
     visual = bank({tap: F.normalize(features_test.taps[tap], dim=-1) for tap in (3, 8)}).reshape(-1, 15, 15)
-    record("visual map (grid)", visual, g["visual_grid"])
+    record(delta, "visual map (grid)", visual, g["visual_grid"])
 
     # 5. token-wise textual map (Eq. 4) from fsad's V-V tokens, their queries and prototypes, raw logit_scale
     tokens = F.normalize(features_test.vv_tokens, dim=-1)
     temperature = tower.logit_scale  # their t = model.logit_scale, no exp()
     textual = token_wise_scores(tokens, queries, normal, abnormal, temperature).reshape(-1, 15, 15)
-    record("textual map (grid)", textual, g["textual_grid"])
+    record(delta, "textual map (grid)", textual, g["textual_grid"])
     matched = (tokens @ queries.T).argmax(dim=-1)
     delta["token → level matches (count differing)"] = float((matched.numpy() != g["token_matches"]).sum())
 
     # 6. fusion, upsampling and σ=4 smoothing at the eval size; image score
     fused = harmonic_fusion(torch.from_numpy(g["textual_grid"]), torch.from_numpy(g["visual_grid"]))
-    record("anomaly map (eval size)", upsample_and_smooth(fused, meta["eval_size"], 4.0), g["anomaly_map"])
+    record(delta, "anomaly map (eval size)", upsample_and_smooth(fused, meta["eval_size"], 4.0), g["anomaly_map"])
     cls = F.normalize(features_test.cls, dim=-1)
     image_text = token_wise_scores(cls, queries, normal, abnormal, temperature)
-    record("image text score (CLS)", image_text, g["image_text_score"])
+    record(delta, "image text score (CLS)", image_text, g["image_text_score"])
     visual_max = upsampled_max(torch.from_numpy(g["visual_grid"]), meta["eval_size"])  # variant: code's Eq. 8 max
     ours_score = harmonic_fusion(visual_max, torch.from_numpy(g["image_text_score"]))
-    record("image score (max of the upsampled visual map)", ours_score, g["image_score"])
+    record(delta, "image score (max of the upsampled visual map)", ours_score, g["image_score"])
+    return delta
+
+
+def measure(root: Path) -> dict[str, float]:
+    """Every compared stage's max |Δ| (see the module docstring); the keys name the stages."""
+    from fsad.lightning_modules.promptad.module import swap_rgb_bgr
+    from tests.integration.test_parity_promptad import authors_datamodule
+
+    g, meta = golden()
+    tower = backbone(meta)
+    delta: dict[str, float] = {}
+
+    # 1. preprocessing (their cv2-1024 → PIL-bicubic chain; test images fed as read, BGR)
+    data, subset = authors_datamodule(root, Path(tempfile.mkdtemp()), meta)
+    support = next(iter(data.support_dataloader()))
+    names = [Path(p).name for p in meta["support"]]
+    order = [names.index(Path(p).name) for p in support.image_path]
+    record(delta, "preprocess/support", support.image, g["support_images"][order])
+    test = next(iter(data.test_dataloader()))
+    test_order = [meta["test"].index(str(Path(p).relative_to(subset))) for p in test.image_path]
+    fed = swap_rgb_bgr(test.image, tower.image_mean, tower.image_std)
+    record(delta, "preprocess/test (BGR)", fed, g["test_images"][test_order])
+
+    delta.update(forward_stages(tower, g, meta))
     delta.update(prompt_text_stages(meta))
     delta.update(region_stages(tower, g, meta, root, data))
     data.setup("fit")
@@ -249,15 +266,6 @@ def region_stages(tower, g: dict[str, np.ndarray], meta: dict, root: Path, data)
     """Region aggregation: fsad's tiling/stitching and the code's reference points on their 960-px images, then
     fsad's released clustering (:func:`aggregate_regions_released`) fed their reference points and their density
     noise, against their label maps, the cluster each level claimed, and their region weights."""
-    from fsad.lightning_modules.finegrainedad.regions import (
-        aggregate_regions_released,
-        released_dpc_knn,
-        released_reference,
-        released_region_weights,
-        slice_tiles,
-        stitch_tiles,
-    )
-
     delta: dict[str, float] = {}
     listed = [f"bottle-good-{Path(p).stem}" for p in meta["support"]]  # the fingerprint follows meta["support"]
     fingerprint = their_cluster_images(meta, root, listed).mean(dim=(2, 3))
@@ -274,8 +282,26 @@ def region_stages(tower, g: dict[str, np.ndarray], meta: dict, root: Path, data)
     delta["regions/960-px images from fsad's datamodule against their transform rebuilt (pixels)"] = float(
         (high_res - rebuilt).abs().max()
     )
-    images = their_cluster_images(meta, root, meta["support_order_in_first_batch"])
-    tiles = slice_tiles(images, 4, meta["image_size"])  # already 960 px: the bicubic resize is the identity
+    delta.update(clustering_stages(tower, g, their_cluster_images(meta, root, meta["support_order_in_first_batch"])))
+    return delta
+
+
+def clustering_stages(tower, g: dict[str, np.ndarray], images: torch.Tensor) -> dict[str, float]:
+    """From their 960-px clustering images (in their first batch's order): fsad's tiling/stitching and the code's
+    reference points, then fsad's released clustering fed their reference points and density noise, against their
+    label maps, the cluster each level claimed, and their region weights."""
+    from fsad.lightning_modules.finegrainedad.regions import (
+        aggregate_regions_released,
+        released_dpc_knn,
+        released_reference,
+        released_region_weights,
+        slice_tiles,
+        stitch_tiles,
+    )
+
+    delta: dict[str, float] = {}
+    tile = images.shape[-1] // 4
+    tiles = slice_tiles(images, 4, tile)  # already 960 px: the bicubic resize is the identity
     with torch.no_grad():
         tokens = stitch_tiles(F.normalize(tower(tiles).vv_tokens, dim=-1), len(images), 4, (15, 15))  # [K,60,60,D]
     prompts = torch.from_numpy(g["aggregation_entity_features"])
@@ -305,11 +331,13 @@ def region_stages(tower, g: dict[str, np.ndarray], meta: dict, root: Path, data)
 
 
 def prompt_text_stages(meta: dict) -> dict[str, float]:
-    """fsad's ``variant: code`` prompt bodies from their ``bottle`` record imported by ``fsad captions import``
-    (``captions/``), at their seed, against the strings their run tokenized: the count of bodies that differ."""
+    """fsad's ``variant: code`` prompt bodies from their record of the run's category imported by ``fsad captions
+    import`` (``captions/``), at their seed, against the strings their run tokenized: the count of bodies that
+    differ."""
     from fsad.lightning_modules.finegrainedad.mfsc import AUTHORS_PROMPT_SEED, mllp_texts, resolve_record
 
-    groups = mllp_texts(resolve_record(GOLDEN / "captions", "mvtec", "bottle"), seed=AUTHORS_PROMPT_SEED).groups()
+    their_record = resolve_record(GOLDEN / "captions", "mvtec", meta.get("category", "bottle"))
+    groups = mllp_texts(their_record, seed=AUTHORS_PROMPT_SEED).groups()
     components = [name for name in groups if name.startswith("component:")]
     ours_by_theirs = {"image": "image", "background": "background", **{a: f"attribute:{a}" for a in ATTRIBUTES}}
     ours_by_theirs.update({f"entity{i}": name for i, name in enumerate(components)})
@@ -325,22 +353,26 @@ def prompt_text_stages(meta: dict) -> dict[str, float]:
     return delta
 
 
-def code_variant_on_their_prompts(g: dict[str, np.ndarray], c: dict[str, np.ndarray], meta: dict):
+def code_variant_on_their_prompts(
+    g: dict[str, np.ndarray], c: dict[str, np.ndarray], meta: dict, precision: str = "fp32"
+):
     """fsad's ``FineGrainedAD(variant="code")`` on the golden architecture and weights, with their ``bottle`` record
     imported by ``fsad captions import`` (so it builds their strings), the initial contexts and Attr-MoE weights of
     their segmentation (``g``) and classification (``c``) models and their Query Formers, training with their
     region weights (the clustering is compared on its own in :func:`region_stages`; fresh density noise would give
-    other regions)."""
+    other regions; none when ``g`` has no region weights); ``precision`` as ``backbone.precision``."""
     from fsad.lightning_modules.components.clip import BackboneSpec
     from fsad.lightning_modules.finegrainedad.module import FineGrainedAD
     from tests.parity.weights import fill_by_name
 
-    theirs = torch.from_numpy(g["region_weights"])  # [components…, background] × shots in their first batch × 225
-    rows = torch.cat([theirs[:-1], torch.ones_like(theirs[:1]), theirs[-1:]])  # fsad's rows add the foreground
-    weights = {
-        name.rsplit("-", 1)[1]: rows[:, i].reshape(-1, 15, 15)
-        for i, name in enumerate(meta["support_order_in_first_batch"])
-    }
+    weights = {}
+    if "region_weights" in g:
+        theirs = torch.from_numpy(g["region_weights"])  # [components…, background] × shots in their first batch × 225
+        rows = torch.cat([theirs[:-1], torch.ones_like(theirs[:1]), theirs[-1:]])  # fsad's rows add the foreground
+        weights = {
+            name.rsplit("-", 1)[1]: rows[:, i].reshape(-1, 15, 15)
+            for i, name in enumerate(meta["support_order_in_first_batch"])
+        }
 
     class OnTheirPrompts(FineGrainedAD):
         def prepare_for_data(self, data) -> None:
@@ -361,7 +393,8 @@ def code_variant_on_their_prompts(g: dict[str, np.ndarray], c: dict[str, np.ndar
             }
 
     module = OnTheirPrompts(
-        BackboneSpec(arch=meta["arch"], pretrained=None, taps=[3, 8]), image_size=meta["image_size"],
+        BackboneSpec(arch=meta["arch"], pretrained=None, taps=[3, 8], precision=precision),
+        image_size=meta["image_size"],
         eval_size=meta["eval_size"], variant="code", lr=meta["lr"], eta_min=1e-5, captions=str(GOLDEN / "captions"),
         cls_epochs=meta["epochs"],  # their golden classification run is as long as the segmentation run
     )  # fmt: skip
@@ -445,12 +478,72 @@ def training_stages(
     return delta
 
 
+def bf16_forward_stages(precision: str = "bf16") -> dict[str, float]:
+    """fsad's ``variant: code`` at ``backbone.precision`` ``precision`` against their bf16 segmentation model's
+    forward (``bf16.npz``, ``forward/``): their bf16 initial contexts, Attr-MoE weights and Query Former, the memory
+    bank from the fp32 run's support tensors, text prototypes at those contexts, then fsad's own scoring of the test
+    tensors: anomaly maps at eval size and image scores. Their segmentation model scores images with its own levels,
+    so fsad's classifier is set aside (scoring falls back to the segmentation levels)."""
+    from types import SimpleNamespace
+
+    arrays, meta = golden()
+    half, _ = golden("bf16")
+    backbone(meta)  # registers the golden architecture with open_clip
+    module, _ = code_variant_on_their_prompts(half, half, meta, precision=precision)
+    module.prepare_for_data(SimpleNamespace(dataset_name="mvtec", category="bottle"))
+    module.model.classifier = None
+    module.eval()
+    with torch.no_grad():
+        module.fit_support(module.backbone(torch.from_numpy(arrays["support_images"])))
+        module.model.cache_text(module.backbone)
+        maps, scores = module.maps_and_scores(module.backbone(torch.from_numpy(arrays["test_images"])))
+    delta: dict[str, float] = {}
+    record(delta, "bf16 forward/anomaly map (eval size)", maps, half["forward/anomaly_map"])
+    record(delta, "bf16 forward/image score", scores, half["forward/image_score"])
+    return delta
+
+
+def category_stages(category: str, root: Path) -> dict[str, float]:
+    """The stages of another category's segmentation golden (``root``: the folder its images are read from): the
+    forward stages, prompt strings, the 960-px clustering images (channel means) and clustering, and fsad's first
+    training step (segmentation loss and gradients) with their region weights. Not compared here: preprocessing
+    through an fsad datamodule and a full Lightning ``fit`` (``bottle`` covers both)."""
+    from types import SimpleNamespace
+
+    g, meta = golden("seg", category)
+    tower = backbone(meta)
+    delta = forward_stages(tower, g, meta)
+    delta.update(prompt_text_stages(meta))
+    listed = [f"{category}-good-{Path(p).stem}" for p in meta["support"]]
+    fingerprint = their_cluster_images(meta, root, listed).mean(dim=(2, 3))
+    delta["regions/960-px images (channel means)"] = float(
+        (fingerprint - torch.from_numpy(g["cluster_images_mean"])).abs().max()
+    )
+    delta.update(clustering_stages(tower, g, their_cluster_images(meta, root, meta["support_order_in_first_batch"])))
+    module, weights = code_variant_on_their_prompts(g, g, meta)
+    module.prepare_for_data(SimpleNamespace(dataset_name="mvtec", category=category))
+    losses = first_step_losses(module, g, meta, weights)
+    segmentation = sum(v for k, v in losses.items() if k != "total" and not k.startswith("cls/"))
+    delta["training/segmentation first-step loss"] = abs(float(segmentation.detach()) - float(g["step_losses"][0]))
+    losses["total"].backward()
+    gradients = parameter_deltas(module.model, g, True).items()
+    delta.update({f"training/segmentation first-step gradient, {k}": v for k, v in gradients})
+    return delta
+
+
 def main() -> int:
     sys.path.insert(0, str(REPO))
     root = REPO.parent / "shared" / "data" / "mvtec_ad"
     if len(sys.argv) > 1:
         root = Path(sys.argv[1])
     delta = measure(root)
+    delta.update(bf16_forward_stages())
+    hazelnut = root.parent / "hazelnut_toy"
+    with tempfile.TemporaryDirectory() as tmp:
+        from tests.parity.finegrainedad_golden import draw_transistor
+
+        for category, images in (("hazelnut", hazelnut), ("transistor", draw_transistor(Path(tmp)))):
+            delta.update({f"{category}: {k}": v for k, v in category_stages(category, images).items()})
     width = max(len(name) for name in delta)
     for name, value in delta.items():
         print(f"{name:<{width}}  {value:.3g}")

@@ -18,9 +18,16 @@ ViT-B-16-plus-240. Four adjustments let it run here; none changes what is comput
 * the learning rate is 0.5 instead of 0.002 and three epochs run, so the contexts and Attr-MoE weights move far
   beyond the test tolerance.
 
+Other categories (``--category``) run the same segmentation ``fit`` on their record and write
+``<category>/seg.npz`` and ``<category>/meta.json``: ``hazelnut`` on real images of the ``hazelnut_toy`` set
+(``--data`` its root), ``transistor`` (four components, multi-valued attributes) on images :func:`draw_transistor`
+paints in MVTec layout.
+
 Usage (needs the authors' requirements: loguru, scikit-image, matplotlib, seaborn, pandas)::
 
     python tests/parity/make_golden.py finegrainedad --authors /path/to/FineGrainedAD --data /path/to/mvtec_ad
+    python tests/parity/make_golden.py finegrainedad --authors ... --category hazelnut --data /path/to/hazelnut_toy
+    python tests/parity/make_golden.py finegrainedad --authors ... --category transistor
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +55,7 @@ from tests.parity.promptad_golden import (  # the same shots, images, seeds and 
     WEIGHT_SEED,
     as_array,
     authors_commit,
-    golden_split,
+    mask_of,
     record_calls,
     use_name_filled_weights,
 )
@@ -69,6 +77,88 @@ TOKENIZED = {
     "background/handcrafted": "tokenized_abnormal_background_prompts_handle",
     "background/learnable": "tokenized_abnormal_background_prompts_learned",
 }
+
+
+@dataclass(frozen=True)
+class GoldenCategory:
+    """One category's golden run: their record's name, the support shots and test images (paths under the data
+    root) and each test image's mask (``None``: a good image)."""
+
+    name: str
+    support: list[str]
+    test: list[str]
+    masks: list[str | None]
+
+
+CATEGORIES = {
+    "bottle": GoldenCategory("bottle", SUPPORT, TEST, [mask_of(p) for p in TEST]),
+    # real images of the hazelnut_toy set (its own layout: no category folder, masks named like their images)
+    "hazelnut": GoldenCategory(
+        "hazelnut",
+        ["train/good/00.jpg", "train/good/02.jpg"],
+        ["test/good/04.jpg", "test/colour/00.jpg", "test/colour/01.jpg"],
+        [None, "ground_truth/colour/00.png", "ground_truth/colour/01.png"],
+    ),  # fmt: skip
+    # painted by draw_transistor in MVTec layout
+    "transistor": GoldenCategory(
+        "transistor",
+        ["transistor/train/good/000.png", "transistor/train/good/001.png"],
+        ["transistor/test/good/000.png", "transistor/test/bent_lead/000.png", "transistor/test/misplaced/000.png"],
+        [None, "transistor/ground_truth/bent_lead/000_mask.png", "transistor/ground_truth/misplaced/000_mask.png"],
+    ),  # fmt: skip
+}
+
+
+def draw_transistor(root: Path, size: int = 256) -> Path:
+    """Paint the ``transistor`` golden images under ``root`` in MVTec layout and return ``root``: a brown board
+    with a grid of dark brown holes, a black rectangular body, three silver legs running down into holes (what
+    their record describes); defects: a bent lead, a body moved off centre. Seeded pixel noise makes the two
+    shots differ; the same call paints the same files."""
+    import cv2  # noqa: PLC0415
+
+    board, hole, body, leg = (40, 75, 120), (20, 35, 60), (15, 15, 15), (190, 190, 195)  # BGR
+
+    def paint(seed: int, body_x: int = 128, bend: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        image = np.full((size, size, 3), board, np.uint8)
+        for y in range(16, size, 32):
+            for x in range(16, size, 32):
+                cv2.circle(image, (x, y), 6, hole, -1)
+        before = image.copy()
+        cv2.rectangle(image, (body_x - 40, 60), (body_x + 40, 130), body, -1)
+        for i, x in enumerate((body_x - 24, body_x, body_x + 24)):
+            end = (x + 40, 150) if bend and i == 2 else (x, 208)
+            cv2.line(image, (x, 130), end, leg, 6)
+        noise = np.random.default_rng(seed).integers(-6, 7, image.shape)
+        image = np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8)
+        return image, before
+
+    files = {"train/good/000.png": paint(0)[0], "train/good/001.png": paint(1)[0], "test/good/000.png": paint(2)[0]}
+    reference = paint(3)[0]
+    for defect, kwargs in (("bent_lead", {"bend": True}), ("misplaced", {"body_x": 150})):
+        image = paint(3, **kwargs)[0]
+        files[f"test/{defect}/000.png"] = image
+        mask = (np.abs(image.astype(int) - reference.astype(int)).max(axis=2) > 40).astype(np.uint8) * 255
+        files[f"ground_truth/{defect}/000_mask.png"] = mask
+    for relative, pixels in files.items():
+        path = root / "transistor" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), pixels)
+    return root
+
+
+def category_split(data_root: Path, category: GoldenCategory):
+    """A loader for their ``load_function_dict``: the category's support shots and test images (with masks) in
+    their (paths, masks, labels, types) format."""
+
+    def load_golden(_name, _k_shot):
+        support = category.support
+        train = ([str(data_root / p) for p in support], [0] * len(support), [0] * len(support), ["good"] * len(support))
+        masks = [str(data_root / m) if m else 0 for m in category.masks]
+        test = ([str(data_root / p) for p in category.test], masks, [int(m != 0) for m in masks],
+                [p.split("/")[-2] for p in category.test])  # fmt: skip
+        return train, test
+
+    return load_golden
 
 
 def import_authors(repo: Path):
@@ -156,7 +246,7 @@ def prompt_texts(tokenize_calls: list[str], learner, tokenize) -> dict[str, list
     return texts
 
 
-def build_authors_model(authors_model, clipad, n_pro: int = 1, precision: str = "fp32"):
+def build_authors_model(authors_model, clipad, n_pro: int = 1, precision: str = "fp32", category: str = "bottle"):
     """Their ``FineGrainedPatchAD`` on ``fsad-parity-240`` with name-filled weights, in fp32 (module docstring) or,
     with ``precision="bf16"``, as their segmentation script runs it; ``n_pro`` 1 is their segmentation model, 3
     their classification model."""
@@ -164,12 +254,12 @@ def build_authors_model(authors_model, clipad, n_pro: int = 1, precision: str = 
     use_name_filled_weights(authors_model, clipad, ARCH, precision)
     return authors_model.FineGrainedPatchAD(
         out_size_h=EVAL_SIZE, out_size_w=EVAL_SIZE, device="cpu", backbone=ARCH, pretrained_dataset="laion400m_e32",
-        n_ctx=4, n_pro=n_pro, n_ctx_ab=1, n_pro_ab=4, class_name="bottle", precision=precision, k_shot=len(SUPPORT),
+        n_ctx=4, n_pro=n_pro, n_ctx_ab=1, n_pro_ab=4, class_name=category, precision=precision, k_shot=len(SUPPORT),
         img_resize=IMAGE_SIZE, img_cropsize=IMAGE_SIZE,
     )  # fmt: skip
 
 
-def seeded_model_and_texts(modules, n_pro: int = 1):
+def seeded_model_and_texts(modules, n_pro: int = 1, category: str = "bottle"):
     """Their model built right after their ``setup_seed`` (its prompt construction draws states and locations),
     with the prompt strings behind every tokenized set."""
     _, authors_model, clipad, train_seg = modules
@@ -183,25 +273,26 @@ def seeded_model_and_texts(modules, n_pro: int = 1):
     authors_model.CLIPAD.tokenize = recording_tokenize
     try:
         train_seg.setup_seed(AUTHORS_SEED)
-        model = build_authors_model(authors_model, clipad, n_pro)
+        model = build_authors_model(authors_model, clipad, n_pro, category=category)
     finally:
         authors_model.CLIPAD.tokenize = original_tokenize
     return model, prompt_texts(tokenize_calls, model.prompt_learner, original_tokenize)
 
 
-def golden_loaders(authors_datasets, data_root: Path):
-    """Their train and test loaders (and datasets) over the golden shots and test images."""
-    authors_datasets.load_function_dict["golden"] = golden_split(data_root)
-    loader_kwargs = dict(dataset="golden", class_name="bottle", k_shot=len(SUPPORT), batch_size=len(TEST))
+def golden_loaders(authors_datasets, data_root: Path, category: GoldenCategory = CATEGORIES["bottle"]):
+    """Their train and test loaders (and datasets) over the category's golden shots and test images."""
+    authors_datasets.load_function_dict["golden"] = category_split(data_root, category)
+    loader_kwargs = dict(dataset="golden", class_name=category.name, k_shot=len(category.support),
+                         batch_size=len(category.test))  # fmt: skip
     return (*authors_datasets.get_dataloader_from_args(phase="train", **loader_kwargs),
             *authors_datasets.get_dataloader_from_args(phase="test", **loader_kwargs))  # fmt: skip
 
 
-def training_args():
+def training_args(category: str = "bottle"):
     """Their ``fit`` arguments: SGD momentum 0.9, weight decay 5e-4, λ 0.001, with the golden lr and epochs."""
     return argparse.Namespace(
         lr=LEARNING_RATE, momentum=0.9, weight_decay=0.0005, Epoch=EPOCHS, lambda1=0.001, resolution=EVAL_SIZE,
-        vis=False, class_name="bottle", k_shot=len(SUPPORT), precision="fp32",
+        vis=False, class_name=category, k_shot=len(SUPPORT), precision="fp32",
     )  # fmt: skip
 
 
@@ -298,28 +389,30 @@ def recorded_training(learner: torch.nn.Module, loader) -> Iterator[dict]:
         torch.Tensor.cuda, torch.Tensor.backward, torch.optim.SGD.step, type(loader).__iter__ = originals
 
 
-def run(data_root: Path, modules, workdir: Path) -> tuple[dict[str, np.ndarray], dict]:
+def run(
+    data_root: Path, modules, workdir: Path, category: GoldenCategory = CATEGORIES["bottle"]
+) -> tuple[dict[str, np.ndarray], dict]:
     """Their segmentation model through their own ``fit``; returns the arrays and the facts for ``meta.json``."""
     authors_datasets, authors_model, clipad, train_seg = modules
     import cv2  # noqa: PLC0415
     from PIL import Image  # noqa: PLC0415
 
-    model, texts = seeded_model_and_texts(modules)
-    train_loader, train_set, test_loader, test_set = golden_loaders(authors_datasets, data_root)
+    model, texts = seeded_model_and_texts(modules, category=category.name)
+    train_loader, train_set, test_loader, test_set = golden_loaders(authors_datasets, data_root, category)
 
     out: dict[str, np.ndarray] = learner_state(model, "initial")
     out.update({f"query_former/{k}": as_array(v) for k, v in model.q_former.state_dict().items()})
     # their preprocessing: support shots BGR→RGB before the transforms, test images fed as read (BGR)
-    support_rgb = [Image.fromarray(cv2.cvtColor(train_set[i][0], cv2.COLOR_BGR2RGB)) for i in range(len(SUPPORT))]
+    support_rgb = [Image.fromarray(cv2.cvtColor(train_set[i][0], cv2.COLOR_BGR2RGB)) for i in range(len(train_set))]
     out["support_images"] = as_array(torch.stack([model.transform(image) for image in support_rgb]))
     cluster_images = torch.stack([model.cluster_transform(image) for image in support_rgb])
     out["cluster_images_mean"] = as_array(cluster_images.mean(dim=(2, 3)))  # a fingerprint; 2×3×960×960 is too big
     out["test_images"] = as_array(
-        torch.stack([model.transform(Image.fromarray(test_set[i][0])) for i in range(len(TEST))])
+        torch.stack([model.transform(Image.fromarray(test_set[i][0])) for i in range(len(test_set))])
     )
     out["test_masks"] = np.stack(
         [cv2.resize(test_set[i][1].astype(np.uint8), (EVAL_SIZE, EVAL_SIZE), interpolation=cv2.INTER_NEAREST) > 0
-         for i in range(len(TEST))]
+         for i in range(len(test_set))]
     ).astype(np.uint8)  # fmt: skip
 
     regions: dict = {}
@@ -361,7 +454,7 @@ def run(data_root: Path, modules, workdir: Path) -> tuple[dict[str, np.ndarray],
 
     train_seg.scale_rescale_matrix_to_standard_shape = recording_rescale
     with tempfile.TemporaryDirectory() as tmp, recorded_training(model.prompt_learner, train_loader) as training:
-        result = train_seg.fit(model, training_args(), test_loader, "cpu", img_dir=str(workdir),
+        result = train_seg.fit(model, training_args(category.name), test_loader, "cpu", img_dir=str(workdir),
                                check_path=str(Path(tmp) / "check_point.pt"), train_data=train_loader)  # fmt: skip
     shots = training["shots"]
 
@@ -395,14 +488,31 @@ def run(data_root: Path, modules, workdir: Path) -> tuple[dict[str, np.ndarray],
     out["anomaly_map"] = np.stack(calls["forward"][-1]).astype(np.float32)
     out.update(image_scores(model, out["test_images"]))
     out["best_pixel_auroc"] = np.float32(result["p_roc"])
-    facts = {"prompt_texts": texts, "training_batches": shots, "support_order_in_first_batch": shots[0]}
+    # shots[0] is fit's memory-bank pass over the loader; its first training batch (which the clustering and the first
+    # step see) is shots[1]: the loader reshuffles, so the two orders can differ
+    facts = {"prompt_texts": texts, "training_batches": shots, "support_order_in_first_batch": shots[1]}
     return out, facts
 
 
-def run_bf16(modules, test_images: np.ndarray) -> dict[str, np.ndarray]:
+@contextmanager
+def bf16_numpy() -> Iterator[None]:
+    """``Tensor.numpy`` of a bf16 tensor returns its exact fp32 values: numpy has no bf16, so their ``cls`` forward
+    (``.numpy()`` on the bf16 CLS score) raises under their default precision; the upcast is exact."""
+    original = torch.Tensor.numpy
+    torch.Tensor.numpy = lambda self, *a, **k: original(self.float() if self.dtype == torch.bfloat16 else self, *a, **k)
+    try:
+        yield
+    finally:
+        torch.Tensor.numpy = original
+
+
+def run_bf16(modules, test_images: np.ndarray, support_images: np.ndarray) -> dict[str, np.ndarray]:
     """Their segmentation model as ``train_seg_finegrained_patch.py`` builds it by default (``--precision bf16``:
     their factory's ``convert_weights_to_lp``, bf16 prompt learner): the backbone outputs of the fp32 run's test
-    tensors and the raw text features of every level and kind at its initial contexts."""
+    tensors and the raw text features of every level and kind at its initial contexts; then its forward at those
+    contexts, galleries from the fp32 run's support tensors (``fit``'s memory bank, ``build_text_feature_patch_gallery``
+    without training): the Query Former weights, queries, token matches, textual and visual grids, the ``seg``
+    anomaly maps at eval size and the ``cls`` scores."""
     _, authors_model, clipad, train_seg = modules
     train_seg.setup_seed(AUTHORS_SEED)
     model = build_authors_model(authors_model, clipad, precision="bf16")
@@ -410,41 +520,70 @@ def run_bf16(modules, test_images: np.ndarray) -> dict[str, np.ndarray]:
         cls, vv, tap3, tap8 = model.encode_image(torch.from_numpy(test_images))
     out = dict(test_cls=as_array(cls), test_vv=as_array(vv), test_tap3=as_array(tap3), test_tap8=as_array(tap8))
     out.update(learner_state(model, "initial"))
+    out.update({f"query_former/{k}": as_array(v) for k, v in model.q_former.state_dict().items()})
+    calls: dict[str, list] = {}
+    record_calls(model, ["calculate_textual_patch_anomaly_score", "calculate_visual_anomaly_score",
+                         "get_max_cosine_similarity_match"], calls)  # fmt: skip
+    record_calls(model.q_former, ["forward"], calls.setdefault("q_former", {}))
+    with torch.no_grad(), bf16_numpy():
+        _, _, gallery3, gallery8 = model.encode_image(torch.from_numpy(support_images))
+        model.build_image_feature_gallery(gallery3, gallery8)
+        model.build_text_feature_patch_gallery()
+        out["forward/anomaly_map"] = np.stack(model(torch.from_numpy(test_images), "seg")).astype(np.float32)
+        out["forward/queries"] = as_array(calls["q_former"]["forward"][-1])
+        out["forward/token_matches"] = np.array(
+            [[j for _, j in image] for image in calls["get_max_cosine_similarity_match"][-1]]
+        )
+        out["forward/textual_grid"] = as_array(calls["calculate_textual_patch_anomaly_score"][-1])[:, 0]
+        out["forward/visual_grid"] = as_array(calls["calculate_visual_anomaly_score"][-1])[:, 0]
+        out.update({f"forward/{k}": v for k, v in image_scores(model, test_images).items()})
+    out["forward/image_prototypes"] = as_array(model.text_features)
+    out["forward/background_prototypes"] = as_array(model.background_features)
+    out["forward/entity_prototypes"] = as_array(model.entity_features_list)
     return out
 
 
-def write_imported_record(authors_repo: Path, out_dir: Path) -> None:
-    """Their ``bottle`` record through fsad's own ``fsad captions import`` (``captions/mvtec/bottle.json``): with it,
-    ``variant: code`` must build the strings their run recorded."""
+def write_imported_record(authors_repo: Path, out_dir: Path, category: str = "bottle") -> None:
+    """Their ``category`` record through fsad's own ``fsad captions import`` (``captions/mvtec/<category>.json``):
+    with it, ``variant: code`` must build the strings their run recorded."""
     from fsad.caption_import import import_authors_records  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as tmp:
         imported = import_authors_records(authors_repo / "PromptAD" / "fine_grained_prompts.py", Path(tmp))
-        target = out_dir / "captions" / "mvtec" / "bottle.json"
+        target = out_dir / "captions" / "mvtec" / f"{category}.json"
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(next(path for path in imported.written if path.stem == "bottle"), target)
+        shutil.copyfile(next(path for path in imported.written if path.stem == category), target)
 
 
-def generate(authors_repo: Path, data_root: Path, out_dir: Path) -> None:
-    """Write ``seg.npz``, ``cls.npz``, ``bf16.npz`` and ``meta.json`` for the FineGrainedAD parity comparison."""
-    authors_repo, data_root = authors_repo.resolve(), data_root.resolve()
+def generate(authors_repo: Path, data_root: Path | None, out_dir: Path, category: str = "bottle") -> None:
+    """``bottle``: write ``seg.npz``, ``cls.npz``, ``bf16.npz`` and ``meta.json`` for the FineGrainedAD parity
+    comparison; another category: its segmentation run's ``<category>/seg.npz`` and ``<category>/meta.json``. Each
+    writes the category's imported record under ``captions/``."""
+    golden = CATEGORIES[category]
+    authors_repo = authors_repo.resolve()
     modules = import_authors(authors_repo)
     modules[2].add_model_config(ARCH_CONFIG)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir if category == "bottle" else out_dir / category
+    target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        arrays, facts = run(data_root, modules, Path(tmp))
-    np.savez_compressed(out_dir / "seg.npz", **arrays)
-    np.savez_compressed(
-        out_dir / "cls.npz", **run_cls(data_root, modules, arrays["test_images"], facts["prompt_texts"])
-    )
-    np.savez_compressed(out_dir / "bf16.npz", **run_bf16(modules, arrays["test_images"]))
-    write_imported_record(authors_repo, out_dir)
+        root = draw_transistor(Path(tmp) / "images") if category == "transistor" else data_root.resolve()
+        arrays, facts = run(root, modules, Path(tmp), golden)
+        np.savez_compressed(target / "seg.npz", **arrays)
+        if category == "bottle":
+            np.savez_compressed(
+                target / "cls.npz", **run_cls(root, modules, arrays["test_images"], facts["prompt_texts"])
+            )
+            np.savez_compressed(
+                target / "bf16.npz", **run_bf16(modules, arrays["test_images"], arrays["support_images"])
+            )
+    write_imported_record(authors_repo, out_dir, category)
     commit = authors_commit(authors_repo)
     meta = {
         "authors_repository": "RetoFan233/FineGrainedAD",
         "authors_commit": commit or "aa6b0414b77b712a0e7a763a42a855ea38114bcc (files read from the index, not a git checkout)",
-        "arch": ARCH, "image_size": IMAGE_SIZE, "eval_size": EVAL_SIZE, "epochs": EPOCHS, "lr": LEARNING_RATE,
-        "weight_seed": WEIGHT_SEED, "authors_seed": AUTHORS_SEED, "support": SUPPORT, "test": TEST,
-        "precision": "fp32", "torch": torch.__version__, "attribute_weights": ATTRIBUTE_WEIGHTS, **facts,
+        "category": category, "arch": ARCH, "image_size": IMAGE_SIZE, "eval_size": EVAL_SIZE, "epochs": EPOCHS,
+        "lr": LEARNING_RATE, "weight_seed": WEIGHT_SEED, "authors_seed": AUTHORS_SEED, "support": golden.support,
+        "test": golden.test, "precision": "fp32", "torch": torch.__version__, "attribute_weights": ATTRIBUTE_WEIGHTS,
+        **facts,
     }  # fmt: skip
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    (target / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")

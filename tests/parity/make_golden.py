@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help="fixture folder (default tests/fixtures/parity/<method>)"
     )
+    parser.add_argument("--category", default="bottle", choices=["bottle", "hazelnut", "transistor"],
+                        help="finegrainedad: the golden category (hazelnut: --data is the hazelnut_toy root)")  # fmt: skip
     args = parser.parse_args(argv)
     out = args.out or REPO / "tests" / "fixtures" / "parity" / args.method
     if args.method == "promptad":
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.method == "finegrainedad":
         from tests.parity.finegrainedad_golden import generate
 
-        generate(args.authors, args.data, out)
+        generate(args.authors, args.data, out, args.category)
     else:
         from tests.parity.kagprompt_golden import generate
 
