@@ -82,12 +82,13 @@ TOKENIZED = {
 @dataclass(frozen=True)
 class GoldenCategory:
     """One category's golden run: their record's name, the support shots and test images (paths under the data
-    root) and each test image's mask (``None``: a good image)."""
+    root), each test image's mask (``None``: a good image) and the seed of the name-filled weights."""
 
     name: str
     support: list[str]
     test: list[str]
     masks: list[str | None]
+    weight_seed: int = WEIGHT_SEED
 
 
 CATEGORIES = {
@@ -99,12 +100,14 @@ CATEGORIES = {
         ["test/good/04.jpg", "test/colour/00.jpg", "test/colour/01.jpg"],
         [None, "ground_truth/colour/00.png", "ground_truth/colour/01.png"],
     ),  # fmt: skip
-    # painted by draw_transistor in MVTec layout
+    # painted by draw_transistor in MVTec layout; weight seed 1: its four components claim three different clusters
+    # (with seed 0 all five levels claim one, and every level's region weights would be alike)
     "transistor": GoldenCategory(
         "transistor",
         ["transistor/train/good/000.png", "transistor/train/good/001.png"],
         ["transistor/test/good/000.png", "transistor/test/bent_lead/000.png", "transistor/test/misplaced/000.png"],
         [None, "transistor/ground_truth/bent_lead/000_mask.png", "transistor/ground_truth/misplaced/000_mask.png"],
+        weight_seed=1,
     ),  # fmt: skip
 }
 
@@ -246,20 +249,23 @@ def prompt_texts(tokenize_calls: list[str], learner, tokenize) -> dict[str, list
     return texts
 
 
-def build_authors_model(authors_model, clipad, n_pro: int = 1, precision: str = "fp32", category: str = "bottle"):
+def build_authors_model(
+    authors_model, clipad, n_pro: int = 1, precision: str = "fp32", category: GoldenCategory = CATEGORIES["bottle"]
+):
     """Their ``FineGrainedPatchAD`` on ``fsad-parity-240`` with name-filled weights, in fp32 (module docstring) or,
     with ``precision="bf16"``, as their segmentation script runs it; ``n_pro`` 1 is their segmentation model, 3
     their classification model."""
 
-    use_name_filled_weights(authors_model, clipad, ARCH, precision)
+    use_name_filled_weights(authors_model, clipad, ARCH, precision, category.weight_seed)
     return authors_model.FineGrainedPatchAD(
         out_size_h=EVAL_SIZE, out_size_w=EVAL_SIZE, device="cpu", backbone=ARCH, pretrained_dataset="laion400m_e32",
-        n_ctx=4, n_pro=n_pro, n_ctx_ab=1, n_pro_ab=4, class_name=category, precision=precision, k_shot=len(SUPPORT),
+        n_ctx=4, n_pro=n_pro, n_ctx_ab=1, n_pro_ab=4, class_name=category.name, precision=precision,
+        k_shot=len(category.support),
         img_resize=IMAGE_SIZE, img_cropsize=IMAGE_SIZE,
     )  # fmt: skip
 
 
-def seeded_model_and_texts(modules, n_pro: int = 1, category: str = "bottle"):
+def seeded_model_and_texts(modules, n_pro: int = 1, category: GoldenCategory = CATEGORIES["bottle"]):
     """Their model built right after their ``setup_seed`` (its prompt construction draws states and locations),
     with the prompt strings behind every tokenized set."""
     _, authors_model, clipad, train_seg = modules
@@ -397,7 +403,7 @@ def run(
     import cv2  # noqa: PLC0415
     from PIL import Image  # noqa: PLC0415
 
-    model, texts = seeded_model_and_texts(modules, category=category.name)
+    model, texts = seeded_model_and_texts(modules, category=category)
     train_loader, train_set, test_loader, test_set = golden_loaders(authors_datasets, data_root, category)
 
     out: dict[str, np.ndarray] = learner_state(model, "initial")
@@ -582,7 +588,7 @@ def generate(authors_repo: Path, data_root: Path | None, out_dir: Path, category
         "authors_repository": "RetoFan233/FineGrainedAD",
         "authors_commit": commit or "aa6b0414b77b712a0e7a763a42a855ea38114bcc (files read from the index, not a git checkout)",
         "category": category, "arch": ARCH, "image_size": IMAGE_SIZE, "eval_size": EVAL_SIZE, "epochs": EPOCHS,
-        "lr": LEARNING_RATE, "weight_seed": WEIGHT_SEED, "authors_seed": AUTHORS_SEED, "support": golden.support,
+        "lr": LEARNING_RATE, "weight_seed": golden.weight_seed, "authors_seed": AUTHORS_SEED, "support": golden.support,
         "test": golden.test, "precision": "fp32", "torch": torch.__version__, "attribute_weights": ATTRIBUTE_WEIGHTS,
         **facts,
     }  # fmt: skip

@@ -74,13 +74,13 @@ def import_authors(repo: Path):
     return authors_datasets, authors_model, CLIPAD, train_seg, train_cls
 
 
-def use_name_filled_weights(authors_model, clipad, arch: str, precision: str) -> None:
+def use_name_filled_weights(authors_model, clipad, arch: str, precision: str, seed: int = WEIGHT_SEED) -> None:
     """Their model factory without a download: their ``create_model`` at ``precision`` (whatever their call asks
-    for), then :func:`fill_by_name`; ``arch`` joins their list of valid backbones."""
+    for), then :func:`fill_by_name` from ``seed``; ``arch`` joins their list of valid backbones."""
 
     def create_without_download(model_name, pretrained=None, **_):
         model = clipad.create_model(model_name, pretrained=None, precision=precision)
-        fill_by_name(model, WEIGHT_SEED)
+        fill_by_name(model, seed)
         return model, None, None
 
     clipad.create_model_and_transforms = create_without_download
