@@ -18,8 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("method", choices=["promptad", "kagprompt", "finegrainedad", "aprilgan"])
     parser.add_argument("--authors", type=Path, required=True, help="checkout of the authors' repository")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mvtec_ad",
-                        help="MVTec-AD root holding bottle/ (promptad, finegrainedad, aprilgan)")  # fmt: skip
+    parser.add_argument("--data", type=Path, default=None,
+                        help="MVTec-AD root holding bottle/ (promptad, finegrainedad, aprilgan); for finegrainedad "
+                             "--category hazelnut the hazelnut_toy root (default: shared/data/ next to the repo)")  # fmt: skip
     parser.add_argument(
         "--out", type=Path, default=None, help="fixture folder (default tests/fixtures/parity/<method>)"
     )
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="finegrainedad: the golden category (hazelnut: --data is the hazelnut_toy root)")  # fmt: skip
     args = parser.parse_args(argv)
     out = args.out or REPO / "tests" / "fixtures" / "parity" / args.method
+    if args.data is None:
+        folder = "hazelnut_toy" if args.category == "hazelnut" else "mvtec_ad"
+        args.data = REPO.parent / "shared" / "data" / folder
     if args.method == "promptad":
         from tests.parity.promptad_golden import generate
 
