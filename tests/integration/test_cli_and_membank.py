@@ -20,16 +20,20 @@ DEMO = str(REPO / "configs" / "demo.yaml")
 
 
 class CollectOutputs(Callback):
-    """Keeps every test batch's maps, masks, scores and labels for an independent sklearn check."""
+    """Keeps every test batch's maps, masks, scores and labels for an independent sklearn check, and the image-score
+    parts (max M_v, text score) of models that record them for the paper protocol."""
 
     def __init__(self) -> None:
-        self.maps, self.masks, self.scores, self.labels = [], [], [], []
+        self.maps, self.masks, self.scores, self.labels, self.image_parts = [], [], [], [], []
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.maps.append(outputs.anomaly_map.flatten())
         self.masks.append(outputs.gt_mask.flatten())
         self.scores.append(outputs.pred_score)
         self.labels.append(outputs.gt_label)
+        parts = getattr(getattr(pl_module, "model", None), "last_image_parts", None)
+        if parts is not None:
+            self.image_parts.append(parts.clone())
 
 
 def run_membank(tmp_path: Path, category: str = "disc", seed: int = 0) -> tuple[CollectOutputs, MemoryBankAD]:

@@ -90,26 +90,17 @@ def test_paper_protocol_max_fusion_reads_the_recorded_image_parts(tmp_path: Path
     """With ``max_fusion_quirk`` the test loop records each image's (max M_v, text score) and logs the authors'
     max(AUROC(harmonic), AUROC(mean)); recomputed here with sklearn from the parts a callback reads."""
     import numpy as np
-    from lightning.pytorch import Callback
-
-    class Parts(Callback):
-        def __init__(self) -> None:
-            self.parts, self.labels = [], []
-
-        def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-            self.parts.append(pl_module.model.last_image_parts.clone())
-            self.labels.append(outputs.gt_label)
 
     cli = FsadCLI(args=["-c", str(REPO / "configs/finegrainedad/synthetic_tiny.yaml"), "--run_root",
                         str(tmp_path / "runs"), "--model.init_args.max_fusion_quirk", "true",
                         "--trainer.max_epochs", "1"], run=False)  # fmt: skip
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.model.model.last_image_parts is None  # fit's forwards record nothing
-    parts = Parts()
-    cli.trainer.callbacks.append(parts)
+    outputs = CollectOutputs()
+    cli.trainer.callbacks.append(outputs)
     logged = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-    visual, text = torch.cat(parts.parts).double().numpy().T
-    labels = torch.cat(parts.labels).numpy()
+    visual, text = torch.cat(outputs.image_parts).double().numpy().T
+    labels = torch.cat(outputs.labels).numpy()
     expected = max(roc_auc_score(labels, 1 / (1 / visual + 1 / text)), roc_auc_score(labels, (visual + text) / 2))
     assert abs(logged["image_AUROC_paper_max_fusion"] - expected) < 1e-6
     assert not cli.model.model.record_image_parts and np.isfinite(expected)

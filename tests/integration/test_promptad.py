@@ -79,16 +79,7 @@ def test_paper_protocol_best_epoch_and_max_fusion(tmp_path: Path, monkeypatch) -
     import json
 
     import numpy as np
-    from lightning.pytorch import Callback
     from sklearn.metrics import roc_auc_score
-
-    class Parts(Callback):
-        def __init__(self) -> None:
-            self.parts, self.labels = [], []
-
-        def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-            self.parts.append(pl_module.model.last_image_parts.clone())
-            self.labels.append(outputs.gt_label)
 
     monkeypatch.setenv("FSAD_CACHE_DIR", str(tmp_path / "cache"))
     args = ["-c", str(REPO / "configs/promptad/synthetic_tiny.yaml"), "--run_root", str(tmp_path / "runs"),
@@ -100,11 +91,11 @@ def test_paper_protocol_best_epoch_and_max_fusion(tmp_path: Path, monkeypatch) -
     assert [e["epoch"] for e in record["epochs"]] == [0, 1, 2]
     assert record["best"] == max(record["epochs"], key=lambda e: e["image_AUROC"] + e["pixel_AUROC"])
 
-    parts = Parts()
-    cli.trainer.callbacks.append(parts)
+    outputs = CollectOutputs()
+    cli.trainer.callbacks.append(outputs)
     logged = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-    visual, text = torch.cat(parts.parts).double().numpy().T
-    labels = torch.cat(parts.labels).numpy()
+    visual, text = torch.cat(outputs.image_parts).double().numpy().T
+    labels = torch.cat(outputs.labels).numpy()
     harmonic = 1 / (1 / visual + 1 / text)
     expected = max(roc_auc_score(labels, harmonic), roc_auc_score(labels, (visual + text) / 2))
     assert abs(logged["image_AUROC_paper_max_fusion"] - expected) < 1e-6
