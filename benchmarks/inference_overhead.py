@@ -69,7 +69,9 @@ def kagprompt_step(images: torch.Tensor, support: torch.Tensor, graph_dim: int |
     return lambda: module.predict_batch(make_batch(images.clone(), 224))
 
 
-def median_ratio(step: Callable[[], object], reference: Callable[[], object], rounds: int) -> tuple[float, float, float]:
+def median_ratio(
+    step: Callable[[], object], reference: Callable[[], object], rounds: int
+) -> tuple[float, float, float]:
     """Median, min and max over ``rounds`` of (step time ÷ reference time), the two timed back to back."""
     ratios = []
     with torch.inference_mode():

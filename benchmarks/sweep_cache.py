@@ -74,7 +74,9 @@ def sweep_seconds(folder: Path, name: str, root: Path, shots: list[int], seeds: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bottle", type=Path, default=Path(os.environ.get("FSAD_TEST_DATA", "data")) / "mvtec_ad" / "bottle")
+    parser.add_argument(
+        "--bottle", type=Path, default=Path(os.environ.get("FSAD_TEST_DATA", "data")) / "mvtec_ad" / "bottle"
+    )
     parser.add_argument("--max-test-images", type=int, default=None, help="first N test images (default: all)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")

@@ -69,7 +69,6 @@ class AprilGan(StateEnsembleModule):
         )
         self.paper_image_score = paper_image_score
 
-
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         features = self.backbone(batch.image)
         probabilities = self.model.layer_probabilities(features, self.batch_text(batch.category))
