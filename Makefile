@@ -17,8 +17,9 @@ install: ## Create .venv with pip and install fsad with its dev extras (editable
 test: ## Run the whole test suite (fails if no test is collected)
 	$(PY) -m pytest
 
-lint: ## Check style with ruff
+lint: ## Check style and formatting with ruff
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 demo: ## Offline demo: memory-bank method, tiny random backbone, procedural data
 	$(VENV)/bin/fsad test -c configs/demo.yaml
