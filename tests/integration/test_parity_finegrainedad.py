@@ -34,8 +34,10 @@ from tests.parity.compare_finegrainedad import (
     code_variant_on_their_prompts,
     encode_level,
     first_step_losses,
+    fsads_glue_region_weights,
     golden,
     measure,
+    shots_in_their_order,
     their_cluster_images,
 )
 from tests.parity.finegrainedad_golden import draw_transistor
@@ -45,6 +47,17 @@ TOLERANCE = 1e-5
 STAGES = (
     "preprocess/", "text/", "query former", "memory bank/", "visual map", "textual map", "token → level matches",
     "anomaly map", "image text score", "image score", "prompt texts/", "regions/", "training/", "evaluation/",
+)  # fmt: skip
+#: The stages of :func:`category_stages` that reach fsad's datamodule, glue and Lightning loops (issue 24 point 6
+#: follow-up); each must be measured on every category.
+CATEGORY_STAGES = (
+    "preprocess/support", "preprocess/test (BGR)", "preprocess/test masks at eval size (count differing)",
+    "regions/960-px images from fsad's datamodule (channel means)",
+    "regions/960-px images from fsad's datamodule against their transform rebuilt (pixels)",
+    "regions/region weights from fsad's glue on its datamodule's 960-px shots",
+    "training/segmentation trained normal contexts", "training/segmentation trained abnormal contexts",
+    "training/segmentation trained Attr-MoE", "evaluation/anomaly map after fsad's training",
+    "evaluation/image score after fsad's training",
 )  # fmt: skip
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:backbone.pretrained is null")]
 
@@ -89,72 +102,43 @@ def test_the_region_comparison_can_fail() -> None:
     assert (region_weights(regions, (15, 15)).flatten(2)[rows] - theirs).abs().max() > 1.0
 
 
-def region_weights_of_fsads_glue(images_in_their_order: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
-    """fsad's own ``FineGrainedAD.compute_region_weights`` (``variant: code``: its prompts at their initial contexts,
-    its tiling, clustering and pooling) on the given 960-px shots in their shot order (shot 0 = the first shot of
-    their first training batch), with their two recorded ``torch.rand`` density-noise draws served in place of
-    fresh ones: their rows [components…, background] × shots × 225."""
-    arrays, meta = golden()
-    backbone(meta)  # registers the golden architecture with open_clip
-    module, _ = code_variant_on_their_prompts(arrays, golden("cls")[0], meta)
-    module.prepare_for_data(SimpleNamespace(dataset_name="mvtec", category="bottle"))
-    module.eval()
-    recorded = list(torch.from_numpy(arrays["density_noise"]))
-
-    def their_draw(size, *args, **kwargs) -> torch.Tensor:
-        draw = recorded.pop(0)
-        assert tuple(size) == tuple(draw.shape), f"a draw of {tuple(size)}, they drew {tuple(draw.shape)}"
-        return draw.to(kwargs.get("dtype") or draw.dtype)
-
-    paths = [f"{name}.png" for name in meta["support_order_in_first_batch"]]
-    with monkeypatch.context() as patch:
-        patch.setattr(torch, "rand", their_draw)
-        weights = module.compute_region_weights(paths, images_in_their_order)
-    assert not recorded, "the clustering drew less noise than their run"
-    n_components = len(module.model.components)
-    rows = [*range(n_components), n_components + 1]  # fsad's rows add the foreground; theirs do not
-    return torch.stack([weights[path][rows].flatten(1) for path in paths], dim=1)
-
-
 def fsads_960px_shots_in_their_order(mvtec_root: Path, tmp_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """fsad's datamodule's 960-px clustering shots (``support_images``) and their ``cluster_transform`` images
     rebuilt from the same files, both in their shot order."""
     _, meta = golden()
     data, _ = authors_datamodule(mvtec_root, tmp_path, meta)
-    stems = [Path(p).stem for p in data.support_paths]
-    order = [stems.index(name.rsplit("-", 1)[1]) for name in meta["support_order_in_first_batch"]]
-    ours = data.support_images(4 * meta["image_size"])[order]
+    ours = data.support_images(4 * meta["image_size"])[shots_in_their_order(data, meta)]
     return ours, their_cluster_images(meta, mvtec_root, meta["support_order_in_first_batch"])
 
 
 def test_fsads_region_weight_glue_on_its_own_datamodule_reproduces_their_region_weights(
-    mvtec_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mvtec_root: Path, tmp_path: Path
 ) -> None:
     """Issue 24 (a): the glue end to end. fsad's datamodule reads the shots at 960 px; they equal, pixel for pixel,
     the images of their ``cluster_transform`` (whose channel means their run recorded); ``compute_region_weights``
     on either, with their density noise and shot order, gives their ``region_weights`` (15×15, every shot).
     Perturbations this catches and the channel-mean stages did not: a true average pool in the glue (off by 1.5)
     and flipped clustering images (same channel means, other pixels)."""
-    arrays, _ = golden()
+    arrays, meta = golden()
     ours, theirs = fsads_960px_shots_in_their_order(mvtec_root, tmp_path)
     assert ours.shape == theirs.shape == (2, 3, 960, 960)
     assert float((ours - theirs).abs().max()) <= 1e-6, "fsad's 960-px shots differ from their clustering images"
     their_weights = torch.from_numpy(arrays["region_weights"])
     for name, images in (("their images", theirs), ("fsad's datamodule images", ours)):
-        miss = float((region_weights_of_fsads_glue(images, monkeypatch) - their_weights).abs().max())
+        miss = float((fsads_glue_region_weights(arrays, meta, images) - their_weights).abs().max())
         assert miss <= TOLERANCE, f"region weights from {name}: max |Δ| {miss:.3g}"
 
 
-def test_the_glue_comparison_can_fail(mvtec_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_glue_comparison_can_fail(mvtec_root: Path, tmp_path: Path) -> None:
     """Control: flipped shots keep every channel mean (what the stage table compares) but fail the pixel check and
     move the region weights far beyond the tolerance."""
-    arrays, _ = golden()
+    arrays, meta = golden()
     ours, theirs = fsads_960px_shots_in_their_order(mvtec_root, tmp_path)
     flipped = ours.flip(-1)
     assert float((flipped.mean(dim=(2, 3)) - theirs.mean(dim=(2, 3))).abs().max()) <= 1e-6
     assert float((flipped - theirs).abs().max()) > 1.0
     miss = float(
-        (region_weights_of_fsads_glue(flipped, monkeypatch) - torch.from_numpy(arrays["region_weights"])).abs().max()
+        (fsads_glue_region_weights(arrays, meta, flipped) - torch.from_numpy(arrays["region_weights"])).abs().max()
     )
     print(f"flipped shots: region weights max |Δ| {miss:.3g}")
     assert miss > 0.1
@@ -222,9 +206,11 @@ def test_code_variant_reproduces_the_authors_finegrainedad_on_more_categories(
 ) -> None:
     """Issue 24 (b): their segmentation golden of ``hazelnut`` (real images of the hazelnut_toy set) and of
     ``transistor`` (their record: four components, multi-valued colour/texture/shape lists; images painted by
-    :func:`draw_transistor`). fsad builds the prompt strings from the imported record, encodes them, composes the
-    Query Former, scores their test tensors, clusters their 960-px shots from their reference points and takes the
-    first training step with their region weights; every stage matches."""
+    :func:`draw_transistor`). fsad's MVTec datamodule reads the run's files (preprocessed tensors, masks and 960-px
+    clustering shots against theirs, the latter pixel for pixel); fsad builds the prompt strings from the imported
+    record, encodes them, composes the Query Former, scores their test tensors, clusters their 960-px shots from
+    their reference points, runs its region-weight glue end to end on its own 960-px shots, takes the first training
+    step with their region weights, then its own Lightning ``fit`` and ``test``; every stage matches."""
     if category == "hazelnut":
         root = request.getfixturevalue("shared_data") / "hazelnut_toy"
         if not root.is_dir():
@@ -235,6 +221,8 @@ def test_code_variant_reproduces_the_authors_finegrainedad_on_more_categories(
     theirs = {key.split("/")[0] for key in golden("seg", category)[1]["prompt_texts"] if key.startswith("entity")}
     ours = {name.split("/")[2] for name in delta if name.startswith("text/initial/entity")}
     assert ours == theirs and len(theirs) == {"hazelnut": 1, "transistor": 4}[category], (ours, theirs)
+    missing = [stage for stage in CATEGORY_STAGES if stage not in delta]
+    assert not missing, f"{category}: stages not measured: {missing}"
     too_far = {name: value for name, value in delta.items() if value > TOLERANCE}
     assert not too_far, f"{category}: max |Δ| above {TOLERANCE}: {too_far}"
     print(f"{category} max |Δ| per stage:", json.dumps({k: f"{v:.2e}" for k, v in delta.items()}))

@@ -14,9 +14,13 @@ stages that match. It also prints the stages of the ``hazelnut`` and ``transisto
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import open_clip
@@ -221,30 +225,105 @@ def forward_stages(tower, g: dict[str, np.ndarray], meta: dict) -> dict[str, flo
 
 def measure(root: Path) -> dict[str, float]:
     """Every compared stage's max |Δ| (see the module docstring); the keys name the stages."""
-    from fsad.lightning_modules.promptad.module import swap_rgb_bgr
     from tests.integration.test_parity_promptad import authors_datamodule
 
     g, meta = golden()
     tower = backbone(meta)
-    delta: dict[str, float] = {}
+    data, _ = authors_datamodule(root, Path(tempfile.mkdtemp()), meta)
+    delta, test_order = preprocessing_stages(tower, g, meta, data)
+    delta.update(forward_stages(tower, g, meta))
+    delta.update(prompt_text_stages(meta))
+    delta.update(region_stages(tower, g, meta, root, data))
+    delta.update(training_stages(g, golden("cls")[0], meta, data, test_order))
+    return delta
 
-    # 1. preprocessing (their cv2-1024 → PIL-bicubic chain; test images fed as read, BGR)
-    data, subset = authors_datamodule(root, Path(tempfile.mkdtemp()), meta)
+
+def preprocessing_stages(tower, g: dict[str, np.ndarray], meta: dict, data) -> tuple[dict[str, float], list[int]]:
+    """fsad's datamodule (``resize: authors``: their cv2-1024 → PIL-bicubic chain) against their preprocessed support
+    and test tensors (test images fed as read, BGR, as their test loader does) and their test masks at eval size; and
+    each image of the datamodule's one test batch's index in their test order."""
+    from fsad.lightning_modules.promptad.module import swap_rgb_bgr
+
+    delta: dict[str, float] = {}
     support = next(iter(data.support_dataloader()))
     names = [Path(p).name for p in meta["support"]]
     order = [names.index(Path(p).name) for p in support.image_path]
     record(delta, "preprocess/support", support.image, g["support_images"][order])
     test = next(iter(data.test_dataloader()))
-    test_order = [meta["test"].index(str(Path(p).relative_to(subset))) for p in test.image_path]
+    theirs = ["/".join(Path(p).parts[-2:]) for p in meta["test"]]  # defect folder / file name: unique per image
+    test_order = [theirs.index("/".join(Path(p).parts[-2:])) for p in test.image_path]
     fed = swap_rgb_bgr(test.image, tower.image_mean, tower.image_std)
     record(delta, "preprocess/test (BGR)", fed, g["test_images"][test_order])
+    delta["preprocess/test masks at eval size (count differing)"] = float(
+        (test.gt_mask.numpy() != g["test_masks"][test_order]).sum()
+    )
+    return delta, test_order
 
-    delta.update(forward_stages(tower, g, meta))
-    delta.update(prompt_text_stages(meta))
-    delta.update(region_stages(tower, g, meta, root, data))
-    data.setup("fit")
-    delta.update(training_stages(g, golden("cls")[0], meta, data, test_order))
-    return delta
+
+def category_datamodule(category: str, root: Path, folder: Path, meta: dict):
+    """fsad's MVTec datamodule (``resize: authors``, their two shots by name) over an MVTec-layout copy, under
+    ``folder``, of the golden run's files of ``category`` read from ``root`` (``hazelnut_toy`` has no category folder
+    and names its masks like its images, which the MVTec layout also accepts), set up for test."""
+    from fsad.datamodules.mvtec import MVTecDataModule
+    from tests.parity.finegrainedad_golden import CATEGORIES
+
+    for relative in [*meta["support"], *meta["test"], *filter(None, CATEGORIES[category].masks)]:
+        target = folder / category / relative.removeprefix(f"{category}/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / relative, target)
+    data = MVTecDataModule(
+        root=str(folder), category=category, k_shot=len(meta["support"]), image_size=meta["image_size"],
+        eval_size=meta["eval_size"], resize="authors", support_files=[Path(p).name for p in meta["support"]],
+        batch_size=len(meta["test"]),
+    )  # fmt: skip
+    data.setup("test")
+    return data
+
+
+def shots_in_their_order(data, meta: dict) -> list[int]:
+    """The datamodule's support indices in their first training batch's order (shot 0 = its first shot)."""
+    stems = [Path(p).stem for p in data.support_paths]
+    return [stems.index(name.rsplit("-", 1)[1]) for name in meta["support_order_in_first_batch"]]
+
+
+@contextmanager
+def their_density_noise(g: dict[str, np.ndarray]) -> Iterator[None]:
+    """``torch.rand`` serves their run's recorded density-noise draws, in order, instead of fresh ones; leaving the
+    block fails unless every draw was taken, each of their shape."""
+    recorded = list(torch.from_numpy(g["density_noise"]))
+    original = torch.rand
+
+    def their_draw(size, *args, **kwargs) -> torch.Tensor:
+        draw = recorded.pop(0)
+        if tuple(size) != tuple(draw.shape):
+            raise AssertionError(f"a draw of {tuple(size)}, they drew {tuple(draw.shape)}")
+        return draw.to(kwargs.get("dtype") or draw.dtype)
+
+    torch.rand = their_draw
+    try:
+        yield
+    finally:
+        torch.rand = original
+    if recorded:
+        raise AssertionError("the clustering drew less noise than their run")
+
+
+def fsads_glue_region_weights(
+    g: dict[str, np.ndarray], meta: dict, images_in_their_order: torch.Tensor
+) -> torch.Tensor:
+    """fsad's own ``FineGrainedAD.compute_region_weights`` (``variant: code``: its prompts at their initial contexts,
+    its tiling, clustering and pooling) on the given 960-px shots in their shot order, with their density noise:
+    their rows [components…, background] × shots × 225."""
+    backbone(meta)  # registers the golden architecture with open_clip
+    module, _ = code_variant_on_their_prompts(g, None, meta)
+    module.prepare_for_data(SimpleNamespace(dataset_name="mvtec", category=meta.get("category", "bottle")))
+    module.eval()
+    paths = [f"{name}.png" for name in meta["support_order_in_first_batch"]]
+    with their_density_noise(g):
+        weights = module.compute_region_weights(paths, images_in_their_order)
+    n_components = len(module.model.components)
+    rows = [*range(n_components), n_components + 1]  # fsad's rows add the foreground; theirs do not
+    return torch.stack([weights[path][rows].flatten(1) for path in paths], dim=1)
 
 
 def their_cluster_images(meta: dict, root: Path, names: list[str]) -> torch.Tensor:
@@ -356,11 +435,13 @@ def prompt_text_stages(meta: dict) -> dict[str, float]:
 
 
 def code_variant_on_their_prompts(
-    g: dict[str, np.ndarray], c: dict[str, np.ndarray], meta: dict, precision: str = "fp32"
+    g: dict[str, np.ndarray], c: dict[str, np.ndarray] | None, meta: dict, precision: str = "fp32"
 ):
-    """fsad's ``FineGrainedAD(variant="code")`` on the golden architecture and weights, with their ``bottle`` record
-    imported by ``fsad captions import`` (so it builds their strings), the initial contexts and Attr-MoE weights of
-    their segmentation (``g``) and classification (``c``) models and their Query Formers, training with their
+    """fsad's ``FineGrainedAD(variant="code")`` on the golden architecture and weights, with their record of the
+    run's category imported by ``fsad captions import`` (so it builds their strings), the initial contexts and
+    Attr-MoE weights of their segmentation (``g``) and classification (``c``) models and their Query Formers (``c``
+    None: no classification model, so images are scored with the segmentation levels, as their segmentation script
+    scores them), training with their
     region weights (the clustering is compared on its own in :func:`region_stages`; fresh density noise would give
     other regions; none when ``g`` has no region weights); ``precision`` as ``backbone.precision``."""
     from fsad.lightning_modules.components.clip import BackboneSpec
@@ -382,8 +463,10 @@ def code_variant_on_their_prompts(
             if self.model.level_names:
                 return
             super().prepare_for_data(data)
+            if c is None:
+                self.model.classifier = None
             with torch.no_grad():
-                for model, arrays in ((self.model, g), (self.model.classifier, c)):
+                for model, arrays in ((self.model, g), (self.model.classifier, c))[: 1 if c is None else 2]:
                     model.prompts.normal_context.copy_(torch.from_numpy(arrays["initial_normal_context"]))
                     model.prompts.abnormal_context.copy_(torch.from_numpy(arrays["initial_abnormal_context"]))
                     model.attribute_gates.copy_(attribute_gate_logits(arrays, "initial_"))
@@ -434,14 +517,8 @@ def training_stages(
     g: dict[str, np.ndarray], c: dict[str, np.ndarray], meta: dict, data, test_order: list[int]
 ) -> dict[str, float]:
     """The released segmentation and classification losses and their training, then evaluation: fsad's losses and
-    gradients at the first step on their first batch; fsad's own Lightning ``fit`` (one SGD over both prompt sets,
-    momentum, weight decay, cosine schedule) for their epochs, against both models' trained contexts and Attr-MoE
-    weights; and fsad's ``test`` of the trained module against their last epoch's maps and image scores
-    (``test_order``: each test image's index in their order, for the datamodule's one test batch)."""
-    from lightning import Trainer
-
-    from tests.integration.test_cli_and_membank import CollectOutputs
-
+    gradients at the first step on their first batch, then :func:`fit_and_test_stages` for both models (image
+    scores: their classification model's)."""
     delta: dict[str, float] = {}
     module, weights = code_variant_on_their_prompts(g, c, meta)
     module.prepare_for_data(data)
@@ -458,7 +535,24 @@ def training_stages(
             {f"training/{task} first-step gradient, {k}": v for k, v in parameter_deltas(model, arrays, True).items()}
         )
     module.zero_grad()
+    delta.update(fit_and_test_stages(module, models, data, meta, test_order, c["image_score"]))
+    return delta
 
+
+def fit_and_test_stages(
+    module, models: dict, data, meta: dict, test_order: list[int], their_image_scores: np.ndarray
+) -> dict[str, float]:
+    """fsad's own Lightning ``fit`` of ``module`` (one SGD over its prompt sets: momentum, weight decay, cosine
+    schedule) for their epochs, against each of ``models``' (task → (fsad model, their arrays)) trained contexts and
+    Attr-MoE weights; then fsad's ``test`` of the trained module against their last epoch's anomaly maps (the
+    segmentation arrays') and ``their_image_scores`` (``test_order``: each test image's index in their order, for
+    the datamodule's one test batch)."""
+    from lightning import Trainer
+
+    from tests.integration.test_cli_and_membank import CollectOutputs
+
+    delta: dict[str, float] = {}
+    data.setup("fit")
     trainer = Trainer(accelerator="cpu", max_epochs=meta["epochs"], logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(module, datamodule=data)
@@ -471,11 +565,12 @@ def training_stages(
     )
     maps = torch.cat(collector.maps).reshape(-1, meta["eval_size"], meta["eval_size"])[np.argsort(test_order)]
     scores = torch.cat(collector.scores)[np.argsort(test_order)]
+    theirs = models["segmentation"][1]
     delta["evaluation/anomaly map after fsad's training"] = float(
-        (maps - torch.from_numpy(g["anomaly_map"])).abs().max()
+        (maps - torch.from_numpy(theirs["anomaly_map"])).abs().max()
     )
     delta["evaluation/image score after fsad's training"] = float(
-        (scores - torch.from_numpy(c["image_score"])).abs().max()
+        (scores - torch.from_numpy(their_image_scores)).abs().max()
     )
     return delta
 
@@ -486,8 +581,6 @@ def bf16_forward_stages(precision: str = "bf16") -> dict[str, float]:
     bank from the fp32 run's support tensors, text prototypes at those contexts, then fsad's own scoring of the test
     tensors: anomaly maps at eval size and image scores. Their segmentation model scores images with its own levels,
     so fsad's classifier is set aside (scoring falls back to the segmentation levels)."""
-    from types import SimpleNamespace
-
     arrays, meta = golden()
     half, _ = golden("bf16")
     backbone(meta)  # registers the golden architecture with open_clip
@@ -506,31 +599,49 @@ def bf16_forward_stages(precision: str = "bf16") -> dict[str, float]:
 
 
 def category_stages(category: str, root: Path) -> dict[str, float]:
-    """The stages of another category's segmentation golden (``root``: the folder its images are read from): the
-    forward stages, prompt strings, the 960-px clustering images (channel means) and clustering, and fsad's first
-    training step (segmentation loss and gradients) with their region weights. Not compared here: preprocessing
-    through an fsad datamodule and a full Lightning ``fit`` (``bottle`` covers both)."""
-    from types import SimpleNamespace
-
+    """The stages of another category's segmentation golden (``root``: the folder its images are read from):
+    preprocessing through fsad's MVTec datamodule over an MVTec-layout copy of the run's files; the forward stages;
+    prompt strings; the datamodule's 960-px clustering images against their channel means and, pixel for pixel,
+    against their ``cluster_transform`` rebuilt; the clustering fed their reference points; the region-weight glue
+    end to end (fsad's ``compute_region_weights`` on the datamodule's 960-px shots, their density noise); fsad's
+    first training step with their region weights; and fsad's own Lightning ``fit`` and ``test`` of the segmentation
+    model (no classification model: their run trained none), against their trained parameters, maps and scores."""
     g, meta = golden("seg", category)
     tower = backbone(meta)
-    delta = forward_stages(tower, g, meta)
-    delta.update(prompt_text_stages(meta))
-    listed = [f"{category}-good-{Path(p).stem}" for p in meta["support"]]
-    fingerprint = their_cluster_images(meta, root, listed).mean(dim=(2, 3))
-    delta["regions/960-px images (channel means)"] = float(
-        (fingerprint - torch.from_numpy(g["cluster_images_mean"])).abs().max()
-    )
-    delta.update(clustering_stages(tower, g, their_cluster_images(meta, root, meta["support_order_in_first_batch"])))
-    module, weights = code_variant_on_their_prompts(g, g, meta)
-    module.prepare_for_data(SimpleNamespace(dataset_name="mvtec", category=category))
-    losses = first_step_losses(module, g, meta, weights)
-    segmentation = sum(v for k, v in losses.items() if k != "total" and not k.startswith("cls/"))
-    theirs = float(g["step_losses"][0])  # 13–32 here: a few fp32 units are ~1e-5 absolute, so compare relative
-    delta["training/segmentation first-step loss (relative)"] = abs(float(segmentation.detach()) - theirs) / abs(theirs)
-    losses["total"].backward()
-    gradients = parameter_deltas(module.model, g, True).items()
-    delta.update({f"training/segmentation first-step gradient, {k}": v for k, v in gradients})
+    with tempfile.TemporaryDirectory() as folder:
+        data = category_datamodule(category, root, Path(folder), meta)
+        delta, test_order = preprocessing_stages(tower, g, meta, data)
+        delta.update(forward_stages(tower, g, meta))
+        delta.update(prompt_text_stages(meta))
+        high_res = data.support_images(4 * meta["image_size"])  # what fsad's module clusters
+        stems = [Path(p).stem for p in data.support_paths]
+        listed = [stems.index(Path(p).stem) for p in meta["support"]]  # their fingerprint follows meta["support"]
+        delta["regions/960-px images from fsad's datamodule (channel means)"] = float(
+            (high_res[listed].mean(dim=(2, 3)) - torch.from_numpy(g["cluster_images_mean"])).abs().max()
+        )
+        ours = high_res[shots_in_their_order(data, meta)]
+        theirs = their_cluster_images(meta, root, meta["support_order_in_first_batch"])
+        delta["regions/960-px images from fsad's datamodule against their transform rebuilt (pixels)"] = float(
+            (ours - theirs).abs().max()
+        )
+        delta.update(clustering_stages(tower, g, theirs))
+        delta["regions/region weights from fsad's glue on its datamodule's 960-px shots"] = float(
+            (fsads_glue_region_weights(g, meta, ours) - torch.from_numpy(g["region_weights"])).abs().max()
+        )
+        module, weights = code_variant_on_their_prompts(g, None, meta)
+        module.prepare_for_data(data)
+        losses = first_step_losses(module, g, meta, weights)
+        segmentation = sum(v for k, v in losses.items() if k != "total")
+        theirs_loss = float(g["step_losses"][0])  # 13–32 here: a few fp32 units are ~1e-5 absolute, so relative
+        delta["training/segmentation first-step loss (relative)"] = abs(
+            float(segmentation.detach()) - theirs_loss
+        ) / abs(theirs_loss)
+        losses["total"].backward()
+        gradients = parameter_deltas(module.model, g, True).items()
+        delta.update({f"training/segmentation first-step gradient, {k}": v for k, v in gradients})
+        module.zero_grad()
+        models = {"segmentation": (module.model, g)}
+        delta.update(fit_and_test_stages(module, models, data, meta, test_order, g["image_score"]))
     return delta
 
 
