@@ -7,8 +7,8 @@ labels. Where an input differs by construction (prompt texts, random initialisat
 ``torch.rand`` density noise) fsad is fed the authors' values, and each clustering stage is fed their reference
 points, so that a stage isolates its own computation. ``test_parity_finegrainedad.py`` asserts the
 stages that match. It also prints the stages of the ``hazelnut`` and ``transistor`` goldens
-(:func:`category_stages`; their 960-px shots are read from ``hazelnut_toy`` next to the MVTec root and painted by
-``draw_transistor``) and of their bf16 forward (:func:`bf16_forward_stages`).
+(:func:`category_stages`, fsad's datamodule through its own fit and test; their images are read from ``hazelnut_toy``
+next to the MVTec root and painted by ``draw_transistor``) and of their bf16 forward (:func:`bf16_forward_stages`).
 """
 
 from __future__ import annotations
