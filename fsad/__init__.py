@@ -1,6 +1,7 @@
 """fsad: few-shot anomaly detection on OpenCLIP with Lightning.
 
-``fsad.Inferencer`` (see :mod:`fsad.inference`) is imported on first use, so ``import fsad`` stays light.
+``fsad.Inferencer`` (see :mod:`fsad.inference`), its ``Prediction`` and ``SupportReplacedWarning`` are imported on
+first use, so ``import fsad`` stays light.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Inferencer", "Prediction"):
+    if name in ("Inferencer", "Prediction", "SupportReplacedWarning"):
         from fsad import inference
 
         return getattr(inference, name)

@@ -14,7 +14,7 @@ file is the same wrapper recorded by :func:`torch.export.export` (``model.pt2``,
 the last tap) and the tensors nothing reads (the CLIP text tower, whose features are constants by then) are taken
 out, so it is about the size of the ONNX file.
 
-The support set is the one the run evaluated (:func:`resolve_support`): the run folder's ``support.txt``, else the
+The support set is the one the run evaluated (:func:`evaluated_support`): the run folder's ``support.txt``, else the
 memory banks a checkpoint holds, else the datamodule's k-shot draw; ``--support`` replaces it and says so.
 
     fsad export -c <config> --ckpt_path <ckpt> [--support <dir>] [--format onnx|pt2|both] --out model/
@@ -308,12 +308,10 @@ def holds_support_features(checkpoint: dict[str, Any]) -> bool:
     return any(f".{BANK_PREFIX}" in f".{key}" for key in checkpoint.get("state_dict", {}))
 
 
-def evaluated_support(
-    ckpt_path: str | None, checkpoint: dict[str, Any] | None, run_dir: Path, drawn: list[str]
-) -> SupportChoice:
-    """The support set the evaluated model used, in this order: ``support.txt`` of the checkpoint's run folder
-    (``<run>/checkpoints/x.ckpt``), the memory banks the checkpoint holds, ``support.txt`` of the config's run folder,
-    and the datamodule's k-shot draw (what ``fsad test`` of this config fits)."""
+def recorded_support(ckpt_path: str | Path | None, checkpoint: dict[str, Any] | None) -> SupportChoice | None:
+    """The support set a checkpoint itself points at: ``support.txt`` of its run folder (``<run>/checkpoints/x.ckpt``),
+    else the memory banks it holds; None when it points at neither (a fit checkpoint moved out of its run folder, or
+    one pretrained on another dataset, whose run folder records no shots)."""
     if ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
         recorded = Path(ckpt_path).parent.parent / SUPPORT_LIST
         if recorded.is_file():
@@ -321,6 +319,18 @@ def evaluated_support(
     if checkpoint is not None and holds_support_features(checkpoint):
         return SupportChoice(list(checkpoint.get(SUPPORT_KEY) or []), f"the support features held by {ckpt_path}",
                              refit=False)  # fmt: skip
+    return None
+
+
+def evaluated_support(
+    ckpt_path: str | None, checkpoint: dict[str, Any] | None, run_dir: Path, drawn: list[str]
+) -> SupportChoice:
+    """The support set the evaluated model used, in this order: what the checkpoint points at
+    (:func:`recorded_support`), ``support.txt`` of the config's run folder, and the datamodule's k-shot draw (what
+    ``fsad test`` of this config fits)."""
+    choice = recorded_support(ckpt_path, checkpoint)
+    if choice is not None:
+        return choice
     recorded = run_dir / SUPPORT_LIST
     if recorded.is_file():
         return SupportChoice(read_support_list(recorded), str(recorded))
@@ -330,6 +340,13 @@ def evaluated_support(
 def evaluated_shots(choice: SupportChoice) -> str:
     """``4 evaluated shot(s)``, or ``evaluated shots`` when a checkpoint's banks do not say how many."""
     return f"{len(choice.files)} evaluated shot(s)" if choice.files or choice.refit else "evaluated shots"
+
+
+def replaced_support_line(replacement: SupportChoice, evaluated: SupportChoice) -> str:
+    """``support: 67 image(s) from good/ replace the 4 evaluated shot(s) (runs/.../support.txt)``: the one line that
+    says a model is built on other support images than the evaluated ones."""
+    return (f"support: {len(replacement.files)} image(s) from {replacement.source} replace the "
+            f"{evaluated_shots(evaluated)} ({evaluated.source})")  # fmt: skip
 
 
 def prepare_from_config(
@@ -362,8 +379,7 @@ def prepare_from_config(
     choice = evaluated_support(ckpt_path, checkpoint, cli.resolve_run_dir(), data.support_paths)
     if support:
         replacement = SupportChoice([str(p) for p in images_from(support)], str(support))
-        print(f"support: {len(replacement.files)} image(s) from {support} replace the {evaluated_shots(choice)} "
-              f"({choice.source})")  # fmt: skip
+        print(replaced_support_line(replacement, choice))
         choice = replacement
     else:
         print(f"support: the {evaluated_shots(choice)} from {choice.source}")

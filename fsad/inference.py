@@ -1,19 +1,24 @@
 """``fsad.Inferencer``: score one new image from Python, without a datamodule or a Trainer.
 
     from fsad import Inferencer
-    inferencer = Inferencer.from_checkpoint("last.ckpt", support="normal_images/")   # or Inferencer.from_export("model/")
+    inferencer = Inferencer.from_checkpoint("runs/.../checkpoints/last.ckpt")   # or Inferencer.from_export("model/")
     result = inferencer.predict("part_0042.png")   # a path, a PIL image or a uint8 RGB array [H,W,3]
     result.score, result.anomaly_map, result.label, result.mask
 
 Both routes run the same computation as ``fsad test`` (the datamodule's resize and normalisation, one backbone pass,
 the method head, upsampling and smoothing to ``eval_size``); the map and mask are then resized to the image's own
 size (bilinear for the map, nearest for the mask).
+
+``from_checkpoint`` fits the support set the run evaluated, found as ``fsad export`` finds it
+(:func:`fsad.export.recorded_support`). Other support images passed as ``support=`` are used, and a
+:class:`SupportReplacedWarning` says so in the line ``fsad export --support`` prints.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +39,18 @@ from fsad.export import (
     PROGRAM_FILE,
     DeployedDetector,
     ExportError,
+    SupportChoice,
     read_metadata,
+    recorded_support,
+    replaced_support_line,
 )
 from fsad.lightning_modules.base import FewShotAnomalyModule, checkpoint_model_class
 from fsad.lightning_modules.components.run_settings import evaluation_change_line
+
+
+class SupportReplacedWarning(UserWarning):
+    """``Inferencer.from_checkpoint`` was given other support images than the ones the checkpoint's run evaluated:
+    its scores are not the run's. Filter this category to silence it where that is meant."""
 
 
 @dataclass
@@ -83,6 +96,23 @@ def fit_support_images(module: FewShotAnomalyModule, paths: Sequence[str | Path]
     batches = [collate_batch(items[i : i + 8]) for i in range(0, len(items), 8)]
     with torch.no_grad():
         module.fit_support(module.encode_support(batches))
+
+
+def given_support(support: str | Path | Sequence[str | Path], evaluated: SupportChoice | None) -> SupportChoice:
+    """The images of ``support`` (a folder or a list), with a :class:`SupportReplacedWarning` when the checkpoint
+    records other ones (``evaluated``, None when it records none)."""
+    from fsad.calibration import images_from
+
+    files = [str(path) for path in images_from(support)]
+    choice = SupportChoice(files, str(support) if isinstance(support, str | Path) else "the support= list")
+    if evaluated is not None and not same_images(files, evaluated.files):
+        warnings.warn(replaced_support_line(choice, evaluated), SupportReplacedWarning, stacklevel=3)
+    return choice
+
+
+def same_images(paths: Sequence[str | Path], others: Sequence[str | Path]) -> bool:
+    """Whether two lists name the same image files, in any order (a memory bank does not depend on the order)."""
+    return {Path(p).resolve() for p in paths} == {Path(p).resolve() for p in others}
 
 
 def import_class(class_path: str) -> type:
@@ -149,13 +179,20 @@ class Inferencer:
     def from_checkpoint(
         cls,
         checkpoint: str | Path,
-        support: str | Path | Sequence[str | Path],
+        support: str | Path | Sequence[str | Path] | None = None,
         model_class: type | None = None,
         category: str | None = None,
         device: str = "cpu",
         settings: dict[str, Any] | None = None,
     ) -> Inferencer:
-        """Rebuild the module from a checkpoint and fit it on ``support`` (a folder or a list of normal images).
+        """Rebuild the module from a checkpoint and fit it on the support set its run evaluated, or on ``support``.
+
+        Without ``support``, the evaluated support is what ``fsad export`` takes: the ``support.txt`` of the run
+        folder a ``<run>/checkpoints/*.ckpt`` lies in, else the memory banks the checkpoint holds (an export's
+        ``model.ckpt``). A checkpoint with neither (moved out of its run folder, or pretrained on another dataset)
+        raises a :class:`CheckpointError` asking for ``support=``. ``support`` (a folder or a list of normal images)
+        is used instead; when the checkpoint records other images, a :class:`SupportReplacedWarning` says so.
+        ``metadata["support_files"]`` and ``metadata["support_source"]`` say which images were fitted.
 
         The category (prompt texts) and the normalisation come from the checkpoint's datamodule hyper-parameters
         when the fsad CLI wrote it; ``category`` overrides. FineGrainedAD uses the caption record stored in the
@@ -163,12 +200,16 @@ class Inferencer:
         trained-structure ones, as ``fsad test --ckpt_path`` is. A backbone with ``pretrained: null`` is random:
         rebuild it under the same seed as the run (``lightning.seed_everything``) to get the same model.
         """
-        from fsad.calibration import images_from
-
         state = read_checkpoint(checkpoint)
         data = dict(state.get("datamodule_hyper_parameters") or {})
         if data.get("resize", "antialias") != "antialias":
             raise CheckpointError(f"data.resize: {data['resize']!r} is not supported by the inferencer; use antialias")
+        evaluated = recorded_support(checkpoint, state)
+        if support is None and evaluated is None:
+            raise CheckpointError(
+                f"checkpoint {checkpoint}: no support set recorded (no support.txt in its run folder, no memory banks "
+                "in it); pass support= (a folder or a list of normal images)"
+            )
         category = category or data.get("category")
         data_class = data.get("_class_path")
         dataset_name = getattr(import_class(data_class), "dataset_name", "custom") if data_class else "custom"
@@ -176,9 +217,12 @@ class Inferencer:
         module = module_from_checkpoint(state, target, model_class, settings, f"checkpoint {checkpoint}").to(device)
         mean = tuple(data.get("mean") or module.backbone.image_mean)
         std = tuple(data.get("std") or module.backbone.image_std)
-        transform = PairedTransform(module.image_size, module.eval_size, mean, std)
-        fit_support_images(module, images_from(support), transform)
-        return cls.from_module(module, mean, std)
+        choice = evaluated if support is None else given_support(support, evaluated)
+        if choice.refit:
+            fit_support_images(module, choice.files, PairedTransform(module.image_size, module.eval_size, mean, std))
+        inferencer = cls.from_module(module, mean, std)
+        inferencer.metadata.update(support_files=list(choice.files), support_source=choice.source)
+        return inferencer
 
     @classmethod
     def from_export(cls, model_dir: str | Path, backend: str = "auto") -> Inferencer:

@@ -2,9 +2,10 @@
 
 For each method: ``fsad fit`` (trained methods; KAG-prompt and APRIL-GAN train on another dataset) → ``fsad test`` writes
 ``scores.csv`` → ``fsad predict`` on the same test images → ``fsad export`` (ONNX, default support) →
-``Inferencer.from_export`` and ``Inferencer.from_checkpoint``. Every link must give ``fsad test``'s image scores, and
-the run, its results, its checkpoint and the export must carry one config hash. The last test swaps the support set
-of one link (``fsad export --support``) and shows that the comparison catches it.
+``Inferencer.from_export`` and ``Inferencer.from_checkpoint``, given the run's support list and given none (it then
+finds the evaluated support itself). Every link must give ``fsad test``'s image scores, and the run, its results, its
+checkpoint and the export must carry one config hash. The last tests swap the support set of one link (``fsad export
+--support``, ``Inferencer.from_checkpoint(support=...)``): the swap is announced and the comparison catches it.
 
 The data is a copy of a few real bottle images in the MVTec layout (4 normal training images, 2 good and 2 broken
 test images), the backbone the tiny random one under the run's seed; commands run in this process through
@@ -16,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,8 +27,9 @@ import torch
 import yaml
 from lightning.pytorch import seed_everything
 
-from fsad import Inferencer
+from fsad import Inferencer, SupportReplacedWarning
 from fsad.cli import main
+from fsad.errors import CheckpointError
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 REPO = Path(__file__).resolve().parents[2]
@@ -147,14 +150,23 @@ def run_chain(name: str, work: Path, data_root: Path) -> SimpleNamespace:
     seed_everything(0)  # the run's seed: the random tiny backbone is rebuilt as the run drew it
     support = (run_dir / "support.txt").read_text().split()
     # KAG-prompt's checkpoint was trained on other categories: the category to score is named, as a user would
-    from_checkpoint = Inferencer.from_checkpoint(
-        checkpoint or export / "model.ckpt", support=support, category="bottle"
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from_checkpoint = Inferencer.from_checkpoint(
+            checkpoint or export / "model.ckpt", support=support, category="bottle"
+        )
     checkpointed = inferencer_scores(from_checkpoint, bottle / "test", paths)
+    # no support given: a fit checkpoint in its run folder, else the export's model.ckpt with its banks (KAG-prompt's
+    # and APRIL-GAN's pretraining checkpoint records no bottle shots: see the no-support test)
+    recorded = checkpoint if checkpoint and run_dir in checkpoint.parents else export / "model.ckpt"
+    seed_everything(0)
+    without_support = Inferencer.from_checkpoint(recorded)
     return SimpleNamespace(
         config=config, runs=runs, run_dir=run_dir, checkpoint=checkpoint, export=export, bottle=bottle,
         predict_support=next((work / "predict").rglob("support.txt")), tested=tested, predicted=predicted,
-        exported=exported, checkpointed=checkpointed,
+        exported=exported, checkpointed=checkpointed, same_support_warnings=[w.category for w in caught],
+        recorded=recorded, recorded_metadata=without_support.metadata,
+        recorded_scores=inferencer_scores(without_support, bottle / "test", paths),
     )  # fmt: skip
 
 
@@ -180,6 +192,13 @@ def test_every_link_scores_as_fsad_test_and_carries_one_config_hash(chain, name:
     assert_same_scores(run.tested, run.predicted, SAME, "fsad predict")
     assert_same_scores(run.tested, run.exported, EXPORTED, "fsad export (ONNX)")
     assert_same_scores(run.tested, run.checkpointed, SAME, "Inferencer.from_checkpoint")
+    assert SupportReplacedWarning not in run.same_support_warnings  # the evaluated shots, given: nothing to announce
+    assert_same_scores(run.tested, run.recorded_scores, SAME, "Inferencer.from_checkpoint without support")
+    assert run.recorded_metadata["support_files"] == (run.run_dir / "support.txt").read_text().split()
+    in_run_folder = run.recorded == run.checkpoint
+    assert run.recorded_metadata["support_source"] == (
+        str(run.run_dir / "support.txt") if in_run_folder else f"the support features held by {run.recorded}"
+    )
 
     metadata = json.loads((run.export / "metadata.json").read_text())
     assert metadata["support_files"] == (run.run_dir / "support.txt").read_text().split()
@@ -194,17 +213,28 @@ def test_every_link_scores_as_fsad_test_and_carries_one_config_hash(chain, name:
     assert len(set(hashes.values())) == 1, hashes
 
 
-@pytest.fixture(scope="module")
-def swapped(chain, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """The membank run exported with ``--support`` naming the two training images it did not evaluate with."""
-    run = chain("membank")
-    work = tmp_path_factory.mktemp("swapped")
+def announced_lines(caught: pytest.WarningsRecorder) -> list[str]:
+    """The SupportReplacedWarning lines among the warnings caught (the random tiny backbone warns too)."""
+    return [str(w.message) for w in caught if w.category is SupportReplacedWarning]
+
+
+def other_shots(run: SimpleNamespace, work: Path) -> Path:
+    """A folder holding copies of the two training images the run did not evaluate with."""
     evaluated = (run.run_dir / "support.txt").read_text().split()
     others = work / "other_good"
     others.mkdir()
     for image in sorted((run.bottle / "train" / "good").iterdir()):
         if str(image) not in evaluated:
             shutil.copyfile(image, others / image.name)
+    return others
+
+
+@pytest.fixture(scope="module")
+def swapped(chain, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The membank run exported with ``--support`` naming the two training images it did not evaluate with."""
+    run = chain("membank")
+    work = tmp_path_factory.mktemp("swapped")
+    others = other_shots(run, work)
     printed = exported_with("--run_root", str(run.runs), "--support", str(others), config=run.config,
                             out=work / "export", kind="pt2")  # fmt: skip
     scores = inferencer_scores(Inferencer.from_export(work / "export"), run.bottle / "test", sorted(run.tested))
@@ -228,6 +258,54 @@ def test_a_different_support_set_is_announced_and_caught_by_the_chain(swapped) -
                                f"({run.run_dir / 'support.txt'})"]  # fmt: skip
     with pytest.raises(AssertionError, match="fsad export"):
         assert_same_scores(run.tested, swapped.scores, EXPORTED, "fsad export")
+
+
+def test_another_support_given_to_from_checkpoint_is_announced_and_caught_by_the_chain(
+    chain, swapped, tmp_path: Path
+) -> None:
+    """``support=`` other than the evaluated shots: used, and announced by a SupportReplacedWarning in the line
+    ``fsad export --support`` prints; its scores are the swapped export's, not ``fsad test``'s. Both places a
+    checkpoint records its shots: the membank export's banks, PromptAD's run folder."""
+    membank = swapped.run
+    held = membank.export / "model.ckpt"
+    seed_everything(0)
+    with pytest.warns(SupportReplacedWarning) as announced:
+        inferencer = Inferencer.from_checkpoint(held, support=swapped.others)
+    assert announced_lines(announced) == [
+        f"support: 2 image(s) from {swapped.others} replace the 2 evaluated shot(s) (the support features held by "
+        f"{held})"
+    ]
+    scores = inferencer_scores(inferencer, membank.bottle / "test", sorted(membank.tested))
+    assert_same_scores(swapped.scores, scores, EXPORTED, "from_checkpoint(support=) against export --support")
+    with pytest.raises(AssertionError, match="from_checkpoint"):
+        assert_same_scores(membank.tested, scores, SAME, "from_checkpoint")
+
+    promptad = chain("promptad-paper")
+    others = [str(path) for path in sorted(other_shots(promptad, tmp_path).iterdir())]
+    seed_everything(0)
+    with pytest.warns(SupportReplacedWarning) as announced:
+        inferencer = Inferencer.from_checkpoint(promptad.checkpoint, support=others)
+    assert announced_lines(announced) == [
+        f"support: 2 image(s) from the support= list replace the 2 evaluated shot(s) ({promptad.run_dir}/support.txt)"
+    ]
+    assert inferencer.metadata["support_files"] == others
+    scores = inferencer_scores(inferencer, promptad.bottle / "test", sorted(promptad.tested))
+    with pytest.raises(AssertionError, match="from_checkpoint"):
+        assert_same_scores(promptad.tested, scores, SAME, "from_checkpoint")
+
+
+def test_from_checkpoint_without_support_where_none_is_recorded_is_one_error(chain, tmp_path: Path) -> None:
+    """KAG-prompt's pretraining checkpoint (its run folder trained on other data and lists no shots) and a PromptAD
+    checkpoint moved out of its run folder record no support: one CheckpointError naming the file and ``support=``."""
+    moved = tmp_path / "last.ckpt"
+    shutil.copyfile(chain("promptad-paper").checkpoint, moved)
+    for checkpoint in (chain("kagprompt-paper").checkpoint, moved):
+        with pytest.raises(CheckpointError) as raised:
+            Inferencer.from_checkpoint(checkpoint)
+        assert str(raised.value) == (
+            f"checkpoint {checkpoint}: no support set recorded (no support.txt in its run folder, no memory banks in "
+            "it); pass support= (a folder or a list of normal images)"
+        )
 
 
 def test_an_export_checkpoint_keeps_the_support_features_it_holds(swapped) -> None:
