@@ -74,9 +74,11 @@ def write_support_list(paths: Sequence[str], destination: Path) -> Path:
 
 
 def read_support_list(path: Path) -> list[str]:
-    """The support paths a run recorded in ``support.txt`` (one per line, as :func:`write_support_list` wrote them)."""
-    paths = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if not paths:
+    """The support paths a run recorded in ``support.txt`` (one per line, as :func:`write_support_list` wrote them);
+    none for a zero-shot run's :data:`ZERO_SHOT_NOTE`."""
+    text = path.read_text()
+    paths = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not paths and text != ZERO_SHOT_NOTE:
         raise DataError(f"{path} lists no support image")
     return paths
 

@@ -310,8 +310,9 @@ def holds_support_features(checkpoint: dict[str, Any]) -> bool:
 
 def recorded_support(ckpt_path: str | Path | None, checkpoint: dict[str, Any] | None) -> SupportChoice | None:
     """The support set a checkpoint itself points at: ``support.txt`` of its run folder (``<run>/checkpoints/x.ckpt``),
-    else the memory banks it holds; None when it points at neither (a fit checkpoint moved out of its run folder, or
-    one pretrained on another dataset, whose run folder records no shots)."""
+    else the memory banks it holds, else none at all when an export's ``model.ckpt`` is of a zero-shot run; None when
+    it points at nothing (a fit checkpoint moved out of its run folder, or one pretrained on another dataset, whose
+    run folder records no shots)."""
     if ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
         recorded = Path(ckpt_path).parent.parent / SUPPORT_LIST
         if recorded.is_file():
@@ -319,7 +320,14 @@ def recorded_support(ckpt_path: str | Path | None, checkpoint: dict[str, Any] | 
     if checkpoint is not None and holds_support_features(checkpoint):
         return SupportChoice(list(checkpoint.get(SUPPORT_KEY) or []), f"the support features held by {ckpt_path}",
                              refit=False)  # fmt: skip
+    if checkpoint is not None and checkpoint.get(SUPPORT_KEY) == [] and zero_shot_data(checkpoint):
+        return SupportChoice([], f"the zero-shot model {ckpt_path} (data.k_shot: 0)")
     return None
+
+
+def zero_shot_data(checkpoint: dict[str, Any]) -> bool:
+    """Whether the checkpoint's datamodule had no support images (``data.k_shot: 0``)."""
+    return (checkpoint.get("datamodule_hyper_parameters") or {}).get("k_shot") == 0
 
 
 def evaluated_support(

@@ -44,7 +44,8 @@ from fsad.export import (
     recorded_support,
     replaced_support_line,
 )
-from fsad.lightning_modules.base import FewShotAnomalyModule, checkpoint_model_class
+from fsad.lightning_modules.base import FewShotAnomalyModule, ZeroShotUnsupportedError, checkpoint_model_class
+from fsad.lightning_modules.components.memory_bank import MemoryBank
 from fsad.lightning_modules.components.run_settings import evaluation_change_line
 
 
@@ -86,7 +87,15 @@ def as_rgb_array(image: Any) -> np.ndarray:
 
 
 def fit_support_images(module: FewShotAnomalyModule, paths: Sequence[str | Path], transform: PairedTransform) -> None:
-    """Encode the normal reference images with the datamodule's transform and hand them to ``fit_support``."""
+    """Encode the normal reference images with the datamodule's transform and hand them to ``fit_support``; no
+    images makes a zero-shot method zero-shot (its memory banks emptied) and is refused by the others."""
+    if not paths:
+        if not module.zero_shot_capable:
+            raise ZeroShotUnsupportedError(f"no support images given, but {module.method_name} needs at least one")
+        for bank in module.modules():
+            if isinstance(bank, MemoryBank):
+                bank.clear()
+        return
     items = []
     for index, path in enumerate(paths):
         image = load_rgb(path)

@@ -44,6 +44,7 @@ MODELS = {
     "kagprompt": ("fsad.lightning_modules.kagprompt.module.KAGPrompt",
                   {"backbone": KAG_TINY, "rounds": 2, "graph_dim": None, "lr": 0.005}),
     "aprilgan": ("fsad.lightning_modules.aprilgan.module.AprilGan", {"backbone": KAG_TINY, "lr": 0.01}),
+    "winclip": ("fsad.lightning_modules.winclip.module.WinCLIP", {"backbone": {**KAG_TINY, "taps": [0, 4]}}),
 }  # fmt: skip
 CASES = ["membank", "promptad-paper", "promptad-code", "finegrainedad-paper", "finegrainedad-code", "kagprompt-paper",
          "kagprompt-code", "aprilgan"]  # fmt: skip
@@ -108,13 +109,24 @@ def inferencer_scores(inferencer: Inferencer, images: Path, paths: list[str]) ->
     return {path: inferencer.predict(images / path).score for path in paths}
 
 
+def bottle_data(data_root: Path, k_shot: int = 2) -> dict:
+    """The datamodule config of every case: the bottle subset, k shots of seed 0, 96 px in, 64 px maps."""
+    return {"class_path": "fsad.datamodules.mvtec.MVTecDataModule",
+            "init_args": {"root": str(data_root), "category": "bottle", "k_shot": k_shot, "seed": 0,
+                          "image_size": 96, "eval_size": 64, "batch_size": 4}}  # fmt: skip
+
+
+def fsad_test_scores(run_dir: Path, bottle: Path) -> dict[str, float]:
+    """``fsad test``'s image scores (``scores.csv``), keyed by the path under ``bottle/test``."""
+    return {Path(row["path"]).relative_to(bottle / "test").as_posix(): float(row["score"])
+            for row in read_csv(run_dir / "scores.csv")}  # fmt: skip
+
+
 def run_chain(name: str, work: Path, data_root: Path) -> SimpleNamespace:
     """fit (trained methods), test, predict and export one case; the run folder, export and scores of each link."""
     method, _, variant = name.partition("-")
     bottle = data_root / "bottle"
-    data = {"class_path": "fsad.datamodules.mvtec.MVTecDataModule",
-            "init_args": {"root": str(data_root), "category": "bottle", "k_shot": 2, "seed": 0, "image_size": 96,
-                          "eval_size": 64, "batch_size": 4}}  # fmt: skip
+    data = bottle_data(data_root)
     config = write_config(work / "config.yaml", method, variant or None, data)
     runs = work / "runs"
     run_dir = runs / method / "mvtec" / "bottle" / "k2_s0"
@@ -132,8 +144,7 @@ def run_chain(name: str, work: Path, data_root: Path) -> SimpleNamespace:
         checkpoint = run_dir / "checkpoints" / "last.ckpt"
     with_checkpoint = ["--ckpt_path", str(checkpoint)] if checkpoint else []
     fsad("test", "-c", config, "--run_root", str(runs), *with_checkpoint)
-    tested = {Path(row["path"]).relative_to(bottle / "test").as_posix(): float(row["score"])
-              for row in read_csv(run_dir / "scores.csv")}  # fmt: skip
+    tested = fsad_test_scores(run_dir, bottle)
 
     fsad("predict", "-c", config, "-c", PREDICT, "--run_root", str(work / "predict"), *with_checkpoint,
          "--data.init_args.path", str(bottle / "test"), "--data.init_args.normal_dir", str(bottle / "train" / "good"),
@@ -171,9 +182,13 @@ def run_chain(name: str, work: Path, data_root: Path) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], SimpleNamespace]:
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return bottle_subset(tmp_path_factory.mktemp("mvtec"))
+
+
+@pytest.fixture(scope="module")
+def chain(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], SimpleNamespace]:
     """Runs each case's chain once for the tests of this module."""
-    data_root = bottle_subset(tmp_path_factory.mktemp("mvtec"))
     done: dict[str, SimpleNamespace] = {}
 
     def get(name: str) -> SimpleNamespace:
@@ -334,3 +349,28 @@ def test_finegrainedad_predicts_from_its_exported_model_ckpt(chain, name: str, t
     (predictions,) = tmp_path.rglob("predictions/scores.csv")
     assert_same_scores(run.tested, {row["path"]: float(row["score"]) for row in read_csv(predictions)}, SAME,
                        "fsad predict from the exported model.ckpt")  # fmt: skip
+
+
+@pytest.mark.parametrize("k_shot", [0, 2])
+def test_winclip_from_its_exported_model_ckpt_without_support_scores_as_fsad_test(
+    data_root: Path, tmp_path: Path, k_shot: int
+) -> None:
+    """WinCLIP is training-free: ``fsad test``, ``fsad export`` (its default support: the run's ``support.txt``, which
+    for zero-shot lists no image) and ``Inferencer.from_checkpoint(<export>/model.ckpt)`` with no support, which keeps
+    the export's banks (k = 2) or stays zero-shot (k = 0)."""
+    config = write_config(tmp_path / "config.yaml", "winclip", None, bottle_data(data_root, k_shot))
+    fsad("test", "-c", config, "--run_root", str(tmp_path / "runs"))
+    run_dir = tmp_path / "runs" / "winclip" / "mvtec" / "bottle" / f"k{k_shot}_s0"
+    tested = fsad_test_scores(run_dir, data_root / "bottle")
+    assert len(set(tested.values())) > 1
+    printed = exported_with("--run_root", str(tmp_path / "runs"), config=config, out=tmp_path / "export", kind="pt2")
+    assert printed == [f"support: the {k_shot} evaluated shot(s) from {run_dir / 'support.txt'}"]
+    seed_everything(0)
+    inferencer = Inferencer.from_checkpoint(tmp_path / "export" / "model.ckpt")
+    held = "the support features held by" if k_shot else "the zero-shot model"
+    assert inferencer.metadata["support_source"].startswith(f"{held} {tmp_path / 'export' / 'model.ckpt'}")
+    assert_same_scores(tested, inferencer_scores(inferencer, data_root / "bottle" / "test", sorted(tested)), SAME,
+                       "Inferencer.from_checkpoint without support")  # fmt: skip
+    exported = Inferencer.from_export(tmp_path / "export", "pt2")
+    assert_same_scores(tested, inferencer_scores(exported, data_root / "bottle" / "test", sorted(tested)), EXPORTED,
+                       "fsad export (pt2)")  # fmt: skip
