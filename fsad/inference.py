@@ -198,9 +198,10 @@ class Inferencer:
 
         Without ``support``, the evaluated support is what ``fsad export`` takes: the ``support.txt`` of the run
         folder a ``<run>/checkpoints/*.ckpt`` lies in, else the memory banks the checkpoint holds (an export's
-        ``model.ckpt``). A checkpoint with neither (moved out of its run folder, or pretrained on another dataset)
-        raises a :class:`CheckpointError` asking for ``support=``. ``support`` (a folder or a list of normal images)
-        is used instead; when the checkpoint records other images, a :class:`SupportReplacedWarning` says so.
+        ``model.ckpt``, or none when that export was zero-shot). A checkpoint with neither (moved out of its run
+        folder, or pretrained on another dataset) raises a :class:`CheckpointError` asking for ``support=``.
+        ``support`` (a folder or a list of normal images; ``[]``: zero-shot, for WinCLIP and APRIL-GAN) is used
+        instead; when the checkpoint records other images, a :class:`SupportReplacedWarning` says so.
         ``metadata["support_files"]`` and ``metadata["support_source"]`` say which images were fitted.
 
         The category (prompt texts) and the normalisation come from the checkpoint's datamodule hyper-parameters

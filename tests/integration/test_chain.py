@@ -351,26 +351,35 @@ def test_finegrainedad_predicts_from_its_exported_model_ckpt(chain, name: str, t
                        "fsad predict from the exported model.ckpt")  # fmt: skip
 
 
-@pytest.mark.parametrize("k_shot", [0, 2])
 def test_winclip_from_its_exported_model_ckpt_without_support_scores_as_fsad_test(
-    data_root: Path, tmp_path: Path, k_shot: int
+    data_root: Path, tmp_path: Path
 ) -> None:
     """WinCLIP is training-free: ``fsad test``, ``fsad export`` (its default support: the run's ``support.txt``, which
     for zero-shot lists no image) and ``Inferencer.from_checkpoint(<export>/model.ckpt)`` with no support, which keeps
-    the export's banks (k = 2) or stays zero-shot (k = 0)."""
-    config = write_config(tmp_path / "config.yaml", "winclip", None, bottle_data(data_root, k_shot))
-    fsad("test", "-c", config, "--run_root", str(tmp_path / "runs"))
-    run_dir = tmp_path / "runs" / "winclip" / "mvtec" / "bottle" / f"k{k_shot}_s0"
-    tested = fsad_test_scores(run_dir, data_root / "bottle")
-    assert len(set(tested.values())) > 1
-    printed = exported_with("--run_root", str(tmp_path / "runs"), config=config, out=tmp_path / "export", kind="pt2")
-    assert printed == [f"support: the {k_shot} evaluated shot(s) from {run_dir / 'support.txt'}"]
+    the export's banks (k = 2) or stays zero-shot (k = 0). ``support=[]`` on the few-shot export is zero-shot WinCLIP:
+    the k = 0 run's scores, announced as a swap."""
+    tested, exports = {}, {}
+    for k_shot in (0, 2):
+        work = tmp_path / f"k{k_shot}"
+        config = write_config(tmp_path / f"k{k_shot}.yaml", "winclip", None, bottle_data(data_root, k_shot))
+        fsad("test", "-c", config, "--run_root", str(work / "runs"))
+        run_dir = work / "runs" / "winclip" / "mvtec" / "bottle" / f"k{k_shot}_s0"
+        tested[k_shot] = fsad_test_scores(run_dir, data_root / "bottle")
+        assert len(set(tested[k_shot].values())) > 1
+        exports[k_shot] = work / "export"
+        printed = exported_with("--run_root", str(work / "runs"), config=config, out=exports[k_shot], kind="pt2")
+        assert printed == [f"support: the {k_shot} evaluated shot(s) from {run_dir / 'support.txt'}"]
+        seed_everything(0)
+        inferencer = Inferencer.from_checkpoint(exports[k_shot] / "model.ckpt")
+        held = "the support features held by" if k_shot else "the zero-shot model"
+        assert inferencer.metadata["support_source"].startswith(f"{held} {exports[k_shot] / 'model.ckpt'}")
+        scores = inferencer_scores(inferencer, data_root / "bottle" / "test", sorted(tested[k_shot]))
+        assert_same_scores(tested[k_shot], scores, SAME, "Inferencer.from_checkpoint without support")
+        exported = Inferencer.from_export(exports[k_shot], "pt2")
+        scores = inferencer_scores(exported, data_root / "bottle" / "test", sorted(tested[k_shot]))
+        assert_same_scores(tested[k_shot], scores, EXPORTED, "fsad export (pt2)")
     seed_everything(0)
-    inferencer = Inferencer.from_checkpoint(tmp_path / "export" / "model.ckpt")
-    held = "the support features held by" if k_shot else "the zero-shot model"
-    assert inferencer.metadata["support_source"].startswith(f"{held} {tmp_path / 'export' / 'model.ckpt'}")
-    assert_same_scores(tested, inferencer_scores(inferencer, data_root / "bottle" / "test", sorted(tested)), SAME,
-                       "Inferencer.from_checkpoint without support")  # fmt: skip
-    exported = Inferencer.from_export(tmp_path / "export", "pt2")
-    assert_same_scores(tested, inferencer_scores(exported, data_root / "bottle" / "test", sorted(tested)), EXPORTED,
-                       "fsad export (pt2)")  # fmt: skip
+    with pytest.warns(SupportReplacedWarning, match="support: 0 image"):
+        zero_shot = Inferencer.from_checkpoint(exports[2] / "model.ckpt", support=[])
+    scores = inferencer_scores(zero_shot, data_root / "bottle" / "test", sorted(tested[0]))
+    assert_same_scores(tested[0], scores, SAME, "Inferencer.from_checkpoint(support=[]) against the zero-shot run")
