@@ -45,7 +45,6 @@ from fsad.export import (
     replaced_support_line,
 )
 from fsad.lightning_modules.base import FewShotAnomalyModule, ZeroShotUnsupportedError, checkpoint_model_class
-from fsad.lightning_modules.components.memory_bank import MemoryBank
 from fsad.lightning_modules.components.run_settings import evaluation_change_line
 
 
@@ -92,9 +91,7 @@ def fit_support_images(module: FewShotAnomalyModule, paths: Sequence[str | Path]
     if not paths:
         if not module.zero_shot_capable:
             raise ZeroShotUnsupportedError(f"no support images given, but {module.method_name} needs at least one")
-        for bank in module.modules():
-            if isinstance(bank, MemoryBank):
-                bank.clear()
+        module.clear_support()
         return
     items = []
     for index, path in enumerate(paths):

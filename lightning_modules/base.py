@@ -124,9 +124,17 @@ class FewShotAnomalyModule(LightningModule, ABC):
             raise RuntimeError("the support dataloader yielded no images; check data.k_shot and the train split")
         return BackboneOutput.cat(outputs)
 
+    def clear_support(self) -> None:
+        """Zero-shot: forget any support set. Only a ``zero_shot_capable`` method has one to forget."""
+        raise ZeroShotUnsupportedError(f"{self.method_name} needs at least one support image")
+
     def prepare_support(self) -> None:
-        """Encode the datamodule's k-shot support set and hand it to :meth:`fit_support` (once per run)."""
+        """Encode the datamodule's k-shot support set and hand it to :meth:`fit_support` (once per run); with
+        ``k_shot: 0`` (a zero-shot method, :meth:`setup` refused the others) :meth:`clear_support` instead."""
         datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and getattr(datamodule, "k_shot", None) == 0:
+            self.clear_support()
+            return
         if datamodule is None or not hasattr(datamodule, "support_dataloader"):
             raise RuntimeError(
                 f"{type(self).__name__} needs a FewShotDataModule with support_dataloader() attached to the trainer"

@@ -82,9 +82,6 @@ class AprilGan(StateEnsembleModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.model.adapters.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas))
 
-    def prepare_support(self) -> None:
-        """Few-shot when the datamodule has support shots; with ``k_shot: 0`` zero-shot (no memory map)."""
-        if getattr(getattr(self.trainer, "datamodule", None), "k_shot", None) == 0:
-            self.model.clear()
-            return
-        super().prepare_support()
+    def clear_support(self) -> None:
+        """Zero-shot (``k_shot: 0``): no memory map; few-shot when the datamodule has support shots."""
+        self.model.clear()

@@ -75,13 +75,9 @@ class WinCLIP(FewShotAnomalyModule):
             raise RuntimeError("WinCLIP needs a datamodule with a `category` to build its prompts")
         self.model.build_text(self.backbone, str(category).replace("_", " "))
 
-    def prepare_support(self) -> None:
-        """k = 0: zero-shot WinCLIP (no support set); otherwise WinCLIP+ on the encoded k shots."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and getattr(datamodule, "k_shot", None) == 0:
-            self.model.clear_support()
-            return
-        super().prepare_support()
+    def clear_support(self) -> None:
+        """Zero-shot WinCLIP (``k_shot: 0``): no support memory; with shots, WinCLIP+."""
+        self.model.clear_support()
 
     def fit_support(self, support: BackboneOutput) -> None:
         self.model.fit_support(support, self.backbone)

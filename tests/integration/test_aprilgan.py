@@ -47,7 +47,7 @@ def test_fit_on_another_dataset_then_few_and_zero_shot_on_real_bottle(tmp_path: 
     assert model.model.memory.is_fitted
     few_maps, few_scores = torch.cat(few.maps).reshape(-1, 64 * 64), torch.cat(few.scores)
 
-    model.model.clear()  # zero-shot: the same adapters without the memory map
+    model.clear_support()  # zero-shot: the same adapters without the memory map
     with torch.no_grad():
         zero = [model(batch.image) for batch in cli.datamodule.test_dataloader()]
     zero_maps, zero_scores = torch.cat([m for m, _ in zero]).flatten(1), torch.cat([s for _, s in zero])
